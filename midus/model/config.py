@@ -1,0 +1,131 @@
+"""The one dataclass that describes a kit model, layer by layer.
+
+A model is a stack of blocks. Each block has a *kind* (a Transformer block today; memory
+blocks arrive with the memory branches) and a *residual branch* chosen by name from
+`midus.branches` (``"ffn"`` today). `layers` lists them explicitly; when it is empty, the
+model is `n_layers` Transformer blocks that all carry `branch`. Validation happens in
+`__post_init__`, so a bad YAML fails before anything is built or written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+BlockKind = Literal["transformer"]
+
+
+@dataclass
+class LayerSpec:
+    """What one layer of the stack is."""
+
+    block: BlockKind = "transformer"
+    """Block kind: ``transformer`` = x + Attn(norm x), then x + branch(norm x)."""
+    branch: str = "ffn"
+    """Residual branch by registered name (see ``midus.branches.available_branches()``)."""
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder, described per layer.
+
+    Derived values (`head_dim`, the per-layer list) are filled in `__post_init__`; every
+    constraint is checked there with an error that names the field.
+    """
+
+    vocab_size: int = 0
+    """Vocabulary size. Linked from the data module's tokenizer by the CLI; never typed twice."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of blocks when `layers` is empty (ignored otherwise: `layers` sets the depth)."""
+    n_heads: int = 4
+    """Attention (query) heads; must divide `d_model`."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; must divide `n_heads`. 0 means `n_heads`."""
+    ffn_hidden: int = 0
+    """Hidden width of the SwiGLU FFN. 0 means Llama's rule: 8/3 · d_model rounded up to 64."""
+    branch: str = "ffn"
+    """Residual branch of every Transformer block when `layers` is empty."""
+    layers: list[LayerSpec] = field(default_factory=list)
+    """Explicit per-layer block kind and branch; empty means `n_layers` × (transformer, `branch`)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    rope_scaling: dict[str, float] = field(default_factory=dict)
+    """Llama-3 style frequency scaling (keys: factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings); empty means none. Set by the Hugging Face import."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    qkv_bias: bool = False
+    """Bias on the query/key/value projections (Qwen2 has it)."""
+    attn_out_bias: bool = False
+    """Bias on the attention output projection."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the output head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weight matrices."""
+
+    def __post_init__(self) -> None:
+        # dataclasses coming from YAML may arrive as plain dicts.
+        self.layers = [LayerSpec(**spec) if isinstance(spec, dict) else spec for spec in self.layers]
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 64 * -(-int(8 * self.d_model / 3) // 64)
+        if not self.layers:
+            _require_branch(self.branch, "branch")
+            self.layers = [LayerSpec("transformer", self.branch) for _ in range(self.n_layers)]
+        self.n_layers = len(self.layers)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head (d_model / n_heads)."""
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"model config: {message}")
+
+        need(self.d_model > 0, f"d_model must be positive, got {self.d_model}")
+        need(self.n_heads > 0, f"n_heads must be positive, got {self.n_heads}")
+        need(
+            self.d_model % self.n_heads == 0,
+            f"n_heads={self.n_heads} must divide d_model={self.d_model}",
+        )
+        need(self.head_dim % 2 == 0, f"head_dim=d_model/n_heads={self.head_dim} must be even for rotary embeddings")
+        need(self.n_kv_heads > 0, f"n_kv_heads must be positive, got {self.n_kv_heads}")
+        need(
+            self.n_heads % self.n_kv_heads == 0,
+            f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}",
+        )
+        need(self.ffn_hidden > 0, f"ffn_hidden must be positive, got {self.ffn_hidden}")
+        need(len(self.layers) > 0, "the model needs at least one layer (n_layers or layers)")
+        need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        for index, spec in enumerate(self.layers):
+            need(
+                spec.block in ("transformer",),
+                f"layers[{index}].block={spec.block!r} is not a known block kind; expected 'transformer'",
+            )
+            _require_branch(spec.branch, f"layers[{index}].branch")
+
+    def require_vocab(self) -> None:
+        """Building a model needs a vocabulary; the CLI links it from the tokenizer."""
+        if self.vocab_size <= 0:
+            raise ValueError(
+                "model config: vocab_size must be positive (got "
+                f"{self.vocab_size}); the CLI links it from data.vocab_size, set it when building by hand"
+            )
+
+
+def _require_branch(name: str, field_name: str) -> None:
+    # Imported here: branch modules import this module for the config type.
+    from midus.branches.registry import available_branches
+
+    known = available_branches()
+    if name not in known:
+        raise ValueError(
+            f"model config: {field_name}={name!r} is not a registered branch; expected one of {sorted(known)}"
+        )

@@ -1,0 +1,58 @@
+"""Rotary position embedding in the Hugging Face Llama layout (rotate-half, not interleaved).
+
+The layout matters: checkpoints imported from Hugging Face were trained with it, and the
+logits-parity test against `LlamaForCausalLM` checks it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, float]) -> torch.Tensor:
+    """Per-pair inverse frequencies, with Llama-3 frequency scaling when `scaling` is set.
+
+    Llama-3 scaling (as in Meta's reference code) leaves high frequencies alone, divides low
+    frequencies by `factor`, and blends linearly in between.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv_freq.float()
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    original_context = scaling.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled).float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces (cos, sin) tables for absolute positions; shared by all attention layers."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, float] | None = None) -> None:
+        super().__init__()
+        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling or {})
+        # Not persistent: derived from the config, so checkpoints stay free of it.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (time,) -> cos, sin: (time, head_dim)
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: (batch, heads, time, head_dim) by the angles in cos/sin: (time, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,114 @@
+"""The kit's decoder: embedding → blocks (one per `ModelConfig.layers` entry) → norm → head.
+
+    ids ─ embed ─┬─ block 0 ─ block 1 ─ … ─ block L-1 ─ norm ─ lm_head ─ logits
+                 └─ rotary (cos, sin) for the absolute positions, shared by all blocks
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from midus.model.block import TransformerBlock
+from midus.model.config import ModelConfig
+from midus.model.kv_cache import KVCache
+from midus.model.rotary import RotaryEmbedding
+
+BLOCK_CLASSES: dict[str, type[nn.Module]] = {"transformer": TransformerBlock}
+
+
+class MidusLM(nn.Module):
+    """A Llama-style causal language model built from a `ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.require_vocab()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            BLOCK_CLASSES[spec.block](config, index) for index, spec in enumerate(config.layers)
+        )
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """input_ids: (batch, time) at absolute positions start.. → logits (batch, time, vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, cache, start))
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Final-norm hidden states (batch, time, d_model), before the output head."""
+        x = self.embed(input_ids)
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        rope = self.rotary(positions, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope, cache, start)
+        return self.norm(x)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache sized for `max_len` positions, on this model's device and dtype."""
+        weight = self.embed.weight
+        return KVCache(
+            len(self.blocks), batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
+            weight.device, weight.dtype,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue (batch, time) prompts with a KV cache; temperature 0 means greedy.
+
+        Returns (batch, time + new) ids. Sequences that emitted `eos_token_id` keep emitting
+        it, so the batch stays rectangular; generation stops early once all have.
+        """
+        batch, prompt_len = input_ids.shape
+        cache = self.new_cache(batch, prompt_len + max_new_tokens)
+        logits = self(input_ids, cache, 0)[:, -1]
+        out = input_ids
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_ids = _pick_next(logits, temperature, top_k, generator)
+            if eos_token_id is not None:
+                next_ids = torch.where(finished, torch.full_like(next_ids, eos_token_id), next_ids)
+                finished |= next_ids == eos_token_id
+            out = torch.cat((out, next_ids[:, None]), dim=1)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            logits = self(next_ids[:, None], cache, prompt_len + step)[:, -1]
+        return out
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count, counting tied matrices once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def _pick_next(
+    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    # logits: (batch, vocab) -> (batch,)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,25 @@
+"""The embedded default corpus: deterministic biographies of fictional people.
+
+Generated from a seed, no download. Training text renders each person's facts
+with train templates; validation text renders the same facts with held-out
+templates; the recall probe asks for each fact with a completion prompt.
+"""
+
+from midus.corpus.biographies import (
+    BiographyCorpus,
+    RecallItem,
+    completion_matches,
+    recall_accuracy,
+)
+from midus.corpus.population import ATTRIBUTES, Person, generate_population, value_choices
+
+__all__ = [
+    "ATTRIBUTES",
+    "BiographyCorpus",
+    "Person",
+    "RecallItem",
+    "completion_matches",
+    "generate_population",
+    "recall_accuracy",
+    "value_choices",
+]

@@ -1,0 +1,182 @@
+"""The LightningDataModule: text → tokenizer → packed blocks → loaders, plus the recall probe.
+
+Everything is prepared at construction: the vocabulary size must exist before the model is
+built (the CLI links ``data.vocab_size`` into ``model.config.vocab_size``), and bad input
+must fail before the Trainer writes a run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from midus.corpus import BiographyCorpus, RecallItem
+from midus.text.packing import pack_documents
+from midus.text.recall_probe import TokenizedQuestion, tokenize_probe
+from midus.text.sources import embedded_key, embedded_splits, file_splits, hub_splits
+from midus.text.tokenizers import cached_tokenizer, load_tokenizer_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedCorpusConfig:
+    """The generated biography corpus (see `midus.corpus.BiographyCorpus`)."""
+
+    seed: int = 0
+    """Population seed: names and facts are a pure function of it (a new seed, a new population)."""
+    num_people: int = 200
+    """Population size."""
+    docs_per_person: int = 24
+    """Training biographies per person, each with fresh template choices and sentence order
+    (many renderings make a small model store facts instead of memorising documents)."""
+
+
+class LanguageModelingData(pl.LightningDataModule):
+    """Packed causal-LM blocks from the embedded corpus, local files, or a Hugging Face dataset.
+
+    Args:
+        source: ``embedded`` (generated biographies), ``files`` (local .txt/.jsonl/.parquet)
+            or ``hub`` (a dataset name or local dataset directory for `datasets.load_dataset`).
+        embedded: settings of the embedded corpus (source=embedded).
+        train_files: paths or globs of training files (source=files).
+        val_files: paths or globs of validation files; empty splits off `val_fraction`.
+        val_fraction: share of training records held out when no validation split exists.
+        text_sample_by: how .txt files become records: per ``line``, ``paragraph`` or ``document``.
+        hub_dataset: dataset name for `datasets.load_dataset` (source=hub).
+        hub_config: dataset configuration name ("" for the default).
+        hub_train_split: split used for training.
+        hub_val_split: split used for validation ("" or absent: split off `val_fraction`).
+        text_field: column holding the text (.jsonl, .parquet, hub datasets).
+        tokenizer: ``bpe`` (trained on the training split), ``char`` or ``hf`` (`tokenizer_path`).
+        bpe_vocab_size: vocabulary size of the trained BPE.
+        tokenizer_path: local Hugging Face tokenizer directory (tokenizer=hf).
+        block_size: tokens per training sequence.
+        batch_size: sequences per batch.
+        num_workers: DataLoader worker processes.
+        cache_dir: where tokenizers and prepared corpora are cached.
+        seed: seed of the validation split-off.
+        predict_prompts: prompts that ``predict`` continues; empty uses the first recall-probe
+            prompts of the embedded corpus.
+    """
+
+    def __init__(
+        self,
+        source: Literal["embedded", "files", "hub"] = "embedded",
+        embedded: EmbeddedCorpusConfig = EmbeddedCorpusConfig(),
+        train_files: list[str] = [],
+        val_files: list[str] = [],
+        val_fraction: float = 0.05,
+        text_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
+        hub_dataset: str = "",
+        hub_config: str = "",
+        hub_train_split: str = "train",
+        hub_val_split: str = "validation",
+        text_field: str = "text",
+        tokenizer: Literal["bpe", "char", "hf"] = "bpe",
+        bpe_vocab_size: int = 2048,
+        tokenizer_path: str = "",
+        block_size: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        cache_dir: str = "data",
+        seed: int = 0,
+        predict_prompts: list[str] = [],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if block_size < 1:
+            raise ValueError(f"data.block_size must be >= 1, got {block_size}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if tokenizer == "hf" and not tokenizer_path:
+            raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a local tokenizer directory)")
+        if tokenizer == "bpe" and bpe_vocab_size < 260:
+            raise ValueError(f"data.bpe_vocab_size must be >= 260 (256 bytes + specials), got {bpe_vocab_size}")
+        # The tokenizer directory is checked before any text is loaded or tokenizer trained.
+        hf_tokenizer = load_tokenizer_dir(tokenizer_path, "data.tokenizer_path") if tokenizer == "hf" else None
+
+        self.corpus: BiographyCorpus | None = None
+        if source == "embedded":
+            self.corpus = BiographyCorpus(embedded.seed, embedded.num_people, embedded.docs_per_person)
+            splits = embedded_splits(self.corpus)
+            corpus_key = embedded_key(embedded.seed, embedded.num_people, embedded.docs_per_person)
+        elif source == "files":
+            splits, corpus_key = file_splits(
+                train_files, val_files, val_fraction, text_field, text_sample_by, cache_dir, seed
+            )
+        else:
+            splits, corpus_key = hub_splits(
+                hub_dataset, hub_config, hub_train_split, hub_val_split, val_fraction, text_field, cache_dir, seed
+            )
+
+        self.tokenizer: PreTrainedTokenizerBase = hf_tokenizer or cached_tokenizer(
+            tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size, cache_dir, corpus_key
+        )
+        self.train_blocks = pack_documents(splits["train"], self.tokenizer, block_size, "training")
+        self.val_blocks = pack_documents(splits["validation"], self.tokenizer, block_size, "validation")
+        # Recall probe by prompt phrasing: "train" asks in a phrasing seen in training (stored
+        # facts), "heldout" in held-out phrasing (facts transferred to new wording).
+        self.recall_questions: dict[str, list[TokenizedQuestion]] = {
+            phrasing: tokenize_probe(self._probe_items(phrasing), self.tokenizer)
+            for phrasing in (("train", "heldout") if self.corpus else ())
+        }
+        log.info(
+            "data: %s, vocabulary %d, %d training and %d validation blocks of %d tokens",
+            corpus_key, self.vocab_size, len(self.train_blocks), len(self.val_blocks), block_size,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the tokenizer's vocabulary, added tokens included (linked into the model)."""
+        return len(self.tokenizer)
+
+    @property
+    def recall_chance(self) -> float:
+        """Accuracy of guessing each recall answer uniformly from its attribute's values."""
+        return self.corpus.chance_accuracy() if self.corpus else float("nan")
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Tokens trained on per full batch."""
+        return self.hparams.batch_size * self.hparams.block_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_blocks,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_blocks) >= self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_blocks, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """One prompt per batch (prompts differ in length and the model takes no padding)."""
+        prompts = self.hparams.predict_prompts or [item.prompt for item in self._probe_items()[:8]]
+        if not prompts:
+            raise ValueError("data.predict_prompts is empty and the data source has no recall probe to borrow from")
+        encoded = [
+            {"input_ids": torch.tensor([self.tokenizer.eos_token_id, *ids])}
+            for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ]
+        return DataLoader(encoded, batch_size=1)
+
+    def _probe_items(self, phrasing: str = "train") -> list[RecallItem]:
+        if self.corpus is None:
+            return []
+        # The probe family is a constructor choice of the corpus; a copy renders the other one.
+        corpus = BiographyCorpus(self.corpus.seed, self.corpus.num_people, self.corpus.docs_per_person, phrasing)
+        return corpus.recall_probe()
+

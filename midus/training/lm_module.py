@@ -1,0 +1,191 @@
+"""The LightningModule for causal language-model training of a kit model.
+
+The model itself is plain PyTorch (`midus.model.MidusLM`); this class owns the loss, the
+metrics, the optimizer and schedule, throughput logging and the knowledge-recall probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.throughput import Throughput
+from torchmetrics import MeanMetric
+
+from midus.model import MidusLM, ModelConfig
+from midus.text.recall_probe import greedy_recall_hits
+from midus.training.optim import parameter_groups, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+class CausalLM(pl.LightningModule):
+    """Next-token training of a `MidusLM`, from scratch or from a local Hugging Face checkpoint.
+
+    Args:
+        config: the model architecture, layer by layer (`vocab_size` is linked from the data).
+        pretrained: a local Hugging Face Llama-family checkpoint directory to start from; its
+            own architecture replaces `config` (use ``data.tokenizer: hf`` with the same directory).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay of weight matrices (never norms, biases, embeddings).
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        recall_probe_size: recall questions per prompt phrasing scored at each validation
+            (0 turns the probe off); logged as ``val/recall_acc`` (phrasing seen in training)
+            and ``val/recall_acc_heldout`` (held-out phrasing).
+        compile: compile the model with `torch.compile` before training.
+        max_new_tokens: tokens generated per prompt by ``predict``.
+        temperature: sampling temperature of ``predict`` (0 = greedy).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig = ModelConfig(),
+        pretrained: str = "",
+        learning_rate: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        recall_probe_size: int = 600,
+        compile: bool = False,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+    ) -> None:
+        super().__init__()
+        # The config object carries the linked vocab size, so saved hparams rebuild the same model.
+        self.save_hyperparameters()
+        if learning_rate <= 0:
+            raise ValueError(f"model.learning_rate must be positive, got {learning_rate}")
+        if pretrained:
+            from midus.hf_import import load_hf_checkpoint
+
+            self.model, _ = load_hf_checkpoint(pretrained)
+            if config.vocab_size > self.model.config.vocab_size:
+                raise ValueError(
+                    f"model.pretrained={pretrained!r} has {self.model.config.vocab_size} token embeddings but the "
+                    f"data tokenizer has {config.vocab_size} tokens; use data.tokenizer=hf with this checkpoint"
+                )
+            log.info("model.pretrained: architecture and weights from %s (model.config is not used)", pretrained)
+        else:
+            self.model = MidusLM(config)
+        self.eval_loss = MeanMetric()  # validation and test never run at once
+        self.throughput = Throughput(window_size=10)
+        self._fit_started_at = 0.0
+        self._tokens_seen = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        ids = batch["input_ids"]
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return loss, targets.numel()
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.model.compile()
+
+    def on_fit_start(self) -> None:
+        counts = {
+            "params/total": self.model.num_parameters(),
+            "params/trainable": self.model.num_parameters(trainable_only=True),
+            "params/embedding": self.model.embed.weight.numel(),
+        }
+        for logger in self.loggers:
+            logger.log_hyperparams(counts)
+        self._fit_started_at = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+        loss, tokens = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self._tokens_seen += tokens
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_index: int) -> None:
+        self.throughput.update(
+            time=time.perf_counter() - self._fit_started_at,
+            batches=self.global_step,
+            samples=self._tokens_seen // max(batch["input_ids"].shape[1] - 1, 1),
+            lengths=self._tokens_seen,
+        )
+        rates = self.throughput.compute()
+        if "device/items_per_sec" in rates:
+            self.log("train/tokens_per_sec", rates["device/items_per_sec"], prog_bar=True)
+        self.log("train/tokens", float(self._tokens_seen))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:
+        loss, tokens = self._loss(batch)
+        # Weighted by tokens: a short final batch counts for what it holds.
+        self.eval_loss.update(loss, weight=tokens)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:
+        self.validation_step(batch, batch_index)
+
+    def _eval_loss_metrics(self, prefix: str) -> dict[str, torch.Tensor]:
+        loss = self.eval_loss.compute()
+        self.eval_loss.reset()
+        return {f"{prefix}/loss": loss, f"{prefix}/ppl": torch.exp(loss)}
+
+    def on_test_epoch_end(self) -> None:
+        for name, value in self._eval_loss_metrics("test").items():
+            self.log(name, value, prog_bar=name.endswith("loss"))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._eval_loss_metrics("val")
+        full_pass = not self.trainer.sanity_checking or math.isinf(self.trainer.num_sanity_val_steps)
+        if full_pass:
+            metrics.update(self._recall_metrics())
+        if self.trainer.sanity_checking:
+            # A full sanity pass (num_sanity_val_steps: -1) measures the untrained model: keep it
+            # as the step-0 point of every curve. Lightning discards sanity-check logs otherwise.
+            if full_pass and self.global_step == 0:
+                for logger in self.loggers:
+                    logger.log_metrics({name: float(value) for name, value in metrics.items()}, step=0)
+            return
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in ("val/loss", "val/recall_acc"))
+
+    def _recall_metrics(self) -> dict[str, torch.Tensor | float]:
+        """Knowledge-recall accuracy per prompt phrasing, overall and per attribute."""
+        questions_by_phrasing = getattr(self.trainer.datamodule, "recall_questions", {})
+        metrics: dict[str, torch.Tensor | float] = {}
+        for phrasing, questions in questions_by_phrasing.items():
+            questions = questions[: self.hparams.recall_probe_size]
+            if not questions:
+                continue
+            hits = greedy_recall_hits(self.model, questions)
+            name = "val/recall_acc" if phrasing == "train" else f"val/recall_acc_{phrasing}"
+            metrics[name] = hits.float().mean()
+            by_attribute: dict[str, list[bool]] = defaultdict(list)
+            for question, hit in zip(questions, hits.tolist()):
+                by_attribute[question.attribute].append(hit)
+            for attribute, values in by_attribute.items():
+                metrics[f"{name}/{attribute}"] = sum(values) / len(values)
+        return metrics
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> list[list[int]]:
+        """Continue each prompt; returns the new token ids (decode with the data tokenizer)."""
+        prompt = batch["input_ids"]
+        generated = self.model.generate(prompt, self.hparams.max_new_tokens, temperature=self.hparams.temperature)
+        return generated[:, prompt.shape[1] :].tolist()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, self.hparams.weight_decay),
+            lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.betas),
+        )
+        schedule = warmup_cosine(
+            optimizer, self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches), self.hparams.min_lr_ratio
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

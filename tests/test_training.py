@@ -1,0 +1,112 @@
+"""The Lightning layer: loss goes down, parameter groups, schedule, recall probe scoring."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from midus.model import MidusLM, ModelConfig
+from midus.text.recall_probe import TokenizedQuestion, greedy_recall_hits
+from midus.training import CausalLM
+from midus.training.optim import parameter_groups, warmup_cosine
+
+
+def tiny_config(vocab_size: int, **overrides) -> ModelConfig:
+    options = dict(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    options.update(overrides)
+    return ModelConfig(**options)
+
+
+def quiet_trainer(**overrides) -> pl.Trainer:
+    options = dict(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
+def test_loss_goes_down_on_a_short_fit(tiny_data) -> None:
+    pl.seed_everything(0)
+    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=5, recall_probe_size=0)
+    trainer = quiet_trainer(max_steps=60, limit_val_batches=4)
+    before = trainer.validate(module, tiny_data, verbose=False)[0]["val/loss"]
+    trainer.fit(module, tiny_data)
+    after = trainer.validate(module, tiny_data, verbose=False)[0]["val/loss"]
+    assert before > math.log(tiny_data.vocab_size) - 0.5  # untrained: about uniform
+    assert after < before - 1.5
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tiny_data) -> None:
+    module = CausalLM(tiny_config(tiny_data.vocab_size), recall_probe_size=0)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed")
+    trainer.fit(module, tiny_data)
+    assert module.model.embed.weight.dtype == torch.float32  # master weights stay fp32
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings() -> None:
+    model = MidusLM(tiny_config(50, qkv_bias=True, tie_embeddings=True))
+    groups = {group["name"]: group for group in parameter_groups(model, weight_decay=0.1)}
+    decayed = {id(p) for p in groups["decay"]["params"]}
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+    assert all(names[i].endswith("proj.weight") for i in decayed)
+    undecayed = [names[id(p)] for p in groups["no_decay"]["params"]]
+    assert "embed.weight" in undecayed and "norm.weight" in undecayed and "blocks.0.attn.q_proj.bias" in undecayed
+    # Every trainable parameter is in exactly one group; the tied head is not counted twice.
+    total = sum(p.numel() for group in groups.values() for p in group["params"])
+    assert total == model.num_parameters()
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    rates = []
+    for _ in range(110):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(0.5) and rates[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[60] == pytest.approx(0.55, abs=0.01) and rates[-1] == pytest.approx(0.1, abs=0.01)
+
+
+class Oracle(torch.nn.Module):
+    """Predicts, at every position, the token that follows it in a fixed target sequence."""
+
+    def __init__(self, target: list[int], vocab: int) -> None:
+        super().__init__()
+        self.target, self.vocab = target, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids.shape, self.vocab)
+        for position in range(ids.shape[1]):
+            if position + 1 < len(self.target):
+                logits[:, position, self.target[position + 1]] = 1.0
+        return logits
+
+
+def test_recall_scoring_on_known_answers() -> None:
+    right = TokenizedQuestion(prompt=[0, 5, 6], answer=[7, 8], attribute="city")
+    wrong_last = TokenizedQuestion(prompt=[0, 5, 6], answer=[7, 9], attribute="city")
+    wrong_first = TokenizedQuestion(prompt=[0, 5, 6], answer=[3, 8], attribute="city")
+    hits = greedy_recall_hits(Oracle([0, 5, 6, 7, 8], vocab=10), [right, wrong_last, wrong_first])
+    assert hits.tolist() == [True, False, False]
+
+
+def test_teacher_forced_recall_equals_greedy_generation() -> None:
+    torch.manual_seed(0)
+    model = MidusLM(tiny_config(20)).eval()
+    questions = []
+    for length in (3, 5, 4, 6):
+        prompt = torch.randint(0, 20, (length,)).tolist()
+        greedy = model.generate(torch.tensor([prompt]), 3)[0, length:].tolist()
+        questions.append(TokenizedQuestion(prompt, greedy, "a"))  # the model's own greedy answer
+        questions.append(TokenizedQuestion(prompt, greedy[:2] + [(greedy[2] + 1) % 20], "a"))
+    hits = greedy_recall_hits(model, questions, batch_size=3)  # ragged batches, right padding
+    assert hits.tolist() == [True, False] * 4

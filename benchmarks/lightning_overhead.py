@@ -56,11 +56,10 @@ import logging
 import os
 import platform
 import resource
+import sys
 import time
 import warnings
 from dataclasses import dataclass
-
-import sys
 from pathlib import Path
 
 import lightning
@@ -267,6 +266,19 @@ def run_bare(args, batches, device, compiled: bool, repeat: int) -> RunResult:
     return result
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mib(n: int) -> float:
     return n / 2**20
 
@@ -274,27 +286,37 @@ def mib(n: int) -> float:
 def print_table(results: list[RunResult], device: torch.device, arms: list[str]) -> dict[str, RunResult]:
     best: dict[str, RunResult] = {}
     first: dict[str, RunResult] = {}
+    worst: dict[str, RunResult] = {}
     for result in results:
         first.setdefault(result.arm, result)
         if result.arm not in best or result.tokens_per_sec > best[result.arm].tokens_per_sec:
             best[result.arm] = result
+        if result.arm not in worst or result.tokens_per_sec < worst[result.arm].tokens_per_sec:
+            worst[result.arm] = result
     if device.type == "cuda":
         memory_header = "peak allocated MiB"
     else:
         memory_header = "process peak RSS MiB (cumulative; upper bound) / +growth in 1st run"
     print()
-    print(f"best of {max(r.repeat for r in results) + 1} run(s) per arm")
-    print(f"{'arm':<20} {'tokens/s':>11} {'ms/step':>9} {'last loss':>10}  {memory_header}")
+    print(f"best of {max(r.repeat for r in results) + 1} run(s) per arm; spread = 1 - worst/best tokens/s")
+    print(f"{'arm':<20} {'tokens/s':>11} {'ms/step':>9} {'spread':>7} {'last loss':>10}  {memory_header}")
+    noisy = False
     for arm in arms:
         if arm not in best:
             continue
         r = best[arm]
+        spread = 1.0 - worst[arm].tokens_per_sec / r.tokens_per_sec
+        noisy |= spread > 0.1
         if device.type == "cuda":
             memory = f"{mib(max(x.peak_bytes for x in results if x.arm == arm)):.1f}"
         else:
             f = first[arm]
             memory = f"{mib(f.peak_bytes):.1f} / +{mib(f.rss_growth_bytes):.1f}"
-        print(f"{arm:<20} {r.tokens_per_sec:>11.0f} {r.ms_per_step:>9.2f} {r.last_loss:>10.4f}  {memory}")
+        print(
+            f"{arm:<20} {r.tokens_per_sec:>11.0f} {r.ms_per_step:>9.2f} {spread:>7.1%} {r.last_loss:>10.4f}  {memory}"
+        )
+    if noisy:
+        print("warning: runs of one arm differ by more than 10%: the machine was probably busy; rerun, raise --repeats")
     return best
 
 
@@ -309,12 +331,15 @@ def print_ratios(best: dict[str, RunResult]) -> None:
     print(f"  lightning / bare, eager:      {ratio('lightning-eager', 'bare-eager')}   (1.0 = no Lightning overhead)")
     if "lightning-compiled" in best:
         print(f"  lightning / bare, compiled:   {ratio('lightning-compiled', 'bare-compiled')}")
-        print(f"  compiled / eager, lightning:  {ratio('lightning-compiled', 'lightning-eager')}   (>1 = compile helps)")
+        speedup = ratio("lightning-compiled", "lightning-eager")
+        print(f"  compiled / eager, lightning:  {speedup}   (>1 = compile helps)")
         print(f"  compiled / eager, bare:       {ratio('bare-compiled', 'bare-eager')}")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     parser.add_argument("--d-model", type=int, default=256)
@@ -340,19 +365,23 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    # Keep the output to the benchmark: Lightning's info lines and its hints about data
-    # loader workers and logging intervals do not apply to pre-generated on-device batches.
+    # Keep the output to the benchmark: Lightning's info lines, its hints about data loader
+    # workers and logging intervals, and its note that the val loop is skipped (on purpose).
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
 
     config = model_config(args)
     parameters = MidusLM(config).num_parameters()
     print("Lightning overhead benchmark (numbers comparable only within this run)")
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({platform.processor() or platform.machine()})"))
+    print(f"device: {device} ({device_name(device)})")
     print(f"torch {torch.__version__}, lightning {lightning.__version__}, python {platform.python_version()}")
-    print(f"threads: torch {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op; cpu_count {os.cpu_count()}")
+    print(
+        f"threads: torch {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op; "
+        f"cpu_count {os.cpu_count()}"
+    )
     print(
         f"model: MidusLM ffn, d_model {config.d_model}, layers {config.n_layers}, heads {config.n_heads}/"
         f"{config.n_kv_heads} kv, ffn_hidden {config.ffn_hidden}, vocab {VOCAB_SIZE}: {parameters:,} parameters"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,15 @@ def test_fit_logs_metrics_and_writes_a_checkpoint_that_validate_loads(tmp_path: 
     validated = cli.trainer.callback_metrics["val/loss"].item()
     final_logged = events.Scalars("val/loss")[-1].value  # last.ckpt was saved after the last validation
     assert validated == pytest.approx(final_logged, rel=1e-4)
+
+    tested = main(["test", *tiny_overrides(tmp_path, tiny_cache), "--ckpt_path", str(last)])
+    assert tested.trainer.callback_metrics["test/loss"].item() == pytest.approx(validated, rel=1e-4)
+
+    main(["predict", *tiny_overrides(tmp_path, tiny_cache), "--ckpt_path", str(last),
+          "--data.predict_prompts", "[Hello there, Once upon]", "--model.max_new_tokens", "5"])
+    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["Hello there", "Once upon"]
+    assert all(r["completion"] for r in records)
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])

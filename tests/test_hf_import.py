@@ -38,15 +38,6 @@ LLAMA3 = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_fa
               original_max_position_embeddings=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine OpenMP threads that
-    # wait for each other made a 12-token generate take 2.5 s instead of 0.04 s.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def save_random(
     model_cls: type[PreTrainedModel], config: object, directory: Path, **save_kwargs: object

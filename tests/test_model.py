@@ -10,15 +10,6 @@ from midus.model import LayerSpec, MidusLM, ModelConfig
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine OpenMP threads that
-    # wait for each other made a 12-token generate take 2.5 s instead of 0.04 s.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_model(seed: int = 0, **overrides: object) -> MidusLM:
     """A 2-layer random model, eval mode; init_std is raised so logits are far from ties."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 END_OF_TEXT = "<|endoftext|>"
 UNKNOWN = "<|unk|>"
@@ -61,17 +61,15 @@ def train_char(batches: Iterable[list[str]]) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer_dir(path: str | Path, field_name: str) -> PreTrainedTokenizerBase:
-    """A tokenizer saved with `save_pretrained` in a local directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{field_name}: tokenizer directory {str(path)!r} does not exist")
+    """A tokenizer saved with `save_pretrained` in a local directory; errors name `field_name`."""
+    from midus.hf_import import load_hf_tokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return load_hf_tokenizer(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{field_name}: {error}") from error
     except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{field_name}: {str(path)!r} holds no loadable Hugging Face tokenizer "
-            f"(expected tokenizer.json or tokenizer_config.json): {error}"
-        ) from error
+        raise ValueError(f"{field_name}: {str(path)!r} holds no loadable Hugging Face tokenizer: {error}") from error
 
 
 def cached_tokenizer(

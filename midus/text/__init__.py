@@ -1,0 +1,1 @@
+"""Text handling: tokenizers, data sources, packing into blocks, recall-probe scoring."""

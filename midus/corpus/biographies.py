@@ -122,19 +122,25 @@ class BiographyCorpus:
         """One HELD-OUT-template biography per person, in population order."""
         return [self._render(doc) for doc in self._val_plan]
 
-    def recall_probe(self) -> list[RecallItem]:
-        """One item per person x attribute (person-major, ATTRIBUTES order); deterministic."""
-        rng = self._rng(f"probe.{self.probe_templates}")
+    def recall_probe(self, phrasing: str | None = None) -> list[RecallItem]:
+        """One item per person x attribute (person-major, ATTRIBUTES order); deterministic.
+
+        `phrasing` ("heldout" or "train") overrides the constructor's `probe_templates`.
+        """
+        phrasing = phrasing or self.probe_templates
+        if phrasing not in _PROBE_FAMILIES:
+            raise ValueError(f"phrasing must be one of {_PROBE_FAMILIES}, got {phrasing!r}")
+        rng = self._rng(f"probe.{phrasing}")
         used: dict[tuple[int, str], set[str]] = {}
         for doc in self._train_plan:
             for idx, attribute, template, _ in doc:
                 used.setdefault((idx, attribute), set()).add(template)
-        family = HELDOUT_TEMPLATES if self.probe_templates == "heldout" else TRAIN_TEMPLATES
+        family = HELDOUT_TEMPLATES if phrasing == "heldout" else TRAIN_TEMPLATES
         items = []
         for idx, person in enumerate(self.people):
             for attribute in ATTRIBUTES:
                 candidates = probe_capable(family, attribute)
-                if self.probe_templates == "train":
+                if phrasing == "train":
                     # Reuse a phrasing actually seen for this fact in training
                     # (_plan guarantees at least one is probe-able).
                     candidates = tuple(t for t in candidates if t in used[(idx, attribute)])

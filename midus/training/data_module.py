@@ -137,16 +137,6 @@ class LanguageModelingData(pl.LightningDataModule):
         """Size of the tokenizer's vocabulary, added tokens included (linked into the model)."""
         return len(self.tokenizer)
 
-    @property
-    def recall_chance(self) -> float:
-        """Accuracy of guessing each recall answer uniformly from its attribute's values."""
-        return self.corpus.chance_accuracy() if self.corpus else float("nan")
-
-    @property
-    def tokens_per_batch(self) -> int:
-        """Tokens trained on per full batch."""
-        return self.hparams.batch_size * self.hparams.block_size
-
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.train_blocks,
@@ -174,9 +164,4 @@ class LanguageModelingData(pl.LightningDataModule):
         return DataLoader(encoded, batch_size=1)
 
     def _probe_items(self, phrasing: str = "train") -> list[RecallItem]:
-        if self.corpus is None:
-            return []
-        # The probe family is a constructor choice of the corpus; a copy renders the other one.
-        corpus = BiographyCorpus(self.corpus.seed, self.corpus.num_people, self.corpus.docs_per_person, phrasing)
-        return corpus.recall_probe()
-
+        return self.corpus.recall_probe(phrasing) if self.corpus else []

@@ -79,6 +79,7 @@ class CausalLM(pl.LightningModule):
         self.throughput = Throughput(window_size=10)
         self._fit_started_at = 0.0
         self._tokens_seen = 0
+        self._sequences_seen = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -109,13 +110,14 @@ class CausalLM(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self._tokens_seen += tokens
+        self._sequences_seen += batch["input_ids"].shape[0]
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_index: int) -> None:
         self.throughput.update(
             time=time.perf_counter() - self._fit_started_at,
             batches=self.global_step,
-            samples=self._tokens_seen // max(batch["input_ids"].shape[1] - 1, 1),
+            samples=self._sequences_seen,
             lengths=self._tokens_seen,
         )
         rates = self.throughput.compute()

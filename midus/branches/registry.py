@@ -1,8 +1,10 @@
 """Residual branches by name.
 
 A branch is an ``nn.Module`` built as ``cls(config, layer_index)`` whose ``forward`` maps
-the normalised block input (batch, time, d_model) to an update of the same shape that the
-block adds to the residual stream. Adding a branch is one new file in this package with a
+its input (batch, time, d_model) to an update of the same shape that the block adds to the
+residual stream. In a Transformer block the input is the normalised residual stream; in a
+memory block it is the attention heads' outputs, concatenated (heads × head_dim = d_model).
+A branch class that sets ``reads_attention_heads = True`` (HML) only works in memory blocks. Adding a branch is one new file in this package with a
 ``@register_branch("name")`` class, plus one import line in ``midus/branches/__init__.py``.
 """
 
@@ -35,6 +37,12 @@ def available_branches() -> tuple[str, ...]:
     import midus.branches  # noqa: F401  (importing the package registers every branch)
 
     return tuple(_BRANCHES)
+
+
+def branch_class(name: str) -> type[nn.Module]:
+    """The class registered as `name`."""
+    available_branches()
+    return _BRANCHES[name]
 
 
 def build_branch(name: str, config: ModelConfig, layer_index: int) -> nn.Module:

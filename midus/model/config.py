@@ -1,10 +1,11 @@
 """The one dataclass that describes a kit model, layer by layer.
 
-A model is a stack of blocks. Each block has a *kind* (a Transformer block today; memory
-blocks arrive with the memory branches) and a *residual branch* chosen by name from
-`midus.branches` (``"ffn"`` today). `layers` lists them explicitly; when it is empty, the
-model is `n_layers` Transformer blocks that all carry `branch`. Validation happens in
-`__post_init__`, so a bad YAML fails before anything is built or written.
+A model is a stack of blocks. Each block has a *kind* (a Transformer block, or a MIDUS
+memory block) and a *residual branch* chosen by name from `midus.branches`. `layers` lists
+them explicitly; when it is empty, the model is `n_layers` Transformer blocks that carry
+`branch`, except the indices in `memory_layers`, which are memory blocks carrying
+`memory_branch`. Validation happens in `__post_init__`, so a bad YAML fails before anything
+is built or written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-BlockKind = Literal["transformer"]
+from midus.model.memory_config import MemoryConfig
+
+BlockKind = Literal["transformer", "memory"]
 
 
 @dataclass
@@ -20,7 +23,8 @@ class LayerSpec:
     """What one layer of the stack is."""
 
     block: BlockKind = "transformer"
-    """Block kind: ``transformer`` = x + Attn(norm x), then x + branch(norm x)."""
+    """Block kind: ``transformer`` = x + Attn(norm x), then x + branch(norm x);
+    ``memory`` = x + branch(Attn'(norm x)), Attn' without output projection (MIDUS)."""
     branch: str = "ffn"
     """Residual branch by registered name (see ``midus.branches.available_branches()``)."""
 
@@ -47,8 +51,15 @@ class ModelConfig:
     """Hidden width of the SwiGLU FFN. 0 means Llama's rule: 8/3 · d_model rounded up to 64."""
     branch: str = "ffn"
     """Residual branch of every Transformer block when `layers` is empty."""
+    memory_layers: list[int] = field(default_factory=list)
+    """Indices (0-based, < n_layers) that are memory blocks instead of Transformer blocks."""
+    memory_branch: str = "hml"
+    """Residual branch of the memory blocks placed by `memory_layers`."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Product-key memory settings shared by every memory branch and memory block."""
     layers: list[LayerSpec] = field(default_factory=list)
-    """Explicit per-layer block kind and branch; empty means `n_layers` × (transformer, `branch`)."""
+    """Explicit per-layer block kind and branch; empty means `n_layers` layers built from
+    `branch`, `memory_layers` and `memory_branch`."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding frequencies."""
     rope_scaling: dict[str, float] = field(default_factory=dict)
@@ -68,13 +79,34 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # dataclasses coming from YAML may arrive as plain dicts.
         self.layers = [LayerSpec(**spec) if isinstance(spec, dict) else spec for spec in self.layers]
+        if isinstance(self.memory, dict):
+            self.memory = MemoryConfig(**self.memory)
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden == 0:
             self.ffn_hidden = 64 * -(-int(8 * self.d_model / 3) // 64)
         if not self.layers:
             _require_branch(self.branch, "branch")
-            self.layers = [LayerSpec("transformer", self.branch) for _ in range(self.n_layers)]
+            _require_branch(self.memory_branch, "memory_branch")
+            for position, index in enumerate(self.memory_layers):
+                if not 0 <= index < self.n_layers:
+                    raise ValueError(
+                        f"model config: memory_layers[{position}]={index} is not a layer index; the model has "
+                        f"n_layers={self.n_layers} layers (0..{self.n_layers - 1})"
+                    )
+            self.layers = [
+                LayerSpec("memory", self.memory_branch) if index in self.memory_layers
+                else LayerSpec("transformer", self.branch)
+                for index in range(self.n_layers)
+            ]
+        else:
+            # A saved config comes back with `layers` filled in: `memory_layers` must agree with it.
+            memory_indices = [index for index, spec in enumerate(self.layers) if spec.block == "memory"]
+            if self.memory_layers and sorted(set(self.memory_layers)) != memory_indices:
+                raise ValueError(
+                    f"model config: memory_layers={self.memory_layers} disagrees with the memory blocks of "
+                    f"`layers` at {memory_indices}; set block: memory in `layers` or leave `layers` empty"
+                )
         self.n_layers = len(self.layers)
         self.validate()
 
@@ -104,12 +136,18 @@ class ModelConfig:
         need(self.ffn_hidden > 0, f"ffn_hidden must be positive, got {self.ffn_hidden}")
         need(len(self.layers) > 0, "the model needs at least one layer (n_layers or layers)")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        self.memory.validate(self.d_model, self.n_heads)
         for index, spec in enumerate(self.layers):
             need(
-                spec.block in ("transformer",),
-                f"layers[{index}].block={spec.block!r} is not a known block kind; expected 'transformer'",
+                spec.block in ("transformer", "memory"),
+                f"layers[{index}].block={spec.block!r} is not a known block kind; expected 'transformer' or 'memory'",
             )
-            _require_branch(spec.branch, f"layers[{index}].branch")
+            branch_class = _require_branch(spec.branch, f"layers[{index}].branch")
+            need(
+                spec.block == "memory" or not getattr(branch_class, "reads_attention_heads", False),
+                f"layers[{index}].branch={spec.branch!r} queries with the attention heads' outputs, which only a "
+                "memory block provides; use block: memory (or memory_layers) for it",
+            )
 
     def require_vocab(self) -> None:
         """Building a model needs a vocabulary; the CLI links it from the tokenizer."""
@@ -120,12 +158,13 @@ class ModelConfig:
             )
 
 
-def _require_branch(name: str, field_name: str) -> None:
+def _require_branch(name: str, field_name: str) -> type:
     # Imported here: branch modules import this module for the config type.
-    from midus.branches.registry import available_branches
+    from midus.branches.registry import available_branches, branch_class
 
     known = available_branches()
     if name not in known:
         raise ValueError(
             f"model config: {field_name}={name!r} is not a registered branch; expected one of {sorted(known)}"
         )
+    return branch_class(name)

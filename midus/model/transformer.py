@@ -14,9 +14,10 @@ from torch import nn
 from midus.model.block import TransformerBlock
 from midus.model.config import ModelConfig
 from midus.model.kv_cache import KVCache
+from midus.model.memory_block import MemoryBlock
 from midus.model.rotary import RotaryEmbedding
 
-BLOCK_CLASSES: dict[str, type[nn.Module]] = {"transformer": TransformerBlock}
+BLOCK_CLASSES: dict[str, type[nn.Module]] = {"transformer": TransformerBlock, "memory": MemoryBlock}
 
 
 class MidusLM(nn.Module):
@@ -98,6 +99,11 @@ class MidusLM(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count, counting tied matrices once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def num_memory_parameters(self) -> int:
+        """Parameters of product-key memory branches: sub-keys, values, query and value projections."""
+        memories = [module for module in self.modules() if getattr(module, "is_product_key_memory", False)]
+        return sum(p.numel() for module in memories for p in module.parameters())
 
 
 def _pick_next(

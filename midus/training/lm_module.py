@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import Throughput
 from torchmetrics import MeanMetric
 
+from midus.branches.memory_usage import start_tracking, stop_tracking
 from midus.model import MidusLM, ModelConfig
 from midus.text.recall_probe import greedy_recall_hits
 from midus.training.optim import parameter_groups, warmup_cosine
@@ -36,6 +37,9 @@ class CausalLM(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warmup steps before the cosine decay.
         min_lr_ratio: final learning rate as a fraction of the peak.
+        memory_lr: peak learning rate of memory values (HIVE banks, value tables), which
+            form their own AdamW group without weight decay; 0 means `learning_rate`.
+        memory_lr_keys: put the product-key sub-keys in the memory group too.
         recall_probe_size: recall questions per prompt phrasing scored at each validation
             (0 turns the probe off); logged as ``val/recall_acc`` (phrasing seen in training)
             and ``val/recall_acc_heldout`` (held-out phrasing).
@@ -53,6 +57,8 @@ class CausalLM(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
+        memory_lr: float = 0.0,
+        memory_lr_keys: bool = False,
         recall_probe_size: int = 600,
         compile: bool = False,
         max_new_tokens: int = 32,
@@ -63,6 +69,8 @@ class CausalLM(pl.LightningModule):
         self.save_hyperparameters()
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be positive, got {learning_rate}")
+        if memory_lr < 0:
+            raise ValueError(f"model.memory_lr must be 0 (= learning_rate) or positive, got {memory_lr}")
         if pretrained:
             from midus.hf_import import load_hf_checkpoint
 
@@ -100,6 +108,7 @@ class CausalLM(pl.LightningModule):
             "params/total": self.model.num_parameters(),
             "params/trainable": self.model.num_parameters(trainable_only=True),
             "params/embedding": self.model.embed.weight.numel(),
+            "params/memory": self.model.num_memory_parameters(),
         }
         for logger in self.loggers:
             logger.log_hyperparams(counts)
@@ -108,7 +117,10 @@ class CausalLM(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
         loss, tokens = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        rates = dict(zip((group["name"] for group in self.optimizers().param_groups), self.lr_schedulers().get_last_lr()))
+        self.log("train/lr", rates.get("decay", next(iter(rates.values()))))
+        if "memory" in rates:
+            self.log("train/lr_memory", rates["memory"])
         self._tokens_seen += tokens
         self._sequences_seen += batch["input_ids"].shape[0]
         return loss
@@ -142,9 +154,19 @@ class CausalLM(pl.LightningModule):
         for name, value in self._eval_loss_metrics("test").items():
             self.log(name, value, prog_bar=name.endswith("loss"))
 
+    def _full_validation(self) -> bool:
+        # A partial sanity check (a couple of batches) is not worth diagnostics or the probe.
+        return not self.trainer.sanity_checking or math.isinf(self.trainer.num_sanity_val_steps)
+
+    def on_validation_epoch_start(self) -> None:
+        if self._full_validation():
+            start_tracking(self.model)
+
     def on_validation_epoch_end(self) -> None:
         metrics = self._eval_loss_metrics("val")
-        full_pass = not self.trainer.sanity_checking or math.isinf(self.trainer.num_sanity_val_steps)
+        # Slot usage on the validation text only: stop before the recall probe's forwards.
+        metrics.update(stop_tracking(self.model))
+        full_pass = self._full_validation()
         if full_pass:
             metrics.update(self._recall_metrics())
         if self.trainer.sanity_checking:
@@ -183,7 +205,9 @@ class CausalLM(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, self.hparams.weight_decay),
+            parameter_groups(
+                self.model, self.hparams.weight_decay, self.hparams.memory_lr or None, self.hparams.memory_lr_keys
+            ),
             lr=self.hparams.learning_rate,
             betas=tuple(self.hparams.betas),
         )

@@ -1,0 +1,43 @@
+"""The MIDUS memory block: M(x) = x + branch(Attn'(norm x)).
+
+    x ─┬─ norm ─ Attn' (no W_O) ─ a_1 … a_H ─ concat ─ [+ x if internal_residual] ─ branch ─┐
+       └────────────────────────────────────────────────────────────────────────────────── + ─ out
+
+Only the branch output enters the residual stream: the attention heads are the memory's
+queries, not an update. With zero-initialised memory values the block is an exact identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from midus.branches.registry import build_branch
+from midus.model.attention import CausalSelfAttention
+from midus.model.config import ModelConfig
+from midus.model.kv_cache import KVCache
+
+
+class MemoryBlock(nn.Module):
+    """Attention without output projection feeding a memory branch (HML by default)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        spec = config.layers[layer_index]
+        # Same names as TransformerBlock, so attention weights copy across by key.
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_index, output_projection=False)
+        self.branch = build_branch(spec.branch, config, layer_index)
+        self.internal_residual = config.memory.internal_residual
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        # x: (batch, time, d_model) -> same shape
+        heads = self.attn(self.attn_norm(x), rope, cache, start)  # (batch, time, H·d_h), unprojected
+        query = x + heads if self.internal_residual else heads
+        return x + self.branch(query)

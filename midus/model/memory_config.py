@@ -1,0 +1,83 @@
+"""Settings shared by every product-key memory branch and by memory blocks.
+
+Each open point of the method (see the MIDUS method notes: query normalisation, latent
+width, how heads combine, the internal residual) is a field here, so an ablation can
+decide it instead of the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class MemoryConfig:
+    """Product-key memory: retrieval sizes, value layout and the memory block's wiring."""
+
+    n_subkeys: int = 64
+    """Sub-keys per half-key table (n); every head's memory has n² slots."""
+    topk: int = 16
+    """Slots each query reads (k), also the per-half shortlist size; at most `n_subkeys`."""
+    values: Literal["hive", "per_head", "shared"] = "hive"
+    """HML value layout: ``hive`` = one latent bank (n² × latent_dim) per block plus a
+    latent_dim × head_dim projection per head; ``per_head`` = one n² × head_dim table per
+    head; ``shared`` = one n² × head_dim table read by every head."""
+    latent_dim: int = 32
+    """HIVE latent width d_l: rows of the shared bank, before each head's projection."""
+    combine: Literal["concat", "sum"] = "concat"
+    """How HML heads form the output: ``concat`` head-wise outputs of head_dim (the paper's
+    default), or ``sum`` of outputs projected to d_model."""
+    query_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+    """Normalisation of each query half before scoring it against the sub-keys. Per token,
+    so it is causal; batch norm (original PKM) is deliberately not offered."""
+    internal_residual: bool = False
+    """Memory block only: query the memory with x + Attn'(norm x) instead of the attention
+    heads alone (the paper reports this weakens retrieval; kept for the ablation)."""
+    zero_init_values: bool = True
+    """Start memory values (HIVE bank, value tables) at zero: a memory block is then an
+    exact identity until training moves them."""
+    pkm_query_dim: int = 0
+    """Width of each PKM / multi-head PKM query (both halves together); 0 means d_model."""
+    pkm_heads: int = 0
+    """Query heads of the multi-head PKM branch; 0 means the model's n_heads."""
+
+    def validate(self, d_model: int, n_heads: int) -> None:
+        """Raise ValueError naming the first ``memory.*`` field that is out of range."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"model config: memory.{message}")
+
+        need(self.n_subkeys > 0, f"n_subkeys must be positive, got {self.n_subkeys}")
+        need(self.topk > 0, f"topk must be positive, got {self.topk}")
+        need(
+            self.topk <= self.n_subkeys,
+            f"topk={self.topk} is larger than memory.n_subkeys={self.n_subkeys}: each half-key "
+            "shortlist keeps topk of n_subkeys scores",
+        )
+        need(self.latent_dim > 0, f"latent_dim must be positive, got {self.latent_dim}")
+        need(self.pkm_query_dim >= 0, f"pkm_query_dim must be 0 (= d_model) or positive, got {self.pkm_query_dim}")
+        need(
+            self.query_dim(d_model) % 2 == 0,
+            f"pkm_query_dim={self.query_dim(d_model)} cannot be split into two halves; use an even width",
+        )
+        need(self.pkm_heads >= 0, f"pkm_heads must be 0 (= n_heads) or positive, got {self.pkm_heads}")
+        need(self.values in ("hive", "per_head", "shared"), f"values={self.values!r}; expected hive, per_head or shared")
+        need(self.combine in ("concat", "sum"), f"combine={self.combine!r}; expected concat or sum")
+        need(
+            self.query_norm in ("none", "layernorm", "rmsnorm"),
+            f"query_norm={self.query_norm!r}; expected none, layernorm or rmsnorm",
+        )
+
+    @property
+    def n_slots(self) -> int:
+        """Slots per product-key space (n²)."""
+        return self.n_subkeys**2
+
+    def query_dim(self, d_model: int) -> int:
+        """Resolved PKM query width."""
+        return self.pkm_query_dim or d_model
+
+    def query_heads(self, n_heads: int) -> int:
+        """Resolved multi-head PKM head count."""
+        return self.pkm_heads or n_heads

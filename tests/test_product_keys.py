@@ -1,0 +1,86 @@
+"""Shared product-key retrieval, weighted value lookup and slot-usage statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from midus.branches.memory_usage import SlotUsage
+from midus.branches.product_keys import ProductKeys, brute_force_retrieval, sorted_pair_candidates
+from midus.branches.value_lookup import WeightedRowSum, weighted_row_sum
+
+
+@pytest.mark.parametrize(
+    ("heads", "query_dim", "n_subkeys", "topk", "query_norm"),
+    [(1, 16, 16, 4, "none"), (4, 8, 32, 32, "none"), (3, 12, 20, 7, "layernorm"), (2, 6, 9, 1, "rmsnorm")],
+)
+def test_retrieval_matches_brute_force_over_all_slots(heads, query_dim, n_subkeys, topk, query_norm) -> None:
+    torch.manual_seed(0)
+    keys = ProductKeys(heads, query_dim, n_subkeys, topk, query_norm)
+    if keys.query_norm is not None:  # non-trivial gains, so the norm's parameters matter
+        torch.nn.init.uniform_(keys.query_norm.weight, 0.5, 1.5)
+    queries = torch.randn(3, 50, heads, query_dim)
+    weights, slots = keys(queries)
+    expected_weights, expected_slots = brute_force_retrieval(keys, queries)
+    assert slots.shape == (3, 50, heads, topk) and slots.max() < n_subkeys**2
+    assert torch.equal(slots, expected_slots)
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 50, heads))
+
+
+def test_sorted_pair_shortlist_is_the_dominance_bound() -> None:
+    rows, cols = sorted_pair_candidates(32)
+    assert len(rows) == sum(32 // i for i in range(1, 33)) == 119  # instead of 32² = 1024
+    assert bool(((rows + 1) * (cols + 1) <= 32).all())
+    pairs = set(zip(rows.tolist(), cols.tolist()))
+    assert (31, 0) in pairs and (0, 31) in pairs and (1, 15) in pairs and (1, 16) not in pairs
+
+
+def test_gradients_reach_queries_and_subkeys_through_the_weights() -> None:
+    torch.manual_seed(0)
+    keys = ProductKeys(2, 8, 10, 4, "layernorm")
+    queries = torch.randn(5, 2, 8, requires_grad=True)
+    weights, slots = keys(queries)
+    table = torch.randn(100, 3)
+    (weighted_row_sum(table, slots, weights) ** 2).sum().backward()
+    assert queries.grad.abs().sum() > 0 and keys.subkeys.grad.abs().sum() > 0
+    assert keys.query_norm.weight.grad.abs().sum() > 0
+
+
+def test_weighted_row_sum_gradients_match_autograd_of_a_gather() -> None:
+    torch.manual_seed(0)
+    table = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    slots = torch.randint(0, 40, (25, 5))
+    slots[0] = 7  # one bag reading the same row five times
+    weights = torch.rand(25, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w: WeightedRowSum.apply(t, slots, w), (table, weights))
+    out = weighted_row_sum(table, slots.view(5, 5, 5), weights.view(5, 5, 5))
+    reference = (table[slots] * weights[..., None]).sum(1).view(5, 5, 6)
+    torch.testing.assert_close(out, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_handles_repeated_and_unsorted_slots(dtype: torch.dtype) -> None:
+    import midus.branches.value_lookup as lookup
+
+    table, slots = torch.randn(30, 8).to(dtype), torch.randint(0, 30, (9, 4))
+    slots[0] = torch.tensor([5, 2, 5, 5])  # unsorted, one row read three times by one bag
+    grad_out = torch.randn(9, 8).to(dtype)
+    expected = torch.einsum("mkd,md->mk", table[slots].float(), grad_out.float())
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(lookup._weight_gradient(table, slots, grad_out).float(), expected, **tolerance)
+
+
+def test_slot_usage_statistics_on_known_reads() -> None:
+    usage = SlotUsage(n_heads=2, n_slots=4, device=torch.device("cpu"))
+    # Head 0 reads slots 0 and 1 equally with uniform weights; head 1 always slot 3 with one-hot weights.
+    slots = torch.tensor([[[0, 1], [3, 3]], [[1, 0], [3, 3]]])  # (tokens=2, heads=2, k=2)
+    weights = torch.tensor([[[0.5, 0.5], [1.0, 0.0]], [[0.5, 0.5], [1.0, 0.0]]])
+    usage.record(slots, weights)
+    stats = usage.per_head()
+    torch.testing.assert_close(stats["usage"], torch.tensor([0.5, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(stats["kl_uniform"], torch.tensor([math.log(2), math.log(4)], dtype=torch.float64))
+    torch.testing.assert_close(stats["entropy"], torch.tensor([math.log(2), 0.0], dtype=torch.float64))
+

@@ -383,8 +383,8 @@ def main() -> None:
         f"cpu_count {os.cpu_count()}"
     )
     print(
-        f"model: MidusLM ffn, d_model {config.d_model}, layers {config.n_layers}, heads {config.n_heads}/"
-        f"{config.n_kv_heads} kv, ffn_hidden {config.ffn_hidden}, vocab {VOCAB_SIZE}: {parameters:,} parameters"
+        f"model: MidusLM ffn, d_model {config.d_model}, layers {config.depth}, heads {config.n_heads}/"
+        f"{config.kv_heads} kv, ffn_hidden {config.ffn_width}, vocab {VOCAB_SIZE}: {parameters:,} parameters"
     )
     print(
         f"data: {args.warmup} warmup + {args.steps} timed steps of {args.batch_size} x {args.block_size} tokens, "

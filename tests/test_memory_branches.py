@@ -124,9 +124,10 @@ def test_memory_layers_place_memory_blocks_and_state_dict_keys_prove_it() -> Non
     keys = model.state_dict().keys()
     assert {k.split(".")[1] for k in keys if ".branch.values." in k} == {"1", "3"}
     assert not any(k.startswith(("blocks.1.attn.o_proj", "blocks.3.attn.o_proj")) for k in keys)
-    assert model.config.layers[1] == LayerSpec("memory", "hml")
-    # A saved config (layers filled in) rebuilds the same stack.
-    assert ModelConfig(**{**vars(model.config)}).layers == model.config.layers
+    assert model.config.stack[1] == LayerSpec("memory", "hml")
+    # The same stack written out as explicit layers builds the same model.
+    explicit = ModelConfig(**{**vars(model.config), "memory_layers": [], "layers": model.config.stack})
+    assert MidusLM(explicit).state_dict().keys() == keys
 
 
 def test_hive_parameter_count_follows_the_method() -> None:
@@ -148,8 +149,8 @@ def test_hive_parameter_count_follows_the_method() -> None:
         ({"memory_branch": "hmm"}, r"memory_branch='hmm' is not a registered branch"),
         ({"branch": "hml"}, r"layers\[0\].branch='hml' queries with the attention heads' outputs"),
         (
-            {"layers": [{"block": "memory", "branch": "hml"}], "memory_layers": [0, 1]},
-            r"memory_layers=\[0, 1\] disagrees with the memory blocks of `layers` at \[0\]",
+            {"layers": [{"block": "memory", "branch": "hml"}], "memory_layers": [0]},
+            r"with an explicit `layers` list, set block: memory on those entries instead",
         ),
     ],
 )

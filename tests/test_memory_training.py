@@ -27,7 +27,7 @@ def memory_config(vocab_size: int, **overrides) -> ModelConfig:
 
 
 def test_memory_values_get_their_own_rate_and_no_decay() -> None:
-    model = MidusLM(memory_config(50, layers=[
+    model = MidusLM(memory_config(50, memory_layers=[], layers=[
         {"block": "transformer", "branch": "pkm"}, {"block": "memory", "branch": "hml"},
     ]))
     names = {id(p): name for name, p in model.named_parameters()}

@@ -143,4 +143,13 @@ def test_building_a_model_needs_a_vocabulary() -> None:
 
 def test_explicit_layers_set_the_depth() -> None:
     config = ModelConfig(vocab_size=VOCAB, n_layers=7, layers=[LayerSpec(), LayerSpec()])
-    assert config.n_layers == 2 and len(MidusLM(config).blocks) == 2
+    assert config.depth == 2 and len(MidusLM(config).blocks) == 2
+
+
+def test_config_fields_keep_what_the_user_wrote() -> None:
+    # jsonargparse reads defaults back from a config instance: derived values must not be
+    # stored in the fields, or an n_layers override of a default config would be ignored.
+    config = ModelConfig(d_model=96, n_layers=3, n_heads=4)
+    assert (config.n_kv_heads, config.ffn_hidden, config.layers) == (0, 0, [])
+    assert (config.kv_heads, config.ffn_width, config.depth) == (4, 256, 3)
+    assert ModelConfig(**vars(config)) == config

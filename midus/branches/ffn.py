@@ -12,13 +12,13 @@ from midus.model.config import ModelConfig
 
 @register_branch("ffn")
 class SwiGLUFeedForward(nn.Module):
-    """Dense SwiGLU FFN with hidden width ``config.ffn_hidden`` and no biases."""
+    """Dense SwiGLU FFN with hidden width ``config.ffn_width`` and no biases."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.gate_proj = nn.Linear(config.d_model, config.ffn_width, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.ffn_width, bias=False)
+        self.down_proj = nn.Linear(config.ffn_width, config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, time, d_model) -> (batch, time, d_model)

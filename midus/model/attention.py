@@ -22,9 +22,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
+        self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
-        kv_width = config.n_kv_heads * config.head_dim
+        kv_width = config.kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)

@@ -16,7 +16,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        spec = config.layers[layer_index]
+        spec = config.stack[layer_index]
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config, layer_index)
         self.branch_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)

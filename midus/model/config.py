@@ -77,43 +77,45 @@ class ModelConfig:
     """Standard deviation of the normal initialisation of weight matrices."""
 
     def __post_init__(self) -> None:
-        # dataclasses coming from YAML may arrive as plain dicts.
+        # Fields keep what the user wrote (0 and [] mean "derive"): jsonargparse reads the
+        # defaults of a config instance back from its fields, so filling them in here would
+        # turn derived values into fixed defaults (a later n_layers override would be ignored).
+        # Derived values are the properties below.
         self.layers = [LayerSpec(**spec) if isinstance(spec, dict) else spec for spec in self.layers]
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
-        if self.n_kv_heads == 0:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_hidden == 0:
-            self.ffn_hidden = 64 * -(-int(8 * self.d_model / 3) // 64)
-        if not self.layers:
-            _require_branch(self.branch, "branch")
-            _require_branch(self.memory_branch, "memory_branch")
-            for position, index in enumerate(self.memory_layers):
-                if not 0 <= index < self.n_layers:
-                    raise ValueError(
-                        f"model config: memory_layers[{position}]={index} is not a layer index; the model has "
-                        f"n_layers={self.n_layers} layers (0..{self.n_layers - 1})"
-                    )
-            self.layers = [
-                LayerSpec("memory", self.memory_branch) if index in self.memory_layers
-                else LayerSpec("transformer", self.branch)
-                for index in range(self.n_layers)
-            ]
-        else:
-            # A saved config comes back with `layers` filled in: `memory_layers` must agree with it.
-            memory_indices = [index for index, spec in enumerate(self.layers) if spec.block == "memory"]
-            if self.memory_layers and sorted(set(self.memory_layers)) != memory_indices:
-                raise ValueError(
-                    f"model config: memory_layers={self.memory_layers} disagrees with the memory blocks of "
-                    f"`layers` at {memory_indices}; set block: memory in `layers` or leave `layers` empty"
-                )
-        self.n_layers = len(self.layers)
         self.validate()
 
     @property
     def head_dim(self) -> int:
         """Width of one attention head (d_model / n_heads)."""
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Resolved key/value head count (`n_kv_heads`, or `n_heads` when 0)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_width(self) -> int:
+        """Resolved SwiGLU hidden width (`ffn_hidden`, or Llama's 8/3 · d_model rounded up to 64)."""
+        return self.ffn_hidden or 64 * -(-int(8 * self.d_model / 3) // 64)
+
+    @property
+    def stack(self) -> list[LayerSpec]:
+        """The resolved layers: `layers` if given, else `n_layers` built from the branch fields."""
+        if self.layers:
+            return list(self.layers)
+        return [
+            LayerSpec("memory", self.memory_branch) if index in self.memory_layers
+            else LayerSpec("transformer", self.branch)
+            for index in range(self.n_layers)
+        ]
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks in the resolved stack."""
+        return len(self.stack)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
@@ -128,16 +130,28 @@ class ModelConfig:
             f"n_heads={self.n_heads} must divide d_model={self.d_model}",
         )
         need(self.head_dim % 2 == 0, f"head_dim=d_model/n_heads={self.head_dim} must be even for rotary embeddings")
-        need(self.n_kv_heads > 0, f"n_kv_heads must be positive, got {self.n_kv_heads}")
+        need(self.n_kv_heads >= 0, f"n_kv_heads must be 0 (= n_heads) or positive, got {self.n_kv_heads}")
         need(
-            self.n_heads % self.n_kv_heads == 0,
+            self.n_heads % self.kv_heads == 0,
             f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}",
         )
-        need(self.ffn_hidden > 0, f"ffn_hidden must be positive, got {self.ffn_hidden}")
-        need(len(self.layers) > 0, "the model needs at least one layer (n_layers or layers)")
+        need(self.ffn_hidden >= 0, f"ffn_hidden must be 0 (= Llama's rule) or positive, got {self.ffn_hidden}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         self.memory.validate(self.d_model, self.n_heads)
-        for index, spec in enumerate(self.layers):
+        if not self.layers:
+            need(self.n_layers > 0, f"n_layers must be positive (or list `layers`), got {self.n_layers}")
+            _require_branch(self.branch, "branch")
+            _require_branch(self.memory_branch, "memory_branch")
+            for position, index in enumerate(self.memory_layers):
+                need(
+                    0 <= index < self.n_layers,
+                    f"memory_layers[{position}]={index} is not a layer index; the model has "
+                    f"n_layers={self.n_layers} layers (0..{self.n_layers - 1})",
+                )
+        elif self.memory_layers:
+            need(False, "memory_layers places memory blocks in a stack built from n_layers; with an explicit "
+                 "`layers` list, set block: memory on those entries instead")
+        for index, spec in enumerate(self.stack):
             need(
                 spec.block in ("transformer", "memory"),
                 f"layers[{index}].block={spec.block!r} is not a known block kind; expected 'transformer' or 'memory'",

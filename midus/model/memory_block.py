@@ -23,7 +23,7 @@ class MemoryBlock(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        spec = config.layers[layer_index]
+        spec = config.stack[layer_index]
         # Same names as TransformerBlock, so attention weights copy across by key.
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config, layer_index, output_projection=False)

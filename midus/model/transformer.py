@@ -1,4 +1,4 @@
-"""The kit's decoder: embedding → blocks (one per `ModelConfig.layers` entry) → norm → head.
+"""The kit's decoder: embedding → blocks (one per `ModelConfig.stack` entry) → norm → head.
 
     ids ─ embed ─┬─ block 0 ─ block 1 ─ … ─ block L-1 ─ norm ─ lm_head ─ logits
                  └─ rotary (cos, sin) for the absolute positions, shared by all blocks
@@ -29,7 +29,7 @@ class MidusLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(
-            BLOCK_CLASSES[spec.block](config, index) for index, spec in enumerate(config.layers)
+            BLOCK_CLASSES[spec.block](config, index) for index, spec in enumerate(config.stack)
         )
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -61,7 +61,7 @@ class MidusLM(nn.Module):
         """An empty KV cache sized for `max_len` positions, on this model's device and dtype."""
         weight = self.embed.weight
         return KVCache(
-            len(self.blocks), batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
+            len(self.blocks), batch_size, max_len, self.config.kv_heads, self.config.head_dim,
             weight.device, weight.dtype,
         )
 

@@ -1,34 +1,69 @@
-"""``python -m midus fit|validate|test|predict --config <yaml>``: the kit's LightningCLI."""
+"""``python -m midus fit|validate|test|predict --config <yaml>``: the kit's LightningCLI.
+
+A ``--config`` YAML with a top-level ``ablation:`` section runs each of its arms as a
+separate ``fit`` (see `midus.ablation`).
+"""
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from jsonargparse import set_parsing_settings
 
 from midus.training import CausalLM, LanguageModelingData
 from midus.training.callbacks import CompletionWriter
+from midus.training.run_summary import RunSummary
 
 # Field docstrings of the config dataclasses become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class MidusCLI(LightningCLI):
-    """LightningCLI with the data's vocabulary size linked into the model config."""
+    """LightningCLI with the data's vocabulary size linked into the model config.
+
+    Every ``fit`` gets a `RunSummary` callback (``summary.json`` in the run directory) unless
+    the config lists one already.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        # Added here rather than as a parser default so that a YAML's callbacks list (which
+        # replaces defaults) cannot drop it, and validate/test/predict never see it.
+        config = self.config.get(str(self.subcommand), self.config)  # un-nested when built with run=False
+        config_paths = [str(path) for path in config.get("config") or [] if path is not None]
+        summaries = [cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)]
+        if not summaries:
+            self.trainer.callbacks.append(RunSummary(config_paths))
+        for summary in summaries:
+            summary.config_paths = summary.config_paths or config_paths
 
     def before_predict(self) -> None:
         self.trainer.callbacks.append(CompletionWriter())
 
 
-def main(args: list[str] | None = None) -> MidusCLI:
-    """Entry point of ``python -m midus`` and the ``midus`` console script."""
-    return MidusCLI(
-        CausalLM,
-        LanguageModelingData,
-        auto_configure_optimizers=False,
+def cli_kwargs() -> dict[str, Any]:
+    """The arguments `main` builds `MidusCLI` with (the ablation runner parses arms with the same)."""
+    return {
+        "model_class": CausalLM,
+        "datamodule_class": LanguageModelingData,
+        "auto_configure_optimizers": False,
         # Re-running a variant overwrites its saved config instead of refusing to start.
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+        "save_config_kwargs": {"overwrite": True},
+    }
+
+
+def main(args: list[str] | None = None) -> MidusCLI | None:
+    """Entry point of ``python -m midus`` and the ``midus`` console script.
+
+    Returns the CLI of the run, or None after an ablation (which exits non-zero if an arm failed).
+    """
+    from midus.ablation import run_if_ablation
+
+    command_line = sys.argv[1:] if args is None else args
+    if isinstance(command_line, (list, tuple)) and run_if_ablation(command_line):
+        return None
+    return MidusCLI(**cli_kwargs(), args=args)

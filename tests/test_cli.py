@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from midus.ablation_config import load_ablation
 from midus.cli import MidusCLI, main
 from midus.training import CausalLM, LanguageModelingData
 
@@ -70,13 +72,20 @@ def test_fit_logs_metrics_and_writes_a_checkpoint_that_validate_loads(tmp_path: 
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
-def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: Path) -> None:
-    cli = MidusCLI(
-        CausalLM, LanguageModelingData, run=False, auto_configure_optimizers=False,
-        args=["--config", str(path), "--data.cache_dir", str(tiny_cache)],
-    )
-    assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size  # linked, never typed twice
+def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: Path, tmp_path: Path) -> None:
     assert path.read_text().startswith("# python -m midus ")
+    ablation = load_ablation(path)
+    configs = {path.stem: path}
+    if ablation is not None:  # every arm's merged config is a plain single-run config
+        configs = {arm: tmp_path / f"{arm}.yaml" for arm in ablation.arms}
+        for arm, config in configs.items():
+            config.write_text(yaml.safe_dump(ablation.arm_config(arm), sort_keys=False))
+    for name, config in configs.items():
+        cli = MidusCLI(
+            CausalLM, LanguageModelingData, run=False, auto_configure_optimizers=False,
+            args=["--config", str(config), "--data.cache_dir", str(tiny_cache)],
+        )
+        assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size, name  # linked, never typed twice
 
 
 def test_bad_model_config_fails_before_anything_is_written(tmp_path: Path, tiny_cache: Path) -> None:

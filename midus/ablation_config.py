@@ -1,0 +1,98 @@
+"""Reading an ablation YAML (format: see `midus.ablation`) and building each arm's config."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+# Arm and experiment names become directory names.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+class AblationError(ValueError):
+    """A malformed ablation YAML, an unknown arm, or an arm whose configuration is invalid."""
+
+
+def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn top-level dotted keys (``model.config.d_model: 64``) into nested mappings, merged in order."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        for part in reversed(str(key).split(".")):
+            value = {part: value}
+        nested = deep_merge(nested, value)
+    return nested
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A new mapping: `override` merged onto `base`; mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class Ablation:
+    """An ablation YAML: its name, the shared base config and each arm's overrides (nested)."""
+
+    path: Path
+    name: str
+    base: dict[str, Any]
+    arms: dict[str, dict[str, Any]]
+
+    def arm_config(self, arm: str) -> dict[str, Any]:
+        """The arm's full single-run config: base + overrides, logging to ``<save_dir>/<name>/<arm>``."""
+        config = deep_merge(self.base, self.arms[arm])
+        trainer = dict(config.get("trainer") or {})
+        logger = trainer.get("logger")
+        if logger is None or logger is True:
+            init_args: dict[str, Any] = {}
+        elif isinstance(logger, dict) and str(logger.get("class_path", "")).split(".")[-1] == "TensorBoardLogger":
+            init_args = dict(logger.get("init_args") or {})
+        else:
+            raise AblationError(
+                f"{self.path}: arm {arm!r}: arms log with a TensorBoardLogger into <save_dir>/{self.name}/{arm}; "
+                f"trainer.logger is {logger!r}"
+            )
+        init_args.setdefault("save_dir", "runs")
+        init_args.update(name=self.name, version=arm)
+        trainer["logger"] = {"class_path": TENSORBOARD, "init_args": init_args}
+        config["trainer"] = trainer
+        return config
+
+
+def load_ablation(path: str | Path) -> Ablation | None:
+    """Read an ablation YAML; None when the file has no top-level ``ablation:`` section."""
+    path = Path(path)
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or "ablation" not in document:
+        return None
+    section = document.pop("ablation")
+
+    def fail(message: str) -> AblationError:
+        return AblationError(f"{path}: ablation: {message}")
+
+    if not isinstance(section, dict) or set(section) - {"name", "arms"}:
+        raise fail(f"expected a mapping with the keys 'name' (optional) and 'arms', got {section!r}")
+    name = section.get("name") or path.stem
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise fail(f"name={name!r} must be a directory name (letters, digits, '_', '.', '+', '-')")
+    arms = section.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise fail("arms must map each arm's name to its overrides ({} for the base as is)")
+    nested = {}
+    for arm, overrides in arms.items():
+        if not isinstance(arm, str) or not _NAME.fullmatch(arm):
+            raise fail(f"arm name {arm!r} must be a directory name (letters, digits, '_', '.', '+', '-')")
+        if not isinstance(overrides, (dict, type(None))):
+            raise fail(f"arm {arm!r}: overrides must be a mapping, got {overrides!r}")
+        nested[arm] = expand_dotted(overrides or {})
+    return Ablation(path, name, document, nested)

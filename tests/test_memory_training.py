@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -78,3 +79,23 @@ def test_memory_model_learns_and_logs_slot_diagnostics(tiny_data, tmp_path: Path
     assert module.model.blocks[1].branch.values.weight.abs().sum() > 0
     # Tracking is off again after validation: training forwards do not count slot reads.
     assert module.model.blocks[1].branch.keys.usage is None
+
+
+def test_memory_model_trains_under_bf16_mixed_precision(tiny_data) -> None:
+    pl.seed_everything(0)
+    config = memory_config(tiny_data.vocab_size, memory_layers=[], layers=[
+        {"block": "transformer", "branch": "pkm"}, {"block": "memory", "branch": "hml"},
+        {"block": "memory", "branch": "multihead_pkm"},
+    ])
+    module = CausalLM(config, recall_probe_size=0)
+    initial_keys = [module.model.blocks[b].branch.keys.subkeys.detach().clone() for b in (0, 1, 2)]
+    trainer = pl.Trainer(
+        max_steps=3, limit_val_batches=0, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, tiny_data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    for block, keys in zip((0, 1, 2), initial_keys):
+        branch = module.model.blocks[block].branch
+        assert branch.values.weight.dtype == torch.float32  # master weights stay fp32
+        assert not torch.equal(branch.keys.subkeys.detach(), keys)  # gradients reached the sub-keys

@@ -12,6 +12,11 @@ from midus.branches.product_keys import ProductKeys, brute_force_retrieval, sort
 from midus.branches.value_lookup import WeightedRowSum, weighted_row_sum
 
 
+def in_slot_order(weights: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    slots, order = slots.sort(-1)
+    return weights.gather(-1, order), slots
+
+
 @pytest.mark.parametrize(
     ("heads", "query_dim", "n_subkeys", "topk", "query_norm"),
     [(1, 16, 16, 4, "none"), (4, 8, 32, 32, "none"), (3, 12, 20, 7, "layernorm"), (2, 6, 9, 1, "rmsnorm")],
@@ -22,8 +27,8 @@ def test_retrieval_matches_brute_force_over_all_slots(heads, query_dim, n_subkey
     if keys.query_norm is not None:  # non-trivial gains, so the norm's parameters matter
         torch.nn.init.uniform_(keys.query_norm.weight, 0.5, 1.5)
     queries = torch.randn(3, 50, heads, query_dim)
-    weights, slots = keys(queries)
-    expected_weights, expected_slots = brute_force_retrieval(keys, queries)
+    weights, slots = in_slot_order(*keys(queries))
+    expected_weights, expected_slots = in_slot_order(*brute_force_retrieval(keys, queries))
     assert slots.shape == (3, 50, heads, topk) and slots.max() < n_subkeys**2
     assert torch.equal(slots, expected_slots)
     torch.testing.assert_close(weights, expected_weights)
@@ -84,3 +89,16 @@ def test_slot_usage_statistics_on_known_reads() -> None:
     torch.testing.assert_close(stats["kl_uniform"], torch.tensor([math.log(2), math.log(4)], dtype=torch.float64))
     torch.testing.assert_close(stats["entropy"], torch.tensor([math.log(2), 0.0], dtype=torch.float64))
 
+
+
+def test_top_subkey_scores_backward_matches_dense_autograd() -> None:
+    from midus.branches.subkey_scores import TopSubkeyScores, subkey_scores
+
+    torch.manual_seed(0)
+    halves = torch.randn(5, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    subkeys = torch.randn(3, 2, 9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, s: TopSubkeyScores.apply(h, s, 4)[0], (halves, subkeys))
+    top, index = TopSubkeyScores.apply(halves, subkeys, 4)
+    reference_top, reference_index = subkey_scores(halves, subkeys).topk(4, dim=-1)
+    assert torch.equal(index, reference_index)
+    torch.testing.assert_close(top, reference_top)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from midus.branches.memory_usage import SlotUsage
+from midus.branches.subkey_scores import TopSubkeyScores, subkey_scores
 
 
 def sorted_pair_candidates(k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,25 +75,27 @@ class ProductKeys(nn.Module):
         rows, cols = sorted_pair_candidates(topk)
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
-        self.usage: SlotUsage | None = None  # set by `memory_usage.track_slot_usage` during validation
+        self.usage: SlotUsage | None = None  # set by `memory_usage.start_tracking` during validation
 
     @property
     def n_slots(self) -> int:
         return self.n_subkeys**2
 
-    def half_scores(self, queries: torch.Tensor) -> torch.Tensor:
-        """Sub-key scores: queries (..., H, c) → (..., H, 2, n)."""
+    def query_halves(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries (..., H, c) → normalised halves (..., H, 2, c/2)."""
         halves = queries.unflatten(-1, (2, -1))
-        if self.query_norm is not None:
-            halves = self.query_norm(halves)
-        return torch.einsum("...hpc,hpnc->...hpn", halves, self.subkeys.to(halves.dtype))
+        return halves if self.query_norm is None else self.query_norm(halves)
 
     def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (..., H, c) → (weights (..., H, k) summing to 1, slots (..., H, k) in [0, n²))."""
-        half_top, half_index = self.half_scores(queries).topk(self.topk, dim=-1)  # (..., H, 2, k), sorted
+        """queries (..., H, c) → (weights (..., H, k) summing to 1, slots (..., H, k) in [0, n²)).
+
+        The k slots of a query come in no particular order.
+        """
+        half_top, half_index = TopSubkeyScores.apply(self.query_halves(queries), self.subkeys, self.topk)  # (..., H, 2, k)
         first, second = half_top.unbind(-2)
-        candidates = first[..., self.pair_rows] + second[..., self.pair_cols]  # (..., H, P)
-        best, position = candidates.topk(self.topk, dim=-1)
+        # index_select rather than advanced indexing: its backward is an index_add, not an index_put.
+        candidates = first.index_select(-1, self.pair_rows) + second.index_select(-1, self.pair_cols)  # (..., H, P)
+        best, position = candidates.topk(self.topk, dim=-1, sorted=False)  # a bag's order is irrelevant
         first_slot = half_index[..., 0, :].gather(-1, self.pair_rows[position])
         second_slot = half_index[..., 1, :].gather(-1, self.pair_cols[position])
         slots = first_slot * self.n_subkeys + second_slot
@@ -105,7 +108,7 @@ class ProductKeys(nn.Module):
 
 def brute_force_retrieval(keys: ProductKeys, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference search over all n² slots of every head (tests and benchmarks only)."""
-    scores = keys.half_scores(queries)  # (..., H, 2, n)
+    scores = subkey_scores(keys.query_halves(queries), keys.subkeys)  # (..., H, 2, n)
     full = scores[..., 0, :, None] + scores[..., 1, None, :]  # (..., H, n, n): slot a·n + b
     best, slots = full.flatten(-2).topk(keys.topk, dim=-1)
     return torch.softmax(best.float(), dim=-1), slots

@@ -40,19 +40,22 @@ class WeightedRowSum(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_table = grad_weights = None
         if ctx.needs_input_grad[0]:
-            grad_table = _table_gradient(table, slots, weights, grad_out)
+            grad_table = bag_table_gradient(table, slots, weights, grad_out)
         if ctx.needs_input_grad[2]:
             grad_weights = _weight_gradient(table, slots, grad_out)
         return grad_table, None, grad_weights
 
 
-def _table_gradient(table, slots, weights, grad_out) -> torch.Tensor:
+def bag_table_gradient(
+    table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """d table of out[m] = Σ_j weights[m, j] · table[slots[m, j]], given d out: (M, width)."""
     k = slots.shape[1]
     sorted_slots, order = torch.sort(slots.flatten())
     rows, reads = torch.unique_consecutive(sorted_slots, return_counts=True)
     offsets = torch.cumsum(reads, 0) - reads
     per_row = F.embedding_bag(
-        order // k, grad_out.to(table.dtype), offsets, mode="sum", per_sample_weights=weights.flatten()[order]
+        order // k, grad_out.to(table.dtype), offsets, mode="sum", per_sample_weights=weights.flatten()[order].to(table.dtype)
     )
     grad_table = torch.zeros_like(table)
     grad_table[rows] = per_row

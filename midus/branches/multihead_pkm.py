@@ -17,14 +17,20 @@ from midus.model.config import ModelConfig
 
 @register_branch("multihead_pkm")
 class MultiHeadProductKeyMemory(nn.Module):
-    """``memory.pkm_heads`` learned queries over their own sub-keys, summed reads of one d-wide table."""
+    """``memory.pkm_heads`` learned queries over their own sub-keys, summed reads of one d-wide table.
+
+    Args:
+        config: the model config (``memory`` holds the sizes).
+        layer_index: the block this branch belongs to.
+        n_heads: query heads; 0 means ``memory.pkm_heads`` (PKM passes 1).
+    """
 
     is_product_key_memory = True
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, n_heads: int = 0) -> None:
         super().__init__()
         memory = config.memory
-        self.n_heads = memory.query_heads(config.n_heads)
+        self.n_heads = n_heads or memory.query_heads(config.n_heads)
         query_dim = memory.query_dim(config.d_model)
         self.query_proj = nn.Linear(config.d_model, self.n_heads * query_dim, bias=False)
         self.keys = ProductKeys(self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm)

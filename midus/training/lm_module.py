@@ -6,7 +6,6 @@ metrics, the optimizer and schedule, throughput logging and the knowledge-recall
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import defaultdict
@@ -18,11 +17,13 @@ from lightning.fabric.utilities.throughput import Throughput
 from torchmetrics import MeanMetric
 
 from midus.branches.memory_usage import start_tracking, stop_tracking
-from midus.model import MidusLM, ModelConfig
+from midus.model import ModelConfig
 from midus.text.recall_probe import greedy_recall_hits
+from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
+from midus.upscale import UpscaleConfig
+from midus.upscale.sources import MODEL_CONFIG_KEY
 
-log = logging.getLogger(__name__)
 
 
 class CausalLM(pl.LightningModule):
@@ -32,6 +33,8 @@ class CausalLM(pl.LightningModule):
         config: the model architecture, layer by layer (`vocab_size` is linked from the data).
         pretrained: a local Hugging Face Llama-family checkpoint directory to start from; its
             own architecture replaces `config` (use ``data.tokenizer: hf`` with the same directory).
+        upscale: make a trained base deeper (DUS copies or MIDUS memory blocks) and train
+            that; its architecture replaces `config` (see `midus.upscale.UpscaleConfig`).
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay of weight matrices (never norms, biases, embeddings).
         betas: AdamW betas.
@@ -52,6 +55,7 @@ class CausalLM(pl.LightningModule):
         self,
         config: ModelConfig = ModelConfig(),
         pretrained: str = "",
+        upscale: UpscaleConfig = UpscaleConfig(),
         learning_rate: float = 3e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -71,26 +75,26 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"model.learning_rate must be positive, got {learning_rate}")
         if memory_lr < 0:
             raise ValueError(f"model.memory_lr must be 0 (= learning_rate) or positive, got {memory_lr}")
-        if pretrained:
-            from midus.hf_import import load_hf_checkpoint
-
-            self.model, _ = load_hf_checkpoint(pretrained)
-            if config.vocab_size > self.model.config.vocab_size:
-                raise ValueError(
-                    f"model.pretrained={pretrained!r} has {self.model.config.vocab_size} token embeddings but the "
-                    f"data tokenizer has {config.vocab_size} tokens; use data.tokenizer=hf with this checkpoint"
-                )
-            log.info("model.pretrained: architecture and weights from %s (model.config is not used)", pretrained)
-        else:
-            self.model = MidusLM(config)
+        source = build_model(config, pretrained, upscale)
+        self.model = source.model
+        self.base_parameters = source.base_parameters
         self.eval_loss = MeanMetric()  # validation and test never run at once
         self.throughput = Throughput(window_size=10)
         self._fit_started_at = 0.0
         self._tokens_seen = 0
         self._sequences_seen = 0
 
+    @property
+    def added_parameters(self) -> int:
+        """Parameters the up-scaling added to its base (0 without up-scaling)."""
+        return self.model.num_parameters() - self.base_parameters if self.base_parameters else 0
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The resolved architecture: an up-scaled (or imported) model reloads without its base.
+        checkpoint[MODEL_CONFIG_KEY] = self.model.config
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         ids = batch["input_ids"]
@@ -109,6 +113,7 @@ class CausalLM(pl.LightningModule):
             "params/trainable": self.model.num_parameters(trainable_only=True),
             "params/embedding": self.model.embed.weight.numel(),
             "params/memory": self.model.num_memory_parameters(),
+            "params/added": self.added_parameters,
         }
         for logger in self.loggers:
             logger.log_hyperparams(counts)

@@ -1,0 +1,58 @@
+"""What an up-scaling run does: the `model.upscale` section of an experiment YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from midus.model.memory_config import MemoryConfig
+
+Method = Literal["none", "dus_solar", "dus_interleave", "dus_top", "midus"]
+
+
+@dataclass
+class UpscaleConfig:
+    """Make a trained base deeper, then continue training it (method notes §1–2).
+
+    ``dus_solar`` stacks two copies and drops `drop` blocks at the seam; ``dus_interleave``
+    inserts a copy of a block after it with zeroed attention output and FFN down
+    projections (LLaMA Pro: identical function); ``dus_top`` appends copies of the last
+    `top_blocks` blocks; ``midus`` inserts memory blocks carrying `branch`. ``none`` only
+    loads the base (the "continue without up-scaling" control).
+    """
+
+    base_checkpoint: str = ""
+    """The base: a ``.ckpt`` written by the kit's ``fit``, or a local Hugging Face Llama-family directory."""
+    base_made_by: str = ""
+    """The command that writes `base_checkpoint`, quoted in the error when the file is missing."""
+    method: Method = "none"
+    """``none``, ``dus_solar``, ``dus_interleave``, ``dus_top`` or ``midus``."""
+    every: int = 0
+    """Interleaved methods: insert after every `every`-th base block (after blocks every-1, 2·every-1, …)."""
+    positions: list[int] = field(default_factory=list)
+    """Interleaved methods: insert after these base block indices instead of `every`."""
+    drop: int = 0
+    """``dus_solar``: blocks dropped at the seam from each copy (m; 32 → 48 blocks for m = 8)."""
+    top_blocks: int = 0
+    """``dus_top``: how many of the last base blocks are copied on top."""
+    zero_init_copies: bool = True
+    """``dus_top``: zero the copies' attention output and FFN down projections (identity at insertion)."""
+    branch: str = "hml"
+    """``midus``: the memory blocks' branch (``hml``, ``pkm``, ``multihead_pkm``, …)."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """``midus``: product-key memory settings of the inserted blocks (values start at zero by default)."""
+    attn_init: Literal["copy", "random"] = "copy"
+    """``midus``: start a memory block's attention (and its norm) as a copy of the block it follows, or random."""
+    allow_adjacent_memory: bool = False
+    """Permit two memory blocks in a row (the paper never places them so)."""
+    trainable: Literal["all", "new", "new_and_norms"] = "all"
+    """What trains: everything, only the inserted blocks (LLaMA Pro), or those plus every RMSNorm."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory, dict):
+            self.memory = MemoryConfig(**self.memory)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a base is loaded at all."""
+        return bool(self.base_checkpoint) or self.method != "none"

@@ -1,0 +1,147 @@
+"""Up-scaling surgery: identity at insertion, SOLAR stacking, MIDUS attention copies, training policy, sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from midus.model import MidusLM, ModelConfig
+from midus.training.optim import parameter_groups
+from midus.upscale import UpscaleConfig, apply_trainable, load_base, upscale
+
+VOCAB = 40
+MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
+
+
+def base_model(seed: int = 0, **overrides) -> MidusLM:
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, init_std=0.2)
+    fields.update(overrides)
+    return MidusLM(ModelConfig(**fields)).eval()
+
+
+def ids(time: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, time), generator=torch.Generator().manual_seed(1))
+
+
+IDENTITY_SETTINGS = {
+    "interleave-every-2": {"method": "dus_interleave", "every": 2},
+    "interleave-positions": {"method": "dus_interleave", "positions": [0, 3]},
+    "top-zeroed": {"method": "dus_top", "top_blocks": 2},
+    "midus-hml-hive": {"method": "midus", "every": 1, "memory": MEMORY},
+    "midus-hml-per_head": {"method": "midus", "positions": [1], "memory": {**MEMORY, "values": "per_head"}},
+    "midus-pkm": {"method": "midus", "every": 2, "branch": "pkm", "memory": MEMORY},
+    "midus-multihead_pkm-random-attn": {
+        "method": "midus", "every": 2, "branch": "multihead_pkm", "attn_init": "random", "memory": MEMORY,
+    },
+}
+
+
+@pytest.mark.parametrize("name", IDENTITY_SETTINGS)
+def test_identity_preserving_upscaling_keeps_the_base_logits(name: str) -> None:
+    base = base_model()
+    model, inserted = upscale(base, UpscaleConfig(**IDENTITY_SETTINGS[name]))
+    assert model.config.depth == base.config.depth + len(inserted) and inserted
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids()), base(ids()), rtol=0, atol=1e-6)
+        # Cached decoding goes through the new blocks too.
+        cache = model.new_cache(2, 12)
+        pieces = [model(ids()[:, :8], cache, 0)] + [model(ids()[:, i : i + 1], cache, i) for i in range(8, 12)]
+        torch.testing.assert_close(torch.cat(pieces, 1), base(ids()), rtol=0, atol=1e-5)
+
+
+def test_interleaved_copies_sit_after_their_source_and_only_their_output_projections_are_zero() -> None:
+    base = base_model()
+    model, inserted = upscale(base, UpscaleConfig(method="dus_interleave", every=2))
+    assert inserted == [2, 5]  # T0 T1 C1 T2 T3 C3
+    copy, source = model.blocks[2], base.blocks[1]
+    assert torch.equal(copy.attn.q_proj.weight, source.attn.q_proj.weight)
+    assert torch.equal(copy.branch.up_proj.weight, source.branch.up_proj.weight)
+    assert not copy.attn.o_proj.weight.any() and not copy.branch.down_proj.weight.any()
+
+
+def test_solar_stacking_drops_blocks_at_the_seam() -> None:
+    base = base_model(n_layers=6)
+    model, inserted = upscale(base, UpscaleConfig(method="dus_solar", drop=2))
+    assert model.config.depth == 8 and inserted == [4, 5, 6, 7]
+    sources = [0, 1, 2, 3, 2, 3, 4, 5]  # first copy without its last 2, second without its first 2
+    for new, old in enumerate(sources):
+        assert torch.equal(model.blocks[new].attn.k_proj.weight, base.blocks[old].attn.k_proj.weight)
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(ids()), base(ids()))  # SOLAR changes the function
+
+
+def test_midus_attention_is_copied_from_the_block_it_follows_or_random() -> None:
+    base = base_model()
+    copied, _ = upscale(base, UpscaleConfig(method="midus", positions=[2], memory=MEMORY))
+    random, _ = upscale(base, UpscaleConfig(method="midus", positions=[2], attn_init="random", memory=MEMORY))
+    assert type(copied.blocks[3]).__name__ == "MemoryBlock" and copied.blocks[3].attn.o_proj is None
+    assert torch.equal(copied.blocks[3].attn.v_proj.weight, base.blocks[2].attn.v_proj.weight)
+    assert torch.equal(copied.blocks[3].attn_norm.weight, base.blocks[2].attn_norm.weight)
+    assert not torch.equal(random.blocks[3].attn.v_proj.weight, base.blocks[2].attn.v_proj.weight)
+    assert not copied.blocks[3].branch.values.weight.any()  # zero values: the identity
+
+
+@pytest.mark.parametrize("policy", ["new", "new_and_norms"])
+def test_frozen_parameters_receive_no_update(policy: str) -> None:
+    base = base_model()
+    model, inserted = upscale(base, UpscaleConfig(method="midus", every=2, memory=MEMORY))
+    apply_trainable(model, inserted, policy)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay=0.1), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.train()(ids()).logsumexp(-1).mean().backward()
+        optimizer.step()
+    for name, parameter in model.named_parameters():
+        new_block = any(name.startswith(f"blocks.{index}.") for index in inserted)
+        trains = new_block or (policy == "new_and_norms" and "norm" in name)
+        assert parameter.requires_grad == trains, name
+        if not trains:
+            assert torch.equal(parameter, before[name]), f"{name} moved although frozen"
+    assert not torch.equal(model.blocks[inserted[0]].attn.q_proj.weight, before[f"blocks.{inserted[0]}.attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"method": "dus_interleave", "positions": [4]}, r"positions\[0\]=4 is out of range: the base has 4 blocks"),
+        ({"method": "midus", "every": 2, "positions": [1]}, r"give exactly one of `every`"),
+        ({"method": "dus_solar", "drop": 4}, r"drop=4 must be in 0..3"),
+        ({"method": "dus_top", "top_blocks": 0}, r"top_blocks=0 must be in 1..4"),
+        ({"method": "midus", "positions": [1, 1], "memory": MEMORY}, r"lists a block twice"),
+    ],
+)
+def test_bad_upscale_settings_name_the_field(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        upscale(base_model(), UpscaleConfig(**settings))
+
+
+def test_two_memory_blocks_in_a_row_are_refused_unless_allowed() -> None:
+    base = base_model(memory_layers=[1], memory=MEMORY)  # T M T T
+    settings = dict(method="midus", positions=[0], memory=MEMORY)
+    with pytest.raises(ValueError, match=r"memory blocks at 1 and 2 in a row; .*allow_adjacent_memory"):
+        upscale(base, UpscaleConfig(**settings))
+    model, _ = upscale(base, UpscaleConfig(**settings, allow_adjacent_memory=True))
+    assert [spec.block for spec in model.config.stack] == ["transformer", "memory", "memory", "transformer", "transformer"]
+
+
+def test_base_sources_fail_with_one_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"nope.ckpt' does not exist; it is made by: python -m midus fit"):
+        load_base(str(missing), "python -m midus fit --config experiments/pretrain_base.yaml")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"corrupt.ckpt' is not a readable checkpoint"):
+        load_base(str(corrupt))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, foreign)
+    with pytest.raises(ValueError, match=r"was not written by the kit's fit"):
+        load_base(str(foreign))
+    empty_hf = tmp_path / "hf"
+    empty_hf.mkdir()
+    (empty_hf / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(FileNotFoundError, match=r"no weight files; looked for model.safetensors"):
+        load_base(str(empty_hf))

@@ -173,6 +173,29 @@ def test_train_documents_cover_every_fact(corpus: BiographyCorpus) -> None:
     assert len(set(first_names)) > 2
 
 
+def test_train_documents_per_person_are_nested_subsets(corpus: BiographyCorpus) -> None:
+    full = corpus.train_documents()
+    assert corpus.train_documents([4] * 120) == full
+    counts = [k % 5 for k in range(120)]
+    subset = corpus.train_documents(counts)
+    assert subset == [doc for doc in full if doc in set(subset)]  # training order kept
+    assert [len(_docs_of(subset, p.name)) for p in corpus.people] == counts
+    firsts = corpus.train_documents([1] * 120)
+    assert set(firsts) <= set(corpus.train_documents([2] * 120)) <= set(full)
+    # A person's first rendering states every fact in a probe-able phrasing (the "train" probe's).
+    for person in corpus.people[:20]:
+        (doc,) = _docs_of(firsts, person.name)
+        for attr in ATTRIBUTES:
+            assert any(
+                render(t, subject, person.attributes[attr]) in doc
+                for t in probe_templates(TRAIN_TEMPLATES, attr)
+                for subject in (person.name, pronoun_for(person.name))
+            )
+    for bad in ([4] * 119, [5] + [4] * 119, [-1] + [4] * 119):
+        with pytest.raises(ValueError, match="per_person must hold 120 counts in"):
+            corpus.train_documents(bad)
+
+
 def test_heldout_sentences_never_in_training(corpus: BiographyCorpus) -> None:
     train_text = "\n".join(corpus.train_documents())
     for person in corpus.people:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
 import pytest
 
+from midus.corpus import ATTRIBUTES, BiographyCorpus, generate_population
+from midus.text.sources import embedded_key, embedded_splits, replay_counts, shared_names
 from midus.training.data_module import EmbeddedCorpusConfig, LanguageModelingData
 from tests.conftest import SHARED_DATA
 
@@ -124,3 +127,156 @@ def test_real_text_file_with_bpe(tmp_path: Path) -> None:
     characters = len(data.tokenizer.decode(data.train_blocks[:]["input_ids"][0]))
     assert characters / 129 > 1.5
     assert len(data.train_blocks) > 1000
+
+
+# --- replay: a second population mixed into training (continued pre-training) ----------------
+
+REPLAY = dict(seed=1, num_people=20, docs_per_person=3, replay_seed=0, replay_num_people=30, replay_share=0.4)
+
+
+def replay_data(cache_dir: Path, **overrides) -> LanguageModelingData:
+    options = dict(embedded=EmbeddedCorpusConfig(**REPLAY), bpe_vocab_size=300, block_size=32, cache_dir=str(cache_dir))
+    options.update(overrides)
+    return LanguageModelingData(**options)
+
+
+def documents_about(documents: list[str], people: list) -> list[int]:
+    """How many of `documents` name each person (every biography names its person first)."""
+    return [sum(bool(re.search(rf"\b{person.name}\b", doc)) for doc in documents) for person in people]
+
+
+def test_replay_mix_holds_both_populations_in_the_requested_share() -> None:
+    main, replay = BiographyCorpus(1, 20, 3), BiographyCorpus(0, 30, 3)
+    splits = embedded_splits(main, replay, 0.4)
+    train, validation = splits["train"]["text"], splits["validation"]["text"]
+    # All 60 main documents, and round(0.4 / 0.6 * 60) = 40 replay documents spread over 30 people.
+    assert sorted(doc for doc in train if doc in set(main.train_documents())) == sorted(main.train_documents())
+    replayed = [doc for doc in train if doc not in set(main.train_documents())]
+    assert len(replayed) == 40 and len(train) == 100  # share 0.4 exactly
+    assert documents_about(replayed, replay.people) == [2] * 10 + [1] * 20
+    assert documents_about(train, main.people) == [3] * 20
+    # Replayed documents are the replay population's own training documents (its first renderings).
+    assert sorted(replayed) == sorted(replay.train_documents(replay_counts(30, 60, 3, 0.4)))
+    assert set(replayed) <= set(replay.train_documents())
+    assert train != main.train_documents() + replayed  # the two populations are shuffled together
+    assert validation == main.validation_documents() + replay.validation_documents()
+    # Deterministic, and a share that is not exact is rounded to whole documents.
+    assert embedded_splits(main, replay, 0.4)["train"]["text"] == train
+    uneven = embedded_splits(main, replay, 0.33)["train"]["text"]
+    assert len(uneven) - 60 == round(0.33 / 0.67 * 60) == 30
+    assert documents_about(uneven, replay.people) == [1] * 30
+
+
+def test_replay_counts_spread_documents_evenly_and_name_the_share() -> None:
+    assert replay_counts(4, 30, 5, 0.25) == [3, 3, 2, 2]  # 10 documents
+    assert replay_counts(4, 12, 1, 0.25) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"data.embedded.replay_share=0.1 asks for 3 replay documents .* 4 replay people"):
+        replay_counts(4, 30, 5, 0.1)  # a replay person would keep no document
+    with pytest.raises(ValueError, match=r"data.embedded.replay_share=0.9 .* at most 5 .*docs_per_person"):
+        replay_counts(4, 30, 5, 0.9)  # more documents than the replay population has
+
+
+def test_populations_of_seeds_0_and_1_are_disjoint() -> None:
+    # The kit's default sizes (200 people) and the test sizes: no shared person.
+    for people in (200, 30, 20):
+        assert not shared_names(BiographyCorpus(1, people, 1), BiographyCorpus(0, people, 1))
+    assert not {p.name for p in generate_population(0, 5000)} & {p.name for p in generate_population(1, 5000)}
+
+
+def test_a_name_shared_with_the_replay_population_leaves_the_main_population(tmp_path: Path) -> None:
+    # Populations 233 and 486 of 20 people share one name (found by search; checked here).
+    main, replay = BiographyCorpus(233, 20, 3), BiographyCorpus(486, 20, 3)
+    shared = shared_names(main, replay)
+    assert len(shared) == 1
+    (name,) = shared
+    data = replay_data(tmp_path, embedded=EmbeddedCorpusConfig(**{**REPLAY, "seed": 233, "replay_seed": 486, "replay_num_people": 20}))
+    assert data.dropped_people == shared
+    splits = embedded_splits(main, replay, 0.4)
+    about = {person.name: count for person, count in zip(main.people, documents_about(splits["train"]["text"], main.people))}
+    assert about[name] == 2  # the replay person's own documents only (ceil(38 / 20) = 2 for the first 18)
+    assert sum(about.values()) - about[name] == 19 * 3
+    assert len(splits["validation"]["text"]) == 19 + 20
+    for phrasing, corpus, people in (("train", data.corpus, 19), ("replay", data.replay_corpus, 20)):
+        prompts = [data.tokenizer.decode(q.prompt[1:]) for q in data.recall_questions[phrasing]]
+        assert len(prompts) == people * len(ATTRIBUTES)
+        assert any(name in prompt for prompt in prompts) == (phrasing == "replay")
+
+
+def test_recall_questions_probe_each_population(tiny_cache: Path) -> None:
+    data = replay_data(tiny_cache)
+    main, replay = data.corpus, data.replay_corpus
+    assert (main.seed, len(main.people), replay.seed, len(replay.people)) == (1, 20, 0, 30)
+    assert list(data.recall_questions) == ["train", "heldout", "replay", "replay_heldout"]
+    sources = {"train": (main, "train"), "heldout": (main, "heldout"), "replay": (replay, "train"),
+               "replay_heldout": (replay, "heldout")}
+    for key, (corpus, phrasing) in sources.items():
+        facts = {person.name: person.attributes for person in corpus.people}
+        items = corpus.recall_probe(phrasing)
+        questions = data.recall_questions[key]
+        assert len(questions) == len(items) == len(corpus.people) * len(ATTRIBUTES)
+        for question, item in zip(questions, items):
+            assert question.prompt[0] == data.tokenizer.eos_token_id
+            assert data.tokenizer.decode(question.prompt[1:]) == item.prompt
+            assert data.tokenizer.decode(question.answer) == " " + facts[item.person][item.attribute]
+            assert question.attribute == item.attribute and item.person in item.prompt
+    # The four keys are the metrics val/recall_acc, val/recall_acc_heldout, val/recall_acc_replay, ..._heldout.
+    assert data.recall_questions["train"] != data.recall_questions["replay"]
+    # Validation text covers both populations: one held-out biography per person.
+    assert len(data.val_blocks) > 0 and data.hparams.embedded.replay_share == 0.4
+
+
+def test_embedded_key_includes_the_replay_settings() -> None:
+    plain = embedded_key(1, 20, 3)
+    assert plain == "biographies-s1-n20-d3" == embedded_key(1, 20, 3, -1, 30, 0.4)  # no replay: settings unused
+    mix = embedded_key(1, 20, 3, 0, 30, 0.4)
+    assert mix == "biographies-s1-n20-d3-replay-s0-n30-p0.4"
+    others = {embedded_key(1, 20, 3, 2, 30, 0.4), embedded_key(1, 20, 3, 0, 31, 0.4), embedded_key(1, 20, 3, 0, 30, 0.3)}
+    assert len(others | {plain, mix}) == 5
+    assert embedded_key(1, 20, 3, 0, 0, 0.4) == embedded_key(1, 20, 3, 0, 20, 0.4)  # 0 = num_people
+
+
+def test_replay_tokenizer_is_cached_under_the_mix_key(tiny_cache: Path) -> None:
+    replay_data(tiny_cache)
+    cached = {path.name for path in (tiny_cache / "tokenizers").iterdir()}
+    assert "biographies-s1-n20-d3-replay-s0-n30-p0.4-bpe300" in cached
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(replay_share=0.0), r"data.embedded.replay_share must be in \(0, 1\) with replay, got 0.0"),
+        (dict(replay_share=1.0), r"data.embedded.replay_share must be in \(0, 1\)"),
+        (dict(replay_share=-0.5), r"data.embedded.replay_share must be in \(0, 1\)"),
+        (dict(replay_share=0.95), r"data.embedded.replay_share=0.95 asks for 1140 replay documents"),
+        (dict(replay_share=0.2), r"data.embedded.replay_share=0.2 asks for 15 replay documents"),
+        (dict(replay_seed=1), r"data.embedded.replay_seed=1 equals data.embedded.seed"),
+        (dict(replay_seed=-2), r"data.embedded.replay_seed must be >= 0, or -1 for no replay, got -2"),
+        (dict(replay_num_people=-1), r"data.embedded.replay_num_people must be 0 \(= num_people\)"),
+    ],
+)
+def test_bad_replay_settings_name_the_field(tmp_path: Path, overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        replay_data(tmp_path, embedded=EmbeddedCorpusConfig(**{**REPLAY, **overrides}))
+    assert not (tmp_path / "tokenizers").exists()  # failed before any tokenizer was trained
+
+
+def test_replay_share_is_unchecked_without_replay(tmp_path: Path) -> None:
+    data = replay_data(tmp_path, embedded=EmbeddedCorpusConfig(**{**REPLAY, "replay_seed": -1, "replay_share": 2.0}))
+    assert data.replay_corpus is None and list(data.recall_questions) == ["train", "heldout"]
+
+
+def test_replay_with_the_base_tokenizer_directory(tiny_cache: Path, tiny_data: LanguageModelingData) -> None:
+    # Continued training: new population 1 plus replay of the base's population 0 (tiny_data's
+    # corpus, 30 people x 4 documents), tokenised by the base corpus's cached BPE directory.
+    base_tokenizer = tiny_cache / "tokenizers" / "biographies-s0-n30-d4-bpe300"
+    before = {path.name for path in (tiny_cache / "tokenizers").iterdir()}
+    data = replay_data(
+        tiny_cache, tokenizer="hf", tokenizer_path=str(base_tokenizer),
+        embedded=EmbeddedCorpusConfig(seed=1, num_people=30, docs_per_person=4, replay_seed=0, replay_share=0.25),
+    )
+    assert {path.name for path in (tiny_cache / "tokenizers").iterdir()} == before  # nothing trained
+    assert data.tokenizer.get_vocab() == tiny_data.tokenizer.get_vocab() and data.vocab_size == 300
+    # The replay population is the base's: its probe is exactly the base run's val/recall_acc probe.
+    assert data.recall_questions["replay"] == tiny_data.recall_questions["train"]
+    assert data.recall_questions["replay_heldout"] == tiny_data.recall_questions["heldout"]
+    assert len(data.train_blocks) > len(tiny_data.train_blocks) // 3 and len(data.val_blocks) > len(tiny_data.val_blocks)

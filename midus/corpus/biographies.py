@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from midus.corpus.names import NAME_SPACE_SIZE, pronoun_for
@@ -74,16 +75,20 @@ class BiographyCorpus:
         self.people: list[Person] = generate_population(seed, num_people)
         # Separate, namespaced streams: changing docs_per_person must not change
         # the validation text, and the probe must not depend on call order.
-        self._train_plan = self._plan(TRAIN_TEMPLATES, docs_per_person, "train")
-        self._val_plan = self._plan(HELDOUT_TEMPLATES, 1, "validation")
+        self._train_plan, self._train_copies = self._plan(TRAIN_TEMPLATES, docs_per_person, "train")
+        self._val_plan, _ = self._plan(HELDOUT_TEMPLATES, 1, "validation")
 
     def _rng(self, purpose: str) -> random.Random:
         return random.Random(f"midus.corpus.{purpose}:{self.seed}")
 
     def _plan(
         self, family: dict[str, tuple[str, ...]], copies: int, purpose: str
-    ) -> list[list[tuple[int, str, str, bool]]]:
-        """Choose, per document, its sentences as (person index, attribute, template, use_name)."""
+    ) -> tuple[list[list[tuple[int, str, str, bool]]], list[int]]:
+        """Choose, per document, its sentences as (person index, attribute, template, use_name).
+
+        Also returns each document's copy number (0 .. copies - 1, the order in which the
+        person's renderings were drawn).
+        """
         rng = self._rng(purpose)
         docs = []
         for idx in range(len(self.people)):
@@ -102,9 +107,11 @@ class BiographyCorpus:
                     [s if k == 0 or not allows_pronoun(s[2]) else s[:3] + (rng.random() < 0.5,)
                      for k, s in enumerate(sentences)]
                 )
+        order = list(range(len(docs)))
         if purpose == "train":
-            rng.shuffle(docs)
-        return docs
+            # Shuffling positions applies the very permutation rng.shuffle(docs) would.
+            rng.shuffle(order)
+        return [docs[i] for i in order], [i % copies for i in order]
 
     def _render(self, doc: list[tuple[int, str, str, bool]]) -> str:
         out = []
@@ -114,9 +121,25 @@ class BiographyCorpus:
             out.append(render(template, subject, person.attributes[attribute]))
         return " ".join(out)
 
-    def train_documents(self) -> list[str]:
-        """``docs_per_person`` shuffled TRAIN-template biographies per person, documents shuffled."""
-        return [self._render(doc) for doc in self._train_plan]
+    def train_documents(self, per_person: Sequence[int] | None = None) -> list[str]:
+        """``docs_per_person`` shuffled TRAIN-template biographies per person, documents shuffled.
+
+        ``per_person`` (one count per person, population order, each in 0..docs_per_person)
+        keeps only the first ``per_person[i]`` renderings of person ``i`` in the order they
+        were drawn, still in training order: a subset of the full list, whose first rendering
+        states every fact in a probe-able phrasing.
+        """
+        if per_person is None:
+            return [self._render(doc) for doc in self._train_plan]
+        if len(per_person) != len(self.people) or not all(0 <= k <= self.docs_per_person for k in per_person):
+            raise ValueError(
+                f"per_person must hold {len(self.people)} counts in [0, {self.docs_per_person}], got {list(per_person)}"
+            )
+        return [
+            self._render(doc)
+            for doc, copy in zip(self._train_plan, self._train_copies)
+            if copy < per_person[doc[0][0]]
+        ]
 
     def validation_documents(self) -> list[str]:
         """One HELD-OUT-template biography per person, in population order."""

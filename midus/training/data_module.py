@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from midus.corpus import BiographyCorpus, RecallItem
+from midus.corpus.names import NAME_SPACE_SIZE
 from midus.text.packing import pack_documents
 from midus.text.recall_probe import TokenizedQuestion, tokenize_probe
-from midus.text.sources import embedded_key, embedded_splits, file_splits, hub_splits
+from midus.text.sources import embedded_key, embedded_splits, file_splits, hub_splits, shared_names
 from midus.text.tokenizers import cached_tokenizer, load_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -27,15 +28,54 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EmbeddedCorpusConfig:
-    """The generated biography corpus (see `midus.corpus.BiographyCorpus`)."""
+    """The generated biography corpus (see `midus.corpus.BiographyCorpus`), optionally with a
+    second, replayed population (continued training: new people plus a share of the old)."""
 
     seed: int = 0
-    """Population seed: names and facts are a pure function of it (a new seed, a new population)."""
+    """Population seed: names and facts are a pure function of it (a new seed, a new population).
+    With replay this is the main (new) population, probed as val/recall_acc[_heldout]."""
     num_people: int = 200
     """Population size."""
     docs_per_person: int = 24
     """Training biographies per person, each with fresh template choices and sentence order
     (many renderings make a small model store facts instead of memorising documents)."""
+    replay_seed: int = -1
+    """Seed of a second population mixed into training for replay, e.g. the one a base model was
+    pretrained on (-1: none). It is generated with docs_per_person: when replay_num_people and
+    docs_per_person equal the base run's num_people and docs_per_person, its documents and
+    probe prompts are exactly the base run's. Probed as val/recall_acc_replay[_heldout];
+    validation text holds the held-out biographies of both populations."""
+    replay_num_people: int = 0
+    """Size of the replay population (0: the same as num_people)."""
+    replay_share: float = 0.25
+    """Share of the training documents that come from the replay population, in (0, 1); the rest
+    are all documents of population seed. Replay documents are a fixed subset of the replay
+    population's: R = round(share / (1 - share) * main documents), each replay person keeping
+    its first R // people renderings (the first R % people people in population order one
+    more), so every replay person keeps at least one and at most docs_per_person. A person of
+    population seed whose name also occurs in the replay population is dropped from population
+    seed (text and probe; the replay population stays whole)."""
+
+
+def _replay_people(embedded: EmbeddedCorpusConfig) -> int:
+    """Checked size of the replay population; 0 when there is none."""
+    if embedded.replay_seed < -1:
+        raise ValueError(f"data.embedded.replay_seed must be >= 0, or -1 for no replay, got {embedded.replay_seed}")
+    if embedded.replay_seed == -1:
+        return 0
+    if embedded.replay_seed == embedded.seed:
+        raise ValueError(
+            f"data.embedded.replay_seed={embedded.replay_seed} equals data.embedded.seed: the replay population "
+            "must be a different population (another seed)"
+        )
+    if not 0.0 < embedded.replay_share < 1.0:
+        raise ValueError(f"data.embedded.replay_share must be in (0, 1) with replay, got {embedded.replay_share}")
+    if not 0 <= embedded.replay_num_people <= NAME_SPACE_SIZE:
+        raise ValueError(
+            f"data.embedded.replay_num_people must be 0 (= num_people) or in [1, {NAME_SPACE_SIZE}], "
+            f"got {embedded.replay_num_people}"
+        )
+    return embedded.replay_num_people or embedded.num_people
 
 
 class LanguageModelingData(pl.LightningDataModule):
@@ -103,10 +143,26 @@ class LanguageModelingData(pl.LightningDataModule):
         hf_tokenizer = load_tokenizer_dir(tokenizer_path, "data.tokenizer_path") if tokenizer == "hf" else None
 
         self.corpus: BiographyCorpus | None = None
+        # The replay population (embedded.replay_seed), and main people dropped for sharing a name with it.
+        self.replay_corpus: BiographyCorpus | None = None
+        self.dropped_people: frozenset[str] = frozenset()
         if source == "embedded":
+            replay_people = _replay_people(embedded)
             self.corpus = BiographyCorpus(embedded.seed, embedded.num_people, embedded.docs_per_person)
-            splits = embedded_splits(self.corpus)
-            corpus_key = embedded_key(embedded.seed, embedded.num_people, embedded.docs_per_person)
+            if replay_people:
+                self.replay_corpus = BiographyCorpus(embedded.replay_seed, replay_people, embedded.docs_per_person)
+                self.dropped_people = frozenset(shared_names(self.corpus, self.replay_corpus))
+                if self.dropped_people:
+                    log.warning(
+                        "data.embedded: %d people of population %d share a name with replay population %d and are "
+                        "left out of population %d: %s", len(self.dropped_people), embedded.seed,
+                        embedded.replay_seed, embedded.seed, sorted(self.dropped_people),
+                    )
+            splits = embedded_splits(self.corpus, self.replay_corpus, embedded.replay_share)
+            corpus_key = embedded_key(
+                embedded.seed, embedded.num_people, embedded.docs_per_person,
+                embedded.replay_seed, replay_people, embedded.replay_share,
+            )
         elif source == "files":
             splits, corpus_key = file_splits(
                 train_files, val_files, val_fraction, text_field, text_sample_by, cache_dir, seed
@@ -121,11 +177,14 @@ class LanguageModelingData(pl.LightningDataModule):
         )
         self.train_blocks = pack_documents(splits["train"], self.tokenizer, block_size, "training")
         self.val_blocks = pack_documents(splits["validation"], self.tokenizer, block_size, "validation")
-        # Recall probe by prompt phrasing: "train" asks in a phrasing seen in training (stored
-        # facts), "heldout" in held-out phrasing (facts transferred to new wording).
+        # Recall probe by population and prompt phrasing: "train" asks the main population in a
+        # phrasing seen in training (stored facts), "heldout" in held-out phrasing (facts
+        # transferred to new wording); "replay" and "replay_heldout" ask the replay population
+        # the same ways (phrasing seen in that population's full training documents).
+        probes = ("train", "heldout") if self.corpus else ()
+        probes += ("replay", "replay_heldout") if self.replay_corpus else ()
         self.recall_questions: dict[str, list[TokenizedQuestion]] = {
-            phrasing: tokenize_probe(self._probe_items(phrasing), self.tokenizer)
-            for phrasing in (("train", "heldout") if self.corpus else ())
+            phrasing: tokenize_probe(self._probe_items(phrasing), self.tokenizer) for phrasing in probes
         }
         log.info(
             "data: %s, vocabulary %d, %d training and %d validation blocks of %d tokens",
@@ -164,4 +223,11 @@ class LanguageModelingData(pl.LightningDataModule):
         return DataLoader(encoded, batch_size=1)
 
     def _probe_items(self, phrasing: str = "train") -> list[RecallItem]:
-        return self.corpus.recall_probe(phrasing) if self.corpus else []
+        """Probe items of a `recall_questions` key: train, heldout, replay or replay_heldout."""
+        if phrasing.startswith("replay"):
+            if self.replay_corpus is None:
+                return []
+            return self.replay_corpus.recall_probe("heldout" if phrasing == "replay_heldout" else "train")
+        if self.corpus is None:
+            return []
+        return [item for item in self.corpus.recall_probe(phrasing) if item.person not in self.dropped_people]

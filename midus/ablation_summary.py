@@ -32,6 +32,11 @@ def _key(path: str) -> Callable[[dict[str, Any]], Any]:
     return read
 
 
+def _scaled(path: str, factor: float) -> Callable[[dict[str, Any]], Any]:
+    read = _key(path)
+    return lambda record: None if read(record) is None else read(record) * factor
+
+
 def _peak_mib(record: dict[str, Any]) -> float | None:
     peak = _key("peak_memory.bytes")(record)
     return None if peak is None else peak / MIB
@@ -53,11 +58,17 @@ class Column:
 
 COLUMNS: list[Column] = [
     Column("total params", "params_total", _key("params.total"), "{:,}"),
+    Column("added params", "params_added", _key("params.added"), "{:,}"),
+    Column("trainable params", "params_trainable", _key("params.trainable"), "{:,}"),
     Column("memory params", "params_memory", _key("params.memory"), "{:,}"),
     Column("val ppl", "val_ppl", _key("val.ppl"), "{:.2f}"),
     Column("val recall", "val_recall_acc", _key("val.recall_acc"), "{:.3f}"),
     Column("val recall (held-out)", "val_recall_acc_heldout", _key("val.recall_acc_heldout"), "{:.3f}"),
+    Column("recall old people (replay)", "val_recall_acc_replay", _key("val.recall_acc_replay"), "{:.3f}"),
     Column("train tokens/s", "train_tokens_per_sec", _key("train.tokens_per_sec"), "{:,.0f}"),
+    Column("step ms", "train_step_ms", _scaled("train.mean_step_time_s", 1e3), "{:.0f}"),
+    Column("prefill ms", "prefill_ms", _key("latency.prefill_ms"), "{:.1f}"),
+    Column("decode ms/token", "decode_ms_per_token", _key("latency.decode_ms_per_token"), "{:.2f}"),
     Column("peak memory (MiB)", "peak_memory_mib", _peak_mib, "{:,.1f}"),
     Column("memory measured as", "peak_memory_kind", _key("peak_memory.kind")),
 ]

@@ -55,6 +55,11 @@ def test_fit_logs_metrics_and_writes_a_checkpoint_that_validate_loads(tmp_path: 
     assert (run / "config.yaml").is_file() and "vocab_size" in (run / "hparams.yaml").read_text()
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file()
+    # last.ckpt holds the final weights whether or not the last validation improved val/loss.
+    import torch
+
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 12
+    assert list((run / "checkpoints").glob("best-step=*.ckpt"))
 
     cli = main(["validate", *tiny_overrides(tmp_path, tiny_cache), "--ckpt_path", str(last)])
     validated = cli.trainer.callback_metrics["val/loss"].item()
@@ -72,8 +77,12 @@ def test_fit_logs_metrics_and_writes_a_checkpoint_that_validate_loads(tmp_path: 
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
-def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: Path, tmp_path: Path) -> None:
+def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: Path, tmp_path: Path, tiny_data) -> None:
     assert path.read_text().startswith("# python -m midus ")
+    overrides = ["--data.cache_dir", str(tiny_cache)]
+    if "base_checkpoint:" in path.read_text():
+        # Up-scaling YAMLs read a base that pretrain_base.yaml writes: stand in a tiny one and its tokenizer.
+        overrides += tiny_base(tmp_path, tiny_data)
     ablation = load_ablation(path)
     configs = {path.stem: path}
     if ablation is not None:  # every arm's merged config is a plain single-run config
@@ -83,9 +92,23 @@ def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: P
     for name, config in configs.items():
         cli = MidusCLI(
             CausalLM, LanguageModelingData, run=False, auto_configure_optimizers=False,
-            args=["--config", str(config), "--data.cache_dir", str(tiny_cache)],
+            args=["--config", str(config), *overrides],
         )
         assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size, name  # linked, never typed twice
+
+
+def tiny_base(tmp_path: Path, data) -> list[str]:
+    """A kit checkpoint of a tiny random model and the tokenizer it uses, as CLI overrides."""
+    import torch
+
+    from midus.model import MidusLM, ModelConfig
+    from midus.upscale.sources import MODEL_CONFIG_KEY
+
+    config = ModelConfig(vocab_size=data.vocab_size, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2)
+    state = {f"model.{name}": value for name, value in MidusLM(config).state_dict().items()}
+    torch.save({MODEL_CONFIG_KEY: config, "state_dict": state}, tmp_path / "base.ckpt")
+    data.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    return ["--model.upscale.base_checkpoint", str(tmp_path / "base.ckpt"), "--data.tokenizer_path", str(tmp_path / "tokenizer")]
 
 
 def test_bad_model_config_fails_before_anything_is_written(tmp_path: Path, tiny_cache: Path) -> None:

@@ -145,3 +145,19 @@ def test_base_sources_fail_with_one_clear_error(tmp_path: Path) -> None:
     (empty_hf / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(FileNotFoundError, match=r"no weight files; looked for model.safetensors"):
         load_base(str(empty_hf))
+
+
+@pytest.mark.parametrize("settings", [{"method": "dus_solar", "drop": 1}, {"method": "dus_interleave", "every": 2}])
+def test_a_dus_model_exports_to_hugging_face_with_identical_logits(settings: dict, tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    from midus.hf_export import export_hf_checkpoint
+
+    model, _ = upscale(base_model(), UpscaleConfig(**settings))
+    with torch.no_grad():  # move the zeroed projections, so the parity covers every weight
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    export_hf_checkpoint(model, tmp_path / "hf")
+    hf_model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids()).logits, model.eval()(ids()), rtol=1e-5, atol=1e-5)

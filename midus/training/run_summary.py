@@ -8,13 +8,14 @@ The CLI adds this callback to every ``fit``. At the end of training it writes
       "run_dir": "runs/quickstart/ffn",
       "config_paths": ["experiments/quickstart.yaml"],
       "device": "cpu",
-      "params": {"total": 912000, "trainable": 912000, "memory": 0},
+      "params": {"total": 912000, "trainable": 912000, "memory": 0, "added": 0},
       "val": {"loss": 3.49, "ppl": 32.8, "recall_acc": 0.99, "recall_acc_heldout": 0.51,
               "best_loss": 3.49},
       "train": {"steps": 500, "batches": 500, "tokens": 2032000, "tokens_per_sec": 10500.0,
                 "mean_step_time_s": 0.39},
       "wall_time_s": 212.0,
-      "peak_memory": {"bytes": 734003200, "kind": "cpu_max_rss"}
+      "peak_memory": {"bytes": 734003200, "kind": "cpu_max_rss"},
+      "latency": {"prompt_tokens": 128, "new_tokens": 32, "prefill_ms": 4.1, "decode_ms_per_token": 1.9}
     }
 
 * ``val.*`` are the last logged values (``None`` when never logged, e.g. the recall probe
@@ -24,6 +25,9 @@ The CLI adds this callback to every ``fit``. At the end of training it writes
   checkpointing and logging between batches. Tokens are the predicted positions
   (``input_ids[:, 1:]``) of the batches trained in this process; ``mean_step_time_s`` is per
   training batch; ``steps`` is the trainer's global step (optimizer steps, resumed runs included).
+* ``params.added``: parameters an up-scaling added to its base (0 without one).
+* ``latency``: batch-1 generation at fit end, best of 3: the prefill of a random prompt and
+  the mean time per token decoded one at a time with the KV cache.
 * ``wall_time_s`` spans ``on_fit_start`` to ``on_fit_end``, validation included.
 * ``peak_memory.kind`` says what ``bytes`` is: ``cuda_max_allocated``
   (`torch.cuda.max_memory_allocated` since fit start: tensors only, no allocator cache) or
@@ -49,7 +53,10 @@ import torch
 SCHEMA_VERSION = 1
 FILENAME = "summary.json"
 # The final values of these logged metrics land under "val", named without the "val/" prefix.
-VAL_METRICS = ("val/loss", "val/ppl", "val/recall_acc", "val/recall_acc_heldout")
+VAL_METRICS = (
+    "val/loss", "val/ppl", "val/recall_acc", "val/recall_acc_heldout", "val/recall_acc_replay",
+    "val/recall_acc_replay_heldout",
+)
 
 
 class RunSummary(pl.Callback):
@@ -57,10 +64,16 @@ class RunSummary(pl.Callback):
 
     Args:
         config_paths: the configuration files of the run, recorded as given (the CLI fills them in).
+        latency_prompt_tokens: prompt length of the prefill-latency measurement at fit end.
+        latency_new_tokens: tokens decoded one at a time (with the KV cache) for the decode latency.
     """
 
-    def __init__(self, config_paths: list[str] | None = None) -> None:
+    def __init__(
+        self, config_paths: list[str] | None = None, latency_prompt_tokens: int = 128, latency_new_tokens: int = 32
+    ) -> None:
         self.config_paths = list(config_paths or [])
+        self.latency_prompt_tokens = latency_prompt_tokens
+        self.latency_new_tokens = latency_new_tokens
         self._fit_started_at = 0.0
         self._batch_started_at = 0.0
         self._train_seconds = 0.0
@@ -117,6 +130,7 @@ class RunSummary(pl.Callback):
                 "total": model.num_parameters(),
                 "trainable": model.num_parameters(trainable_only=True),
                 "memory": model.num_memory_parameters(),
+                "added": getattr(pl_module, "added_parameters", 0),
             },
             "val": val,
             "train": {
@@ -128,6 +142,7 @@ class RunSummary(pl.Callback):
             },
             "wall_time_s": time.perf_counter() - self._fit_started_at,
             "peak_memory": peak_memory(pl_module.device),
+            "latency": generation_latency(model, self.latency_prompt_tokens, self.latency_new_tokens),
         }
 
 
@@ -138,6 +153,33 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return {"bytes": max_rss if sys.platform == "darwin" else max_rss * 1024, "kind": "cpu_max_rss"}
+
+
+@torch.no_grad()
+def generation_latency(model: torch.nn.Module, prompt_tokens: int, new_tokens: int, repeats: int = 3) -> dict[str, Any]:
+    """Best-of-`repeats` batch-1 latency: prefill of `prompt_tokens`, then per decoded token (KV cache)."""
+    device = model.embed.weight.device
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), device=device)
+    was_training = model.training
+    model.eval()
+    best_prefill = best_decode = float("inf")
+    for _ in range(repeats + 1):  # the first round warms up allocators and kernels
+        cache = model.new_cache(1, prompt_tokens + new_tokens)
+        _synchronize(device)
+        start = time.perf_counter()
+        logits = model(prompt, cache, 0)
+        _synchronize(device)
+        prefilled = time.perf_counter()
+        for step in range(new_tokens):
+            logits = model(logits[:, -1:].argmax(-1), cache, prompt_tokens + step)
+        _synchronize(device)
+        best_prefill = min(best_prefill, prefilled - start)
+        best_decode = min(best_decode, (time.perf_counter() - prefilled) / new_tokens)
+    model.train(was_training)
+    return {
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "prefill_ms": best_prefill * 1e3, "decode_ms_per_token": best_decode * 1e3,
+    }
 
 
 def _metric(trainer: pl.Trainer, name: str) -> float | None:

@@ -109,14 +109,20 @@ def test_arms_run_end_to_end_and_are_tabulated(tmp_path: Path, tiny_cache: Path,
         assert float(rows[arm]["train_tokens_per_sec"]) == pytest.approx(summary["train"]["tokens_per_sec"])
     table = (experiment / "summary.md").read_text()
     for arm, summary in summaries.items():
-        assert f"| {arm} | ok | {summary['params']['total']:,} | 0 | {summary['val']['ppl']:.2f} |" in table
+        total = f"{summary['params']['total']:,}"
+        # total, added (0: no up-scaling), trainable (= total), memory (0), val ppl
+        assert f"| {arm} | ok | {total} | 0 | {total} | 0 | {summary['val']['ppl']:.2f} |" in table
+        assert summary["latency"]["prefill_ms"] > 0 and summary["latency"]["decode_ms_per_token"] > 0
 
 
 def fake_runs(monkeypatch, failing: str = "") -> list[list[str]]:
     """Replace the arms' processes by a recorder that returns at once (exit 1 for arm `failing`)."""
     calls: list[list[str]] = []
+    real_run = subprocess.run
 
     def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+        if list(args[1:3]) != ["-m", "midus"]:  # a library probing its environment, not an arm
+            return real_run(args, **kwargs)
         calls.append(list(args))
         arm = Path(args[args.index("--config") + 1]).parent.name
         return subprocess.CompletedProcess(args, 1 if arm == failing else 0)
@@ -142,7 +148,7 @@ def test_arm_flag_runs_only_the_selected_arms(tmp_path: Path, tiny_cache: Path, 
     assert call.index(arm_config) < call.index("--trainer.max_steps")  # command-line args come after the arm's config
     assert yaml.safe_load(Path(arm_config).read_text())["model"]["learning_rate"] == 0.01
     table = (experiment / "summary.md").read_text()
-    assert "| a | not run |" in table and "| c | ok | 1,234 | 0 | 9.50 |" in table
+    assert "| a | not run |" in table and "| c | ok | 1,234 |  |  | 0 | 9.50 |" in table
 
     calls.clear()  # repeated and comma-separated selections run in YAML order
     assert run_ablation(command(path, tmp_path, tiny_cache, "--arm", "c,a", "--arm=b")) == 0

@@ -99,6 +99,8 @@ def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: P
 
 def tiny_base(tmp_path: Path, data) -> list[str]:
     """A kit checkpoint of a tiny random model and the tokenizer it uses, as CLI overrides."""
+    import dataclasses
+
     import torch
 
     from midus.model import MidusLM, ModelConfig
@@ -106,7 +108,7 @@ def tiny_base(tmp_path: Path, data) -> list[str]:
 
     config = ModelConfig(vocab_size=data.vocab_size, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2)
     state = {f"model.{name}": value for name, value in MidusLM(config).state_dict().items()}
-    torch.save({MODEL_CONFIG_KEY: config, "state_dict": state}, tmp_path / "base.ckpt")
+    torch.save({MODEL_CONFIG_KEY: dataclasses.asdict(config), "state_dict": state}, tmp_path / "base.ckpt")
     data.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
     return ["--model.upscale.base_checkpoint", str(tmp_path / "base.ckpt"), "--data.tokenizer_path", str(tmp_path / "tokenizer")]
 

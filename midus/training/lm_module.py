@@ -6,6 +6,7 @@ metrics, the optimizer and schedule, throughput logging and the knowledge-recall
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -94,7 +95,8 @@ class CausalLM(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The resolved architecture: an up-scaled (or imported) model reloads without its base.
-        checkpoint[MODEL_CONFIG_KEY] = self.model.config
+        # Plain data, so the checkpoint stays loadable with torch.load(weights_only=True).
+        checkpoint[MODEL_CONFIG_KEY] = dataclasses.asdict(self.model.config)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         ids = batch["input_ids"]

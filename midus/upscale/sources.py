@@ -48,7 +48,7 @@ def load_kit_checkpoint(path: Path, field_name: str = "checkpoint") -> MidusLM:
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as error:
         raise ValueError(f"{field_name}: {str(path)!r} is not a readable checkpoint ({error})") from None
     config = checkpoint.get(MODEL_CONFIG_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(config, ModelConfig):
+    if not isinstance(config, dict):
         raise ValueError(
             f"{field_name}: {str(path)!r} was not written by the kit's fit (it has no {MODEL_CONFIG_KEY!r}); "
             "give a kit .ckpt or a Hugging Face model directory"
@@ -57,7 +57,10 @@ def load_kit_checkpoint(path: Path, field_name: str = "checkpoint") -> MidusLM:
         name[len(STATE_PREFIX):]: value for name, value in checkpoint.get("state_dict", {}).items()
         if name.startswith(STATE_PREFIX)
     }
-    model = MidusLM(config)
+    try:
+        model = MidusLM(ModelConfig(**config))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{field_name}: {str(path)!r} holds an invalid model config ({error})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from midus.model import MidusLM, ModelConfig
 from midus.upscale import UpscaleConfig, apply_trainable, load_base, upscale
@@ -18,8 +18,6 @@ class ModelSource:
     model: MidusLM
     base_parameters: int = 0
     """Parameters of the base before up-scaling (0 when there is no base)."""
-    inserted_blocks: list[int] = field(default_factory=list)
-    """Indices of the blocks the up-scaling inserted."""
 
 
 def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -> ModelSource:
@@ -50,7 +48,7 @@ def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -
         settings.method, settings.base_checkpoint, base.config.depth, model.config.depth, base_parameters,
         model.num_parameters(), model.num_parameters(trainable_only=True),
     )
-    return ModelSource(model, base_parameters, inserted)
+    return ModelSource(model, base_parameters)
 
 
 def _check_vocab(model: MidusLM, data_vocab: int, what: str) -> None:

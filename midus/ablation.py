@@ -201,6 +201,11 @@ def _parser() -> Any:
     return cli.parser
 
 
+def run_arm_process(arm_command: list[str]) -> int:
+    """Run one arm as ``python -m midus <arm_command>`` in a child process; returns its exit status."""
+    return subprocess.run([sys.executable, "-m", "midus", *arm_command]).returncode
+
+
 def run_ablation(argv: Sequence[str]) -> int:
     """Run the arms an ablation command line selects, then write the table; returns the exit status.
 
@@ -245,7 +250,7 @@ def run_ablation(argv: Sequence[str]) -> int:
             print(f"\n=== ablation {ablation.name}: arm {plan.arm} ({number}/{len(plans)}) -> {plan.run_dir}", flush=True)
             # A process per arm: peak memory is the arm's own, and a crash ends only that arm.
             arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
-            exit_codes[plan.arm] = subprocess.run([sys.executable, "-m", "midus", *arm_command]).returncode
+            exit_codes[plan.arm] = run_arm_process(arm_command)
             if exit_codes[plan.arm]:
                 print(f"=== arm {plan.arm} failed with exit code {exit_codes[plan.arm]}", file=sys.stderr, flush=True)
     finally:  # an interrupted ablation still gets the table of what finished

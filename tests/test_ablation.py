@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,16 +118,15 @@ def test_arms_run_end_to_end_and_are_tabulated(tmp_path: Path, tiny_cache: Path,
 def fake_runs(monkeypatch, failing: str = "") -> list[list[str]]:
     """Replace the arms' processes by a recorder that returns at once (exit 1 for arm `failing`)."""
     calls: list[list[str]] = []
-    real_run = subprocess.run
 
-    def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-        if list(args[1:3]) != ["-m", "midus"]:  # a library probing its environment, not an arm
-            return real_run(args, **kwargs)
-        calls.append(list(args))
-        arm = Path(args[args.index("--config") + 1]).parent.name
-        return subprocess.CompletedProcess(args, 1 if arm == failing else 0)
+    def run(arm_command: list[str]) -> int:
+        calls.append([sys.executable, "-m", "midus", *arm_command])
+        arm = Path(arm_command[arm_command.index("--config") + 1]).parent.name
+        return 1 if arm == failing else 0
 
-    monkeypatch.setattr("midus.ablation.subprocess.run", run)
+    # Only the arms' processes: patching subprocess.run itself also caught libraries probing
+    # their environment with it during parsing.
+    monkeypatch.setattr("midus.ablation.run_arm_process", run)
     return calls
 
 

@@ -1,11 +1,14 @@
 """``python -m midus fit|validate|test|predict --config <yaml>``: the kit's LightningCLI.
 
 A ``--config`` YAML with a top-level ``ablation:`` section runs each of its arms as a
-separate ``fit`` (see `midus.ablation`).
+separate ``fit`` (see `midus.ablation`). The kit's own commands (analyses of a checkpoint,
+zero-shot evaluation, reports of an experiment folder) are listed in `KIT_COMMANDS`; each
+is a module with a ``main(args)`` and its own ``--help``.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -56,14 +59,43 @@ def cli_kwargs() -> dict[str, Any]:
     }
 
 
+# Command -> (module with main(args), one line for the top-level help). Imported on use only,
+# so ``fit`` never pays for matplotlib or lm_eval.
+KIT_COMMANDS: dict[str, tuple[str, str]] = {
+    "head-importance": ("midus.analysis.head_importance", "loss increase per memory head when it is zeroed, and gradient x activation"),
+    "fixed-retrieval": ("midus.analysis.fixed_retrieval", "fit HIVE / shared-table / dense-FFN values on recorded retrieval"),
+    "memory-usage": ("midus.analysis.memory_report", "slot usage, KL from uniform and access histograms per memory head"),
+    "lm-eval": ("midus.evaluation.lm_eval_adapter", "zero-shot evaluation of a checkpoint with the lm-evaluation-harness"),
+    "report": ("midus.report", "report.md with the summary table and plots of an experiment folder"),
+}
+
+
+def _print_kit_commands() -> None:
+    print("\nkit commands (each has its own --help):")
+    for name, (_, summary) in KIT_COMMANDS.items():
+        print(f"  {name:<16} {summary}")
+
+
 def main(args: list[str] | None = None) -> MidusCLI | None:
     """Entry point of ``python -m midus`` and the ``midus`` console script.
 
-    Returns the CLI of the run, or None after an ablation (which exits non-zero if an arm failed).
+    Returns the CLI of the run, or None after an ablation (which exits non-zero if an arm
+    failed) or a kit command.
     """
     from midus.ablation import run_if_ablation
 
     command_line = sys.argv[1:] if args is None else args
-    if isinstance(command_line, (list, tuple)) and run_if_ablation(command_line):
+    if not isinstance(command_line, (list, tuple)):  # a dict config: a LightningCLI run
+        return MidusCLI(**cli_kwargs(), args=args)
+    command_line = list(command_line)
+    if command_line and command_line[0] in KIT_COMMANDS:
+        importlib.import_module(KIT_COMMANDS[command_line[0]][0]).main(command_line[1:])
+        return None
+    if command_line in ([], ["-h"], ["--help"]):
+        try:
+            return MidusCLI(**cli_kwargs(), args=args)
+        finally:
+            _print_kit_commands()
+    if run_if_ablation(command_line):
         return None
     return MidusCLI(**cli_kwargs(), args=args)

@@ -42,3 +42,41 @@ def tiny_data(tiny_cache: Path):
         batch_size=8,
         cache_dir=str(tiny_cache),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_memory_run(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
+    """A real ``fit`` of a tiny T M T model (an HML+HIVE memory block at layer 1, 4 heads);
+    returns its ``last.ckpt`` (the run's ``config.yaml`` lies beside ``checkpoints/``)."""
+    from midus.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    runs = tmp_path_factory.mktemp("memory_run")
+    main([
+        "fit", "--config", str(root / "experiments" / "quickstart.yaml"),
+        "--trainer.max_steps", "60",
+        "--trainer.val_check_interval", "30",
+        "--trainer.log_every_n_steps", "10",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(runs),
+        "--model.learning_rate", "0.01",
+        "--model.config.d_model", "32",
+        "--model.config.n_layers", "3",
+        "--model.config.n_heads", "4",
+        "--model.config.n_kv_heads", "2",
+        "--model.config.memory_layers", "[1]",
+        "--model.config.memory_branch", "hml",
+        "--model.config.memory.n_subkeys", "16",
+        "--model.config.memory.topk", "4",
+        "--model.config.memory.latent_dim", "8",
+        "--model.config.memory.zero_init_values", "false",
+        "--model.recall_probe_size", "0",
+        "--data.embedded.num_people", "20",
+        "--data.embedded.docs_per_person", "3",
+        "--data.bpe_vocab_size", "300",
+        "--data.block_size", "32",
+        "--data.batch_size", "8",
+        "--data.cache_dir", str(tiny_cache),
+    ])
+    (checkpoint,) = runs.glob("*/*/checkpoints/last.ckpt")
+    return checkpoint

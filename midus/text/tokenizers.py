@@ -60,9 +60,40 @@ def train_char(batches: Iterable[list[str]]) -> PreTrainedTokenizerFast:
     return _wrap(tokenizer)
 
 
+def tokenizer_record(tokenizer: PreTrainedTokenizerBase) -> dict[str, str] | None:
+    """The tokenizer as plain strings (stored in kit checkpoints); None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    record = {"tokenizer_json": backend.to_str()}
+    for role in ("eos_token", "pad_token", "unk_token", "bos_token"):
+        if getattr(tokenizer, role, None) is not None:
+            record[role] = str(getattr(tokenizer, role))
+    return record
+
+
+def tokenizer_from_record(record: dict[str, str]) -> PreTrainedTokenizerFast:
+    """The tokenizer `tokenizer_record` stored."""
+    specials = {role: value for role, value in record.items() if role != "tokenizer_json"}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(record["tokenizer_json"]),
+        model_input_names=["input_ids", "attention_mask"],
+        **specials,
+    )
+
+
 def load_tokenizer_dir(path: str | Path, field_name: str) -> PreTrainedTokenizerBase:
-    """A tokenizer saved with `save_pretrained` in a local directory; errors name `field_name`."""
+    """A tokenizer saved with `save_pretrained` in a local directory, or the one stored in a kit
+    ``.ckpt`` file (every checkpoint of ``fit`` carries its tokenizer); errors name `field_name`."""
     from midus.hf_import import load_hf_tokenizer
+
+    if Path(path).is_file():
+        from midus.upscale.sources import checkpoint_tokenizer, read_kit_checkpoint
+
+        tokenizer = checkpoint_tokenizer(read_kit_checkpoint(path, field_name))
+        if tokenizer is None:
+            raise ValueError(f"{field_name}: checkpoint {str(path)!r} stores no tokenizer (written before the kit kept one)")
+        return tokenizer
 
     try:
         return load_hf_tokenizer(path)

@@ -7,6 +7,7 @@ metrics, the optimizer and schedule, throughput logging and the knowledge-recall
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections import defaultdict
@@ -23,7 +24,8 @@ from midus.text.recall_probe import greedy_recall_hits
 from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
-from midus.upscale.sources import MODEL_CONFIG_KEY
+from midus.text.tokenizers import tokenizer_record
+from midus.upscale.sources import MODEL_CONFIG_KEY, TOKENIZER_KEY
 
 
 
@@ -97,6 +99,23 @@ class CausalLM(pl.LightningModule):
         # The resolved architecture: an up-scaled (or imported) model reloads without its base.
         # Plain data, so the checkpoint stays loadable with torch.load(weights_only=True).
         checkpoint[MODEL_CONFIG_KEY] = dataclasses.asdict(self.model.config)
+        # The tokenizer too, so evaluation (lm-eval, perplexity on other text) needs only the file.
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        record = tokenizer_record(tokenizer) if tokenizer is not None else None
+        if record is not None:
+            checkpoint[TOKENIZER_KEY] = record
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # validate/test --ckpt_path with other data: a retrained tokenizer would score garbage.
+        stored = checkpoint.get(TOKENIZER_KEY)
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if isinstance(stored, dict) and tokenizer is not None:
+            ours = tokenizer_record(tokenizer)
+            if ours is not None and json.loads(ours["tokenizer_json"])["model"] != json.loads(stored["tokenizer_json"])["model"]:
+                raise ValueError(
+                    "data: the data's tokenizer is not the one this checkpoint was trained with; evaluate other "
+                    "text with the checkpoint's own tokenizer: data.tokenizer=hf and data.tokenizer_path=<the .ckpt>"
+                )
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         ids = batch["input_ids"]

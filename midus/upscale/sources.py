@@ -12,11 +12,14 @@ import zipfile
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from midus.model.config import ModelConfig
 from midus.model.transformer import MidusLM
+from midus.text.tokenizers import tokenizer_from_record
 
 MODEL_CONFIG_KEY = "midus_model_config"
+TOKENIZER_KEY = "midus_tokenizer"
 STATE_PREFIX = "model."
 
 
@@ -39,26 +42,37 @@ def load_base(path: str, made_by: str = "", field_name: str = "model.upscale.bas
     return load_kit_checkpoint(location, field_name)
 
 
-def load_kit_checkpoint(path: Path, field_name: str = "checkpoint") -> MidusLM:
-    """Rebuild the `MidusLM` of a Lightning checkpoint written by the kit's `CausalLM`."""
+def read_kit_checkpoint(path: str | Path, field_name: str = "checkpoint") -> dict:
+    """The raw dictionary of a Lightning checkpoint written by the kit's `CausalLM`.
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        ValueError: a file that is not a checkpoint, or one not written by the kit.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{field_name}: {str(path)!r} is not a file (expected a .ckpt written by fit)")
     try:
-        # The config is a pickled dataclass, so this is not a weights-only load: only open
-        # checkpoints you trust, as with any Lightning checkpoint.
+        # The config is plain data, but older Lightning extras may not be: not a weights-only
+        # load, so only open checkpoints you trust, as with any Lightning checkpoint.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as error:
         raise ValueError(f"{field_name}: {str(path)!r} is not a readable checkpoint ({error})") from None
-    config = checkpoint.get(MODEL_CONFIG_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(config, dict):
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(MODEL_CONFIG_KEY), dict):
         raise ValueError(
             f"{field_name}: {str(path)!r} was not written by the kit's fit (it has no {MODEL_CONFIG_KEY!r}); "
             "give a kit .ckpt or a Hugging Face model directory"
         )
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path, field_name: str = "checkpoint") -> MidusLM:
+    """Rebuild the `MidusLM` of a checkpoint `read_kit_checkpoint` returned."""
     state = {
         name[len(STATE_PREFIX):]: value for name, value in checkpoint.get("state_dict", {}).items()
         if name.startswith(STATE_PREFIX)
     }
     try:
-        model = MidusLM(ModelConfig(**config))
+        model = MidusLM(ModelConfig(**checkpoint[MODEL_CONFIG_KEY]))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{field_name}: {str(path)!r} holds an invalid model config ({error})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -68,3 +82,14 @@ def load_kit_checkpoint(path: Path, field_name: str = "checkpoint") -> MidusLM:
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     return model
+
+
+def checkpoint_tokenizer(checkpoint: dict) -> PreTrainedTokenizerFast | None:
+    """The tokenizer stored in a kit checkpoint (None in checkpoints written before it was kept)."""
+    record = checkpoint.get(TOKENIZER_KEY)
+    return tokenizer_from_record(record) if isinstance(record, dict) else None
+
+
+def load_kit_checkpoint(path: Path, field_name: str = "checkpoint") -> MidusLM:
+    """Rebuild the `MidusLM` of a Lightning checkpoint written by the kit's `CausalLM`."""
+    return model_from_checkpoint(read_kit_checkpoint(path, field_name), path, field_name)

@@ -1,0 +1,1 @@
+"""Analyses of trained checkpoints (head importance, fixed retrieval, memory usage)."""

@@ -76,6 +76,10 @@ class ProductKeys(nn.Module):
         self.register_buffer("pair_rows", rows, persistent=False)
         self.register_buffer("pair_cols", cols, persistent=False)
         self.usage: SlotUsage | None = None  # set by `memory_usage.start_tracking` during validation
+        # (H,) factors on each head's retrieval weights, set by analyses (head ablation, and
+        # gradient × activation through a gate that requires grad). A plain attribute, not a
+        # parameter or buffer, so state_dicts and optimizers never see it; None skips it.
+        self.head_gate: torch.Tensor | None = None
 
     @property
     def n_slots(self) -> int:
@@ -103,6 +107,10 @@ class ProductKeys(nn.Module):
         weights = torch.softmax(best.float(), dim=-1)
         if self.usage is not None:
             self.usage.record(slots, weights)
+        if self.head_gate is not None:
+            # After recording, so usage describes retrieval itself. A zero gate zeroes head h's
+            # read in every layout (its HIVE latent, its concat slice, its term of a sum).
+            weights = weights * self.head_gate.to(weights)[:, None]  # (H, 1) over (..., H, k)
         return weights, slots
 
 

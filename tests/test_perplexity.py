@@ -26,7 +26,10 @@ def other_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def text_override(text: Path, checkpoint: Path) -> list[str]:
+    """Score `text` with the checkpoint's tokenizer, logging nowhere near the training run."""
     return [
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(text.parent / "eval"),  # where validate saves its config.yaml
         "--data.source", "files",
         "--data.train_files", f"[{text}]",
         "--data.val_files", f"[{text}]",
@@ -42,7 +45,7 @@ def test_validate_reports_perplexity_of_other_text_with_the_checkpoints_tokenize
     run_config = tiny_memory_run.parents[1] / "config.yaml"
     cli = main([
         "validate", "--config", str(run_config), "--ckpt_path", str(tiny_memory_run),
-        "--trainer.logger", "false", *text_override(other_text, tiny_memory_run),
+        *text_override(other_text, tiny_memory_run),
     ])
     metrics = cli.trainer.callback_metrics
     assert metrics["val/ppl"].item() == pytest.approx(math.exp(metrics["val/loss"].item()), rel=1e-5)
@@ -74,6 +77,6 @@ def test_validate_refuses_a_tokenizer_other_than_the_checkpoints(tiny_memory_run
     with pytest.raises(ValueError, match="data.tokenizer_path=<the .ckpt>"):
         main([
             "validate", "--config", str(run_config), "--ckpt_path", str(tiny_memory_run), "--trainer.logger", "false",
-            "--data.source", "files", "--data.train_files", f"[{other_text}]", "--data.bpe_vocab_size", "300",
+            "--trainer.default_root_dir", str(other_text.parent / "eval"), "--data.source", "files", "--data.train_files", f"[{other_text}]", "--data.bpe_vocab_size", "300",
             "--data.cache_dir", str(tiny_cache),
         ])

@@ -57,12 +57,26 @@ def read_kit_checkpoint(path: str | Path, field_name: str = "checkpoint") -> dic
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as error:
         raise ValueError(f"{field_name}: {str(path)!r} is not a readable checkpoint ({error})") from None
+    if isinstance(checkpoint, dict) and not isinstance(checkpoint.get(MODEL_CONFIG_KEY), dict):
+        legacy = _from_scratch_config(checkpoint)
+        if legacy is not None:
+            checkpoint[MODEL_CONFIG_KEY] = legacy
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(MODEL_CONFIG_KEY), dict):
         raise ValueError(
             f"{field_name}: {str(path)!r} was not written by the kit's fit (it has no {MODEL_CONFIG_KEY!r}); "
             "give a kit .ckpt or a Hugging Face model directory"
         )
     return checkpoint
+
+
+def _from_scratch_config(checkpoint: dict) -> dict | None:
+    """The model config of a checkpoint written before the kit stored it: a from-scratch run's
+    hyperparameters hold it as given (an up-scaled or imported model's do not, so: None)."""
+    hyper = checkpoint.get("hyper_parameters")
+    if not isinstance(hyper, dict) or hyper.get("pretrained") or "upscale" in hyper:
+        return None
+    config = hyper.get("config")
+    return config if isinstance(config, dict) and config.get("vocab_size") else None
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path, field_name: str = "checkpoint") -> MidusLM:

@@ -147,6 +147,26 @@ def test_base_sources_fail_with_one_clear_error(tmp_path: Path) -> None:
         load_base(str(empty_hf))
 
 
+def test_checkpoints_from_before_the_config_was_stored_load_only_when_unambiguous(tmp_path: Path) -> None:
+    """Issue-3 runs kept the architecture only in the hyperparameters; for a from-scratch run
+    that is the model, for an up-scaled one it is not (the surgery changed it)."""
+    import dataclasses
+
+    config = ModelConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, memory_layers=[1], memory_branch="hml")
+    model = MidusLM(config)
+    state = {f"model.{name}": value for name, value in model.state_dict().items()}
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"hyper_parameters": {"config": dataclasses.asdict(config), "pretrained": ""}, "state_dict": state}, legacy)
+    reloaded = load_base(str(legacy))
+    ids = torch.randint(0, 40, (1, 6))
+    assert torch.equal(reloaded(ids), model(ids))
+    upscaled = tmp_path / "legacy_upscaled.ckpt"
+    hyper = {"config": dataclasses.asdict(config), "pretrained": "", "upscale": {"method": "midus"}}
+    torch.save({"hyper_parameters": hyper, "state_dict": state}, upscaled)
+    with pytest.raises(ValueError, match=r"was not written by the kit's fit"):
+        load_base(str(upscaled))
+
+
 @pytest.mark.parametrize("settings", [{"method": "dus_solar", "drop": 1}, {"method": "dus_interleave", "every": 2}])
 def test_a_dus_model_exports_to_hugging_face_with_identical_logits(settings: dict, tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM

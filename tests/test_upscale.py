@@ -157,9 +157,11 @@ def test_checkpoints_from_before_the_config_was_stored_load_only_when_unambiguou
     state = {f"model.{name}": value for name, value in model.state_dict().items()}
     legacy = tmp_path / "legacy.ckpt"
     torch.save({"hyper_parameters": {"config": dataclasses.asdict(config), "pretrained": ""}, "state_dict": state}, legacy)
-    reloaded = load_base(str(legacy))
     ids = torch.randint(0, 40, (1, 6))
-    assert torch.equal(reloaded(ids), model(ids))
+    assert torch.equal(load_base(str(legacy))(ids), model(ids))
+    as_dataclass = tmp_path / "config_as_dataclass.ckpt"  # issue-4 runs stored the dataclass itself
+    torch.save({"midus_model_config": config, "state_dict": state}, as_dataclass)
+    assert torch.equal(load_base(str(as_dataclass))(ids), model(ids))
     upscaled = tmp_path / "legacy_upscaled.ckpt"
     hyper = {"config": dataclasses.asdict(config), "pretrained": "", "upscale": {"method": "midus"}}
     torch.save({"hyper_parameters": hyper, "state_dict": state}, upscaled)

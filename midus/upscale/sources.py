@@ -7,6 +7,7 @@ can itself be up-scaled again.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import zipfile
 from pathlib import Path
@@ -57,6 +58,9 @@ def read_kit_checkpoint(path: str | Path, field_name: str = "checkpoint") -> dic
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as error:
         raise ValueError(f"{field_name}: {str(path)!r} is not a readable checkpoint ({error})") from None
+    if isinstance(checkpoint, dict) and dataclasses.is_dataclass(checkpoint.get(MODEL_CONFIG_KEY)):
+        # Written while the config was stored as the dataclass itself (issue-4 runs).
+        checkpoint[MODEL_CONFIG_KEY] = dataclasses.asdict(checkpoint[MODEL_CONFIG_KEY])
     if isinstance(checkpoint, dict) and not isinstance(checkpoint.get(MODEL_CONFIG_KEY), dict):
         legacy = _from_scratch_config(checkpoint)
         if legacy is not None:

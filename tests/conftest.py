@@ -24,6 +24,21 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_help_docstrings():
+    """Skip parsing field docstrings in in-process CLI runs.
+
+    They only make ``--help`` text (tested in a subprocess, which keeps them) and cost about
+    3 s per in-process ``midus.cli.main`` call.
+    """
+    import midus.cli  # noqa: F401 -- sets the kit's parsing settings first, which this overrides
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=False)
+    yield
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tokenizer cache for the whole session, so BPE training happens once per corpus."""

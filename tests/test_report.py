@@ -38,16 +38,10 @@ def fit_arm(save_dir: Path, cache: Path, arm: str, n_layers: int, batch_size: in
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Path:
     """A real two-arm experiment folder (two tiny fits), shared by this module's tests: do not modify it."""
-    from jsonargparse import set_parsing_settings
 
     save_dir = tmp_path_factory.mktemp("runs")
-    # Field docstrings only make --help text; parsing them costs ~3 s per in-process CLI.
-    set_parsing_settings(docstring_parse_attribute_docstrings=False)
-    try:
-        for arm, n_layers, batch_size in ARMS:
-            fit_arm(save_dir, tiny_cache, arm, n_layers, batch_size)
-    finally:
-        set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as midus.cli sets it
+    for arm, n_layers, batch_size in ARMS:
+        fit_arm(save_dir, tiny_cache, arm, n_layers, batch_size)
     return save_dir / "tiny"
 
 

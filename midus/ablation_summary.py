@@ -20,16 +20,17 @@ from midus.training.run_summary import FILENAME
 MIB = 2**20
 
 
+def value_at(record: dict[str, Any] | None, dotted: str) -> Any:
+    """``record["a"]["b"]`` for ``"a.b"`` of a nested summary record, None where any part is missing."""
+    value: Any = record
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def _key(path: str) -> Callable[[dict[str, Any]], Any]:
     """A reader of ``a.b.c`` from a nested summary record (None where absent)."""
-
-    def read(record: dict[str, Any]) -> Any:
-        value: Any = record
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return value
-
-    return read
+    return lambda record: value_at(record, path)
 
 
 def _scaled(path: str, factor: float) -> Callable[[dict[str, Any]], Any]:

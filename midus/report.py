@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from midus.ablation_summary import COLUMNS, ArmRow, Column, markdown_table
+from midus.ablation_summary import COLUMNS, ArmRow, Column, markdown_table, value_at
 from midus.training.run_summary import FILENAME, VAL_METRICS
 
 EVENTS_GLOB = "events.out.tfevents.*"
@@ -57,14 +57,6 @@ class Arm:
     status: str
     sources: list[str] = field(default_factory=list)
     summary: dict[str, Any] | None = None
-
-
-def value_at(record: dict[str, Any] | None, dotted: str) -> Any:
-    """``record["a"]["b"]`` for ``"a.b"``, None where any part is missing."""
-    value: Any = record
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def read_scalars(arm_dir: Path) -> dict[str, Series]:

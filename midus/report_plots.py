@@ -11,7 +11,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from midus.report import Arm, tokens_at, value_at
+from midus.ablation_summary import value_at
+from midus.report import Arm, tokens_at
 
 MARKERS = "osD^vP*Xh<>p"
 

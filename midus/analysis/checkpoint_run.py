@@ -22,6 +22,7 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 
 from midus.model.transformer import MidusLM
+from midus.text.tokenizers import same_vocabulary
 from midus.training.data_module import LanguageModelingData
 from midus.upscale.sources import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
 
@@ -40,6 +41,8 @@ class CheckpointRun:
     data: LanguageModelingData
     args: Namespace
     """The parsed command line (the analysis's own options included)."""
+    step: int
+    """The training step the checkpoint was saved at (TensorBoard images are filed under it)."""
 
 
 def run_dir_of(checkpoint_path: Path) -> Path:
@@ -123,7 +126,7 @@ def load_checkpoint_run(parser: ArgumentParser, args: list[str]) -> CheckpointRu
     parsed = parser.parse_args(["--data", yaml.safe_dump(section), *args])
     data = parser.instantiate_classes(Namespace(data=parsed.data)).data
     stored = checkpoint_tokenizer(checkpoint)
-    if stored is not None and stored.get_vocab() != data.tokenizer.get_vocab():
+    if stored is not None and not same_vocabulary(stored, data.tokenizer):
         raise ValueError(
             "data: its tokenizer is not the one the checkpoint was trained with; "
             f"add --data.tokenizer hf --data.tokenizer_path {checkpoint_path}"
@@ -135,7 +138,8 @@ def load_checkpoint_run(parser: ArgumentParser, args: list[str]) -> CheckpointRu
         )
     run_dir = run_dir_of(Path(checkpoint_path))
     out_dir = Path(parsed.out_dir) if parsed.out_dir else run_dir / "analysis"
-    return CheckpointRun(Path(checkpoint_path), run_dir, out_dir, model, data, parsed)
+    step = int(checkpoint.get("global_step") or 0)
+    return CheckpointRun(Path(checkpoint_path), run_dir, out_dir, model, data, parsed, step)
 
 
 def fail_cleanly(error: Exception) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
@@ -119,16 +118,6 @@ def figure_pixels(fig: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def checkpoint_step(checkpoint_path: Path) -> int:
-    """The training step a checkpoint was saved at (0 when it does not say).
-
-    Memory-mapped, so only the small pickled dictionary is read, not the weights.
-    """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-    step = checkpoint.get("global_step", 0) if isinstance(checkpoint, dict) else 0
-    return int(step) if isinstance(step, int) else 0
 
 
 def write_figure(fig: Figure, png_path: Path, run_dir: Path, tag: str, step: int) -> None:

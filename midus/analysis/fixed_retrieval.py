@@ -19,7 +19,7 @@ import torch
 from jsonargparse import DefaultHelpFormatter
 
 from midus.analysis.checkpoint_run import analysis_parser, fail_cleanly, load_checkpoint_run
-from midus.analysis.figures import checkpoint_step, new_figure, write_figure
+from midus.analysis.figures import new_figure, write_figure
 from midus.analysis.value_realisations import (
     REALISATIONS, CachedPrefix, FixedRetrievalBlock, Realisation, Recording, RetrievalFeed, batched,
     build_realisation, loss_of, mean_loss, record, token_mean, value_parameters,
@@ -256,7 +256,7 @@ def run(args: list[str]) -> list[dict]:
         reported.append(lowest_train_loss(fits[-len(rates):]))
     rows = write_outputs(loaded.out_dir, fits, reported, zero, checkpoint)
     png = loaded.out_dir / "fixed_retrieval.png"
-    write_figure(draw_curves(reported, zero, checkpoint), png, loaded.run_dir, TAG, checkpoint_step(loaded.checkpoint_path))
+    write_figure(draw_curves(reported, zero, checkpoint), png, loaded.run_dir, TAG, loaded.step)
     print((loaded.out_dir / "fixed_retrieval.md").read_text(encoding="utf-8"))
     print(f"written to {loaded.out_dir}")
     return rows

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from midus.analysis.checkpoint_run import analysis_parser, fail_cleanly, load_checkpoint_run
-from midus.analysis.figures import checkpoint_step, decimal_format, draw_heatmap, new_figure, write_figure
+from midus.analysis.figures import decimal_format, draw_heatmap, new_figure, write_figure
 from midus.analysis.memory_report import memory_keys_of, validation_batches, write_csv
 from midus.branches.product_keys import ProductKeys
 
@@ -187,7 +187,7 @@ def main(args: list[str]) -> None:
     rows = result.rows()
     csv_path, png_path = run.out_dir / "head_importance.csv", run.out_dir / "head_importance.png"
     write_csv(rows, csv_path, FIELDS)
-    write_figure(draw_head_importance(result), png_path, run.run_dir, TAG, checkpoint_step(run.checkpoint_path))
+    write_figure(draw_head_importance(result), png_path, run.run_dir, TAG, run.step)
     print(f"head importance of {run.checkpoint_path} over {result.tokens:,} validation tokens; "
           f"baseline loss {result.baseline_loss:.4f}")
     print(f"{'block':>5} {'head':>4} {'loss_increase':>13} {'grad_x_act':>10} {'normalised':>10}")

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from midus.analysis.checkpoint_run import CheckpointRun, analysis_parser, fail_cleanly, load_checkpoint_run
-from midus.analysis.figures import checkpoint_step, draw_count_histograms, draw_heatmap, new_figure, write_figure
+from midus.analysis.figures import draw_count_histograms, draw_heatmap, new_figure, write_figure
 from midus.branches.memory_usage import SlotUsage, product_key_modules, start_tracking, stop_tracking
 from midus.branches.product_keys import ProductKeys
 from midus.training.data_module import LanguageModelingData
@@ -194,7 +194,7 @@ def main(args: list[str]) -> None:
     rows = usage_rows(usages, tokens)
     csv_path, png_path = run.out_dir / "memory_usage.csv", run.out_dir / "memory_usage.png"
     write_csv(rows, csv_path, FIELDS)
-    write_figure(draw_memory_usage(usages, keys, tokens), png_path, run.run_dir, TAG, checkpoint_step(run.checkpoint_path))
+    write_figure(draw_memory_usage(usages, keys, tokens), png_path, run.run_dir, TAG, run.step)
     print(f"memory usage of {run.checkpoint_path} over {tokens:,} validation tokens")
     print(f"{'block':>5} {'head':>4} {'usage':>7} {'kl_uniform':>10} {'entropy':>7} {'never_read':>10} {'max_reads':>9}")
     for row in rows:

@@ -82,6 +82,11 @@ def tokenizer_from_record(record: dict[str, str]) -> PreTrainedTokenizerFast:
     )
 
 
+def same_vocabulary(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers give the same ids to the same tokens (added tokens included)."""
+    return first.get_vocab() == second.get_vocab()
+
+
 def load_tokenizer_dir(path: str | Path, field_name: str) -> PreTrainedTokenizerBase:
     """A tokenizer saved with `save_pretrained` in a local directory, or the one stored in a kit
     ``.ckpt`` file (every checkpoint of ``fit`` carries its tokenizer); errors name `field_name`."""

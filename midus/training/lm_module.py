@@ -7,7 +7,6 @@ metrics, the optimizer and schedule, throughput logging and the knowledge-recall
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections import defaultdict
@@ -24,8 +23,8 @@ from midus.text.recall_probe import greedy_recall_hits
 from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
-from midus.text.tokenizers import tokenizer_record
-from midus.upscale.sources import MODEL_CONFIG_KEY, TOKENIZER_KEY
+from midus.text.tokenizers import same_vocabulary, tokenizer_record
+from midus.upscale.sources import MODEL_CONFIG_KEY, TOKENIZER_KEY, checkpoint_tokenizer
 
 
 
@@ -107,15 +106,13 @@ class CausalLM(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # validate/test --ckpt_path with other data: a retrained tokenizer would score garbage.
-        stored = checkpoint.get(TOKENIZER_KEY)
+        stored = checkpoint_tokenizer(checkpoint)
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
-        if isinstance(stored, dict) and tokenizer is not None:
-            ours = tokenizer_record(tokenizer)
-            if ours is not None and json.loads(ours["tokenizer_json"])["model"] != json.loads(stored["tokenizer_json"])["model"]:
-                raise ValueError(
-                    "data: the data's tokenizer is not the one this checkpoint was trained with; evaluate other "
-                    "text with the checkpoint's own tokenizer: data.tokenizer=hf and data.tokenizer_path=<the .ckpt>"
-                )
+        if stored is not None and tokenizer is not None and not same_vocabulary(stored, tokenizer):
+            raise ValueError(
+                "data: the data's tokenizer is not the one this checkpoint was trained with; evaluate other "
+                "text with the checkpoint's own tokenizer: data.tokenizer=hf and data.tokenizer_path=<the .ckpt>"
+            )
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         ids = batch["input_ids"]

@@ -20,6 +20,7 @@ their recorded output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from midus.branches.ffn import SwiGLUFeedForward
 from midus.branches.hml import HeadwiseMemory
-from midus.branches.value_lookup import MemoryValues
+from midus.model.config import ModelConfig
 from midus.model.memory_block import MemoryBlock
 from midus.model.transformer import MidusLM
 
@@ -47,10 +49,12 @@ class MemoryShape:
     n_slots: int
     latent_dim: int
     combine: str
+    model_config: ModelConfig = field(compare=False)
+    """The checkpoint's model config: realisations are the kit's own modules built from it."""
 
     @classmethod
-    def of(cls, branch: HeadwiseMemory, d_model: int, latent_dim: int) -> "MemoryShape":
-        return cls(branch.n_heads, branch.head_dim, d_model, branch.n_slots, latent_dim, branch.combine)
+    def of(cls, branch: HeadwiseMemory, config: ModelConfig) -> "MemoryShape":
+        return cls(branch.n_heads, branch.head_dim, config.d_model, branch.n_slots, config.memory.latent_dim, branch.combine, config)
 
     @property
     def out_width(self) -> int:
@@ -80,60 +84,34 @@ class Realisation(nn.Module):
     """Needs the block's attention heads (then the frozen attention runs; it is skipped otherwise)."""
 
 
-class HiveValues(Realisation):
-    """HIVE: one latent bank pooled with the retrieval weights, then a projection per head."""
-
-    def __init__(self, shape: MemoryShape) -> None:
-        super().__init__()
-        self.combine = shape.combine
-        # HML's own initialisation: U at zero (output starts at zero), P_h random at unit scale.
-        self.values = MemoryValues(shape.n_slots, shape.latent_dim, zero_init=True)
-        self.head_proj = nn.Parameter(torch.randn(shape.n_heads, shape.latent_dim, shape.out_width) * shape.latent_dim**-0.5)
-
-    def forward(self, weights, slots, normed, heads):
-        # The same operations as HeadwiseMemory.forward, so trained U and P_h reproduce it exactly.
-        latent = self.values(slots, weights)  # (batch, time, H, d_l)
-        if self.combine == "concat":
-            return torch.einsum("bthl,hlo->btho", latent, self.head_proj.to(latent.dtype)).flatten(-2)
-        return latent.flatten(-2) @ self.head_proj.flatten(0, 1).to(latent.dtype)
-
-
-class TableValues(Realisation):
-    """Explicit value tables: one per head (``per_head``) or one read by every head (``shared``)."""
+class HeadwiseValues(Realisation):
+    """HML's values in one layout (``hive``, ``per_head`` or ``shared``), fresh as HML initialises
+    them (values at zero), read through `HeadwiseMemory.read`: the method's own code path."""
 
     def __init__(self, shape: MemoryShape, layout: str) -> None:
         super().__init__()
-        self.layout, self.n_heads, self.n_slots, self.combine = layout, shape.n_heads, shape.n_slots, shape.combine
-        tables = shape.n_heads if layout == "per_head" else 1
-        self.values = MemoryValues(tables * shape.n_slots, shape.out_width, zero_init=True)
+        memory = dataclasses.replace(shape.model_config.memory, values=layout, zero_init_values=True)
+        self.memory = HeadwiseMemory(dataclasses.replace(shape.model_config, memory=memory), layer_index=0)
+        del self.memory.keys  # retrieval comes recorded: sub-keys would be dead parameters
 
     def forward(self, weights, slots, normed, heads):
-        if self.layout == "per_head":
-            # Head h reads rows h·n² .. (h+1)·n² - 1 of the stacked tables (as HeadwiseMemory does).
-            slots = slots + torch.arange(self.n_heads, device=slots.device)[:, None] * self.n_slots
-        if self.combine == "sum":
-            return self.values(slots.flatten(-2), weights.flatten(-2))
-        return self.values(slots, weights).flatten(-2)
+        return self.memory.read(weights, slots)
 
 
 class DenseFeedForward(Realisation):
-    """A SwiGLU FFN that ignores retrieval; reads attn_norm(x), or the heads when `reads_heads`."""
+    """The kit's SwiGLU FFN, ignoring retrieval; reads attn_norm(x), or the heads when `reads_heads`."""
 
     def __init__(self, shape: MemoryShape, reads_heads: bool = False) -> None:
         super().__init__()
         self.reads_heads = reads_heads
-        d, hidden = shape.d_model, shape.ffn_hidden
-        self.gate_proj = nn.Linear(d, hidden, bias=False)
-        self.up_proj = nn.Linear(d, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.ffn = SwiGLUFeedForward(dataclasses.replace(shape.model_config, ffn_hidden=shape.ffn_hidden), 0)
         # Fan-in scale on the inputs (as P_h), zero output (as U): starts at the zero anchor like the tables.
-        nn.init.normal_(self.gate_proj.weight, std=d**-0.5)
-        nn.init.normal_(self.up_proj.weight, std=d**-0.5)
-        nn.init.zeros_(self.down_proj.weight)
+        nn.init.normal_(self.ffn.gate_proj.weight, std=shape.d_model**-0.5)
+        nn.init.normal_(self.ffn.up_proj.weight, std=shape.d_model**-0.5)
+        nn.init.zeros_(self.ffn.down_proj.weight)
 
     def forward(self, weights, slots, normed, heads):
-        source = heads if self.reads_heads else normed
-        return self.down_proj(F.silu(self.gate_proj(source)) * self.up_proj(source))
+        return self.ffn(heads if self.reads_heads else normed)
 
 
 class NoValues(Realisation):
@@ -144,9 +122,9 @@ class NoValues(Realisation):
 
 
 BUILDERS: dict[str, Callable[[MemoryShape], Realisation]] = {
-    "hive": HiveValues,
-    "per_head": lambda shape: TableValues(shape, "per_head"),
-    "shared": lambda shape: TableValues(shape, "shared"),
+    "hive": lambda shape: HeadwiseValues(shape, "hive"),
+    "per_head": lambda shape: HeadwiseValues(shape, "per_head"),
+    "shared": lambda shape: HeadwiseValues(shape, "shared"),
     "dense_ffn": DenseFeedForward,
     "dense_ffn_heads": lambda shape: DenseFeedForward(shape, reads_heads=True),
     "zero": lambda shape: NoValues(),
@@ -160,8 +138,8 @@ def build_realisation(name: str, shape: MemoryShape) -> Realisation:
 
 def trained_realisation(branch: HeadwiseMemory, shape: MemoryShape) -> Realisation:
     """The checkpoint's own trained values (its layout) as a realisation: HML's forward on given retrieval."""
-    realisation = HiveValues(shape) if branch.layout == "hive" else TableValues(shape, branch.layout)
-    realisation.load_state_dict({name: value for name, value in branch.state_dict().items() if not name.startswith("keys.")})
+    realisation = HeadwiseValues(shape, branch.layout)
+    realisation.memory.load_state_dict({name: value for name, value in branch.state_dict().items() if not name.startswith("keys.")})
     return realisation
 
 
@@ -294,8 +272,7 @@ def record(model: MidusLM, blocks: list[int], train_ids: list[torch.Tensor], val
     finally:
         for handle in handles:
             handle.remove()
-    config = model.config
-    shapes = {i: MemoryShape.of(model.blocks[i].branch, config.d_model, config.memory.latent_dim) for i in blocks}
+    shapes = {i: MemoryShape.of(model.blocks[i].branch, model.config) for i in blocks}
     return Recording(blocks, shapes, train, val, (train_loss, val_loss))
 
 

@@ -49,6 +49,13 @@ class HeadwiseMemory(nn.Module):
     def forward(self, heads: torch.Tensor) -> torch.Tensor:
         # heads: (batch, time, d) = concatenated a_h -> queries (batch, time, H, d_h)
         weights, slots = self.keys(heads.unflatten(-1, (self.n_heads, self.head_dim)))  # (batch, time, H, k)
+        return self.read(weights, slots)
+
+    def read(self, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The values' output for a retrieval: weights, slots (batch, time, H, k) → (batch, time, d).
+
+        Separate from `forward` so the fixed-retrieval analysis can feed recorded retrievals.
+        """
         if self.layout == "per_head":
             # Head h reads rows h·n² .. (h+1)·n² - 1 of the stacked tables.
             slots = slots + torch.arange(self.n_heads, device=slots.device)[:, None] * self.n_slots

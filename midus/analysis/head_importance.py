@@ -22,7 +22,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -30,6 +29,7 @@ from midus.analysis.checkpoint_run import analysis_parser, fail_cleanly, load_ch
 from midus.analysis.figures import decimal_format, draw_heatmap, new_figure, write_figure
 from midus.analysis.memory_report import memory_keys_of, validation_batches, write_csv
 from midus.branches.product_keys import ProductKeys
+from midus.model.transformer import next_token_loss
 
 DESCRIPTION = """Importance of every memory head of a checkpoint, measured two ways on the validation split.
 
@@ -82,7 +82,7 @@ class HeadImportance:
 
 def _summed_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    return next_token_loss(logits, targets, reduction="sum")
 
 
 def head_importance(

@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from midus.branches.ffn import SwiGLUFeedForward
 from midus.branches.hml import HeadwiseMemory
 from midus.model.config import ModelConfig
 from midus.model.memory_block import MemoryBlock
-from midus.model.transformer import MidusLM
+from midus.model.transformer import MidusLM, next_token_loss
 
 REALISATIONS = ("hive", "per_head", "shared", "dense_ffn", "dense_ffn_heads")
 """Realisations that are fitted; ``zero`` and ``checkpoint`` are the anchors."""
@@ -221,7 +220,7 @@ class Recording:
 
 def batch_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Next-token cross entropy (the training convention: logits of ids[:, :-1] against ids[:, 1:])."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.ids[:, 1:].flatten())
+    return next_token_loss(logits, batch.ids[:, 1:])
 
 
 def token_mean(losses: list[float], batches: list[Batch]) -> float:

@@ -13,12 +13,12 @@ from collections import defaultdict
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import Throughput
 from torchmetrics import MeanMetric
 
 from midus.branches.memory_usage import start_tracking, stop_tracking
 from midus.model import ModelConfig
+from midus.model.transformer import next_token_loss
 from midus.text.recall_probe import greedy_recall_hits
 from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
@@ -118,7 +118,7 @@ class CausalLM(pl.LightningModule):
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]
         logits = self.model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = next_token_loss(logits, targets)
         return loss, targets.numel()
 
     def configure_model(self) -> None:

@@ -1,0 +1,525 @@
+"""Every arm of every experiments/*.yaml builds what its header comment says it builds.
+
+test_cli.py checks that each YAML parses and instantiates on a tiny stand-in corpus; this
+file resolves each arm exactly as the ablation runner does (`load_ablation` →
+`Ablation.arm_config` → the kit's LightningCLI parser, no data preparation), builds its
+`CausalLM` at full size (vocabulary linked by hand, as the CLI's ``data.vocab_size →
+model.config.vocab_size`` link would) and checks, layer by layer, the block kinds, branches,
+value layouts and parameter counts the YAML comments and experiments/README.md quote.
+
+Expected counts are computed from the architecture's formulas below, never read back from
+the model, and the numbers the documentation quotes must equal those formulas, so a wrong
+layout or a stale comment fails. Up-scaling arms run on a random-weight base of
+pretrain_base.yaml's architecture, saved as a kit checkpoint the way `CausalLM` saves one.
+
+A new YAML or arm is discovered automatically; it fails until it has an entry in `EXPECTED`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+
+from midus.ablation import parse_command_line, parse_only, plan_arm
+from midus.ablation_config import load_ablation
+from midus.branches.ffn import SwiGLUFeedForward
+from midus.branches.hml import HeadwiseMemory
+from midus.branches.multihead_pkm import MultiHeadProductKeyMemory
+from midus.branches.pkm import ProductKeyMemory
+from midus.model import ModelConfig
+from midus.model.block import TransformerBlock
+from midus.model.memory_block import MemoryBlock
+from midus.text.sources import embedded_key
+from midus.training import CausalLM
+from midus.upscale import UpscaleConfig, load_kit_checkpoint
+from midus.upscale.sources import MODEL_CONFIG_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+BASE_YAML = EXPERIMENTS / "pretrain_base.yaml"
+
+# ---------------------------------------------------------------------------------------------
+# The architecture every YAML shares (the header comments: d 128, 4 heads of 32, 2 KV heads,
+# a 1024-token BPE, tied embeddings), and the parameter formulas of each component.
+
+V, D, H, KV = 1024, 128, 4, 2
+DH = D // H  # 32
+FFN_HIDDEN = 384  # Llama's rule: 8/3 · 128 = 341.3, rounded up to a multiple of 64
+
+
+def attention(output_projection: bool = True) -> int:
+    """q (d × d), k and v (d × kv·d_h each), o (d × d) unless a memory block drops it; no biases."""
+    return D * D + 2 * D * KV * DH + (D * D if output_projection else 0)
+
+
+def swiglu(hidden: int = FFN_HIDDEN) -> int:
+    """gate and up (d → hidden), down (hidden → d)."""
+    return 3 * D * hidden
+
+
+def product_keys(spaces: int, query_width: int, n_subkeys: int) -> int:
+    """Per space two half-key tables of n rows × query_width/2."""
+    return spaces * 2 * n_subkeys * (query_width // 2)
+
+
+def hml(values: str, n_subkeys: int, latent: int = 32) -> int:
+    """HML over the H attention heads (queries of width d_h, no query projection)."""
+    slots = n_subkeys**2
+    table = {
+        "hive": slots * latent + H * latent * DH,  # one latent bank + a latent × d_h projection per head
+        "per_head": H * slots * DH,  # one n² × d_h table per head
+        "shared": slots * DH,  # one n² × d_h table read by every head
+    }[values]
+    return table + product_keys(H, DH, n_subkeys)
+
+
+def pkm(n_subkeys: int, heads: int = 1, query_width: int = D) -> int:
+    """(Multi-head) PKM: query projection d → heads·c, a key space per head, one n² × d table."""
+    return D * heads * query_width + product_keys(heads, query_width, n_subkeys) + n_subkeys**2 * D
+
+
+def transformer_block(branch: int) -> int:
+    """x + Attn(norm x), then x + branch(norm x): two RMSNorms."""
+    return 2 * D + attention() + branch
+
+
+def memory_block(branch: int) -> int:
+    """x + branch(Attn'(norm x)): one RMSNorm, no attention output projection."""
+    return D + attention(output_projection=False) + branch
+
+
+def language_model(blocks: list[int]) -> int:
+    """Tied embedding (the head is the embedding matrix), the blocks and the final RMSNorm."""
+    return V * D + sum(blocks) + D
+
+
+T_FFN = transformer_block(swiglu())
+
+# ---------------------------------------------------------------------------------------------
+# What each layer must be.
+
+BRANCH_CLASSES = {
+    "ffn": SwiGLUFeedForward,
+    "pkm": ProductKeyMemory,
+    "multihead_pkm": MultiHeadProductKeyMemory,
+    "hml": HeadwiseMemory,
+}
+BLOCK_CLASSES = {"transformer": TransformerBlock, "memory": MemoryBlock}
+
+
+@dataclass(frozen=True)
+class Layer:
+    block: str
+    branch: str
+    params: int
+    """The block's parameter count, from the formulas."""
+    layout: Callable[[torch.nn.Module], None] | None = None
+    """Checks of the branch's value layout (shapes, sizes, initialisation)."""
+    source: tuple[str, int] | None = None
+    """Up-scaled arms: ("copy" | "zeroed" | "memory", base block index) the weights come from."""
+
+
+def ffn_layout(hidden: int = FFN_HIDDEN) -> Callable[[torch.nn.Module], None]:
+    def check(branch: torch.nn.Module) -> None:
+        assert branch.gate_proj.weight.shape == branch.up_proj.weight.shape == (hidden, D)
+        assert branch.down_proj.weight.shape == (D, hidden)
+
+    return check
+
+
+def hml_layout(values: str, n_subkeys: int, latent: int = 32, zero_values: bool = False) -> Callable[[torch.nn.Module], None]:
+    slots = n_subkeys**2
+
+    def check(branch: torch.nn.Module) -> None:
+        assert branch.layout == values and branch.combine == "concat"
+        assert (branch.n_heads, branch.head_dim, branch.n_slots) == (H, DH, slots)
+        keys = branch.keys  # one product-key space per head, queried by that head's output (width d_h)
+        assert keys.subkeys.shape == (H, 2, n_subkeys, DH // 2) and keys.topk == 16 and keys.query_norm is None
+        if values == "hive":
+            assert branch.values.weight.shape == (slots, latent)  # the latent bank
+            assert branch.head_proj.shape == (H, latent, DH)  # a latent × d_h projection per head
+        else:
+            tables = H if values == "per_head" else 1
+            assert branch.values.weight.shape == (tables * slots, DH) and branch.head_proj is None
+        assert bool((branch.values.weight == 0).all()) == zero_values
+
+    return check
+
+
+def pkm_layout(n_subkeys: int, heads: int = 1, query_width: int = D, zero_values: bool = False) -> Callable[[torch.nn.Module], None]:
+    def check(branch: torch.nn.Module) -> None:
+        assert branch.n_heads == heads
+        assert branch.query_proj.weight.shape == (heads * query_width, D)  # `heads` learned queries of width c
+        assert branch.keys.subkeys.shape == (heads, 2, n_subkeys, query_width // 2)  # a key space per query
+        assert branch.keys.topk == 16
+        assert branch.values.weight.shape == (n_subkeys**2, D)  # one table of d-wide values, shared by the heads
+        assert bool((branch.values.weight == 0).all()) == zero_values
+
+    return check
+
+
+def ffn_layer(**kw) -> Layer:
+    return Layer("transformer", "ffn", T_FFN, ffn_layout(), **kw)
+
+
+@dataclass(frozen=True)
+class Expected:
+    layers: list[Layer]
+    memory: int = 0
+    """params/memory: product-key memory branches (keys, values, query and value projections)."""
+    quoted: dict[str, int] = field(default_factory=dict)
+    """Counts the documentation quotes (YAML header, experiments/README.md): must equal the formulas."""
+    added: int | None = None
+    """params/added of an up-scaled arm (None: not up-scaled)."""
+    identity: bool | None = None
+    """Up-scaled arms: the logits at insertion equal the base's (True) or differ (False)."""
+
+    @property
+    def total(self) -> int:
+        return language_model([layer.params for layer in self.layers])
+
+
+def memory_layer(branch: str, branch_params: int, layout, **kw) -> Layer:
+    return Layer("memory", branch, memory_block(branch_params), layout, **kw)
+
+
+def t_m_t_m(branch: str, branch_params: int, layout, quoted: dict[str, int], memory: bool = True) -> Expected:
+    """A from-scratch T M T M model: memory blocks at layers 1 and 3."""
+    m = memory_layer(branch, branch_params, layout)
+    return Expected([ffn_layer(), m, ffn_layer(), m], memory=2 * branch_params if memory else 0, quoted=quoted)
+
+
+HIVE_64, PER_HEAD_64, SHARED_64 = hml("hive", 64), hml("per_head", 64), hml("shared", 64)
+PKM_64, MHPKM_64 = pkm(64), pkm(64, heads=4)
+HIVE_32, PKM_32 = hml("hive", 32), pkm(32)  # dus_vs_midus: n_subkeys 32, 1024 slots per space
+
+
+def midus(branch: str, branch_params: int, layout, quoted: dict[str, int]) -> Expected:
+    """T T M T T M: a memory block after base blocks 1 and 3, attention copied from the block before."""
+    layers = []
+    for base_index in range(4):
+        layers.append(ffn_layer(source=("copy", base_index)))
+        if base_index in (1, 3):
+            layers.append(memory_layer(branch, branch_params, layout, source=("memory", base_index)))
+    return Expected(layers, memory=2 * branch_params, added=2 * memory_block(branch_params), identity=True, quoted=quoted)
+
+
+BASE_4 = [ffn_layer() for _ in range(4)]
+
+# (YAML stem, arm): an ablation's arm by name; a single-run YAML is one arm, named None.
+EXPECTED: dict[tuple[str, str | None], Expected] = {
+    # "4 Transformer blocks, d 128, 0.9 M parameters"; experiments/README.md: 918,656.
+    ("quickstart", None): Expected(BASE_4, quoted={"total": 918_656}),
+    ("pretrain_base", None): Expected(BASE_4, quoted={"total": 918_656}),
+    # ablate_branches: the branch of the memory blocks at layers 1 and 3 of T M T M.
+    ("ablate_branches", "ffn"): t_m_t_m("ffn", swiglu(), ffn_layout(), {"total": 885_632, "memory": 0}, memory=False),
+    ("ablate_branches", "pkm"): t_m_t_m("pkm", PKM_64, pkm_layout(64), {"total": 1_688_448, "memory": 1_097_728}),
+    ("ablate_branches", "multihead_pkm"): t_m_t_m(
+        "multihead_pkm", MHPKM_64, pkm_layout(64, heads=4), {"total": 1_835_904, "memory": 1_245_184}
+    ),
+    ("ablate_branches", "hml_hive"): t_m_t_m(
+        "hml", HIVE_64, hml_layout("hive", 64), {"total": 877_440, "memory": 286_720}
+    ),
+    # ablate_hive: "Parameter budget per memory block: 143,360 / 532,480 / 139,264".
+    ("ablate_hive", "hive"): t_m_t_m(
+        "hml", HIVE_64, hml_layout("hive", 64), {"total": 877_440, "memory": 286_720, "per_block": 143_360}
+    ),
+    ("ablate_hive", "per_head"): t_m_t_m(
+        "hml", PER_HEAD_64, hml_layout("per_head", 64), {"total": 1_655_680, "memory": 1_064_960, "per_block": 532_480}
+    ),
+    ("ablate_hive", "shared"): t_m_t_m(
+        "hml", SHARED_64, hml_layout("shared", 64), {"total": 869_248, "memory": 278_528, "per_block": 139_264}
+    ),
+    # dus_vs_midus: from the 4-block base; totals, added and memory params as experiments/README.md's table.
+    ("dus_vs_midus", "base_continued"): Expected(
+        [ffn_layer(source=("copy", i)) for i in range(4)], added=0, identity=True,
+        quoted={"total": 918_656, "added": 0, "memory": 0},
+    ),
+    ("dus_vs_midus", "dus_interleave"): Expected(
+        [ffn_layer(source=(kind, i)) for i, kind in [(0, "copy"), (1, "copy"), (1, "zeroed"),
+                                                     (2, "copy"), (3, "copy"), (3, "zeroed")]],
+        added=2 * T_FFN, identity=True, quoted={"total": 1_312_384, "added": 393_728, "memory": 0},
+    ),
+    # SOLAR with drop 1: blocks 0..2 of the first copy, 1..3 of the second.
+    ("dus_vs_midus", "dus_solar"): Expected(
+        [ffn_layer(source=("copy", i)) for i in (0, 1, 2, 1, 2, 3)],
+        added=2 * T_FFN, identity=False, quoted={"total": 1_312_384, "added": 393_728, "memory": 0},
+    ),
+    ("dus_vs_midus", "midus_hml_hive"): midus(
+        "hml", HIVE_32, hml_layout("hive", 32, zero_values=True),
+        {"total": 1_066_368, "added": 147_712, "memory": 81_920},
+    ),
+    ("dus_vs_midus", "midus_pkm"): midus(
+        "pkm", PKM_32, pkm_layout(32, zero_values=True),
+        {"total": 1_287_552, "added": 368_896, "memory": 303_104},
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Resolving and building arms the way the kit does.
+
+
+def discover() -> list[tuple[str, str | None]]:
+    """Every (YAML stem, arm) under experiments/; a YAML without an ablation section is one arm (None)."""
+    found: list[tuple[str, str | None]] = []
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        ablation = load_ablation(path)
+        found += [(path.stem, arm) for arm in ablation.arms] if ablation else [(path.stem, None)]
+    return found
+
+
+ARMS = discover()
+
+
+def arm_id(key: tuple[str, str | None]) -> str:
+    return key[0] if key[1] is None else f"{key[0]}:{key[1]}"
+
+
+def merged_config(stem: str, arm: str | None) -> dict:
+    """The arm's full single-run config: `Ablation.arm_config`, or the YAML itself."""
+    path = EXPERIMENTS / f"{stem}.yaml"
+    ablation = load_ablation(path)
+    if ablation is None:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return ablation.arm_config(arm)
+
+
+@functools.cache
+def parse_arm(stem: str, arm: str | None, *extra: str):
+    """The arm's ``fit`` namespace from the kit's parser; ablation arms go through the runner's `plan_arm`.
+
+    Cached (parsing costs a tenth of a second or more): callers only read the namespace."""
+    path = EXPERIMENTS / f"{stem}.yaml"
+    if arm is None:
+        return parse_only(["fit", "--config", str(path), *extra])
+    command = parse_command_line(["fit", "--config", str(path), *extra])
+    plan = plan_arm(command, arm)  # the runner's own validation (names the arm on failure)
+    return parse_only(command.for_arm(yaml.safe_dump(plan.config, sort_keys=False)))
+
+
+def data_vocab_size(data) -> int:
+    """data.vocab_size without preparing the corpus: a kit BPE has exactly bpe_vocab_size entries.
+
+    ``tokenizer: hf`` here names a BPE the kit cached (``<corpus key>-bpe<N>``; see
+    `test_dus_vs_midus_reads_what_pretrain_base_writes`), of N entries.
+    """
+    if data.tokenizer == "bpe":
+        return data.bpe_vocab_size
+    match = re.fullmatch(r".*-bpe(\d+)", Path(data.tokenizer_path).name)
+    assert data.tokenizer == "hf" and match, f"cannot tell the vocabulary of data.tokenizer={data.tokenizer!r} without preparing data"
+    return int(match.group(1))
+
+
+def build(parsed) -> CausalLM:
+    """The `CausalLM` the CLI would instantiate from `parsed`, with the data's vocabulary linked in."""
+    arguments = parsed.model.as_dict()
+    # What MidusCLI's link data.vocab_size -> model.config.vocab_size does at instantiation.
+    config = ModelConfig(**{**arguments.pop("config"), "vocab_size": data_vocab_size(parsed.data)})
+    upscale = UpscaleConfig(**arguments.pop("upscale"))
+    torch.manual_seed(0)
+    return CausalLM(config=config, upscale=upscale, **arguments).eval()
+
+
+def input_ids(vocab_size: int = V) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@dataclass
+class Base:
+    checkpoint: Path
+    module: CausalLM
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
+    """A random-weight pretrain_base.yaml model, saved as `CausalLM.on_save_checkpoint` saves it."""
+    module = build(parse_arm("pretrain_base", None))
+    with torch.no_grad():  # norms start at one: give every weight a value, so copies are checkable
+        for parameter in module.model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    path = tmp_path_factory.mktemp("pretrain_base") / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), MODEL_CONFIG_KEY: dataclasses.asdict(module.model.config)}, path)
+    return Base(path, module)
+
+
+def build_arm(stem: str, arm: str | None, base: Base | None) -> CausalLM:
+    upscale = (merged_config(stem, arm).get("model") or {}).get("upscale") or {}
+    extra = ["--model.upscale.base_checkpoint", str(base.checkpoint)] if upscale.get("base_checkpoint") else []
+    return build(parse_arm(stem, arm, *extra))
+
+
+def identity_by_settings(settings: UpscaleConfig) -> bool:
+    """Whether the kit documents the up-scaling as identical at insertion (README's table)."""
+    return {
+        "none": True,
+        "dus_interleave": True,
+        "dus_top": settings.zero_init_copies,
+        "midus": settings.memory.zero_init_values,
+    }.get(settings.method, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests.
+
+
+def test_every_expectation_names_an_existing_arm() -> None:
+    stale = sorted(map(arm_id, set(EXPECTED) - set(ARMS)))
+    assert not stale, f"EXPECTED lists arms no experiments/*.yaml has: {stale}"
+
+
+def test_quoted_counts_match_the_formulas() -> None:
+    """The documented numbers are what the architecture's formulas give (checked without building)."""
+    for key, expected in EXPECTED.items():
+        computed = {"total": expected.total, "memory": expected.memory, "added": expected.added}
+        if "per_block" in expected.quoted:
+            computed["per_block"] = expected.memory // 2
+        for name, value in expected.quoted.items():
+            assert computed[name] == value, f"{arm_id(key)}: documented {name} {value:,}, formulas give {computed[name]:,}"
+    # "0.9 M parameters" (quickstart, pretrain_base); "ffn hidden 384"; "3.7× HIVE" (ablate_hive).
+    assert round(EXPECTED[("quickstart", None)].total / 1e6, 1) == 0.9
+    assert ModelConfig(vocab_size=V, d_model=D).ffn_width == FFN_HIDDEN
+    assert round(PER_HEAD_64 / HIVE_64, 1) == 3.7
+    # dus_vs_midus.yaml: "1024 slots per head: a memory block adds ~1/3 of what a copied block adds"
+    # (the default branch, hml + hive: 73,856 / 196,864 = 0.375).
+    assert abs(memory_block(HIVE_32) / T_FFN - 1 / 3) < 0.05
+
+
+@pytest.mark.parametrize("key", ARMS, ids=map(arm_id, ARMS))
+def test_arm_builds_what_its_comment_claims(key: tuple[str, str | None], base: Base) -> None:
+    stem, arm = key
+    module = build_arm(stem, arm, base)
+    model = module.model
+    settings = UpscaleConfig(**(merged_config(stem, arm).get("model") or {}).get("upscale", {}))
+    upscaled = settings.enabled
+    if upscaled:
+        # Whatever the arm, an up-scaling the kit documents as an identity must be one.
+        logits_equal = _logits_equal(model, base.module.model)
+        assert logits_equal == identity_by_settings(settings), f"{arm_id(key)}: identical at insertion: {logits_equal}"
+    expected = EXPECTED.get(key)
+    if expected is None:
+        pytest.fail(
+            f"{arm_id(key)} has no expectations: add EXPECTED[{key!r}] to tests/test_experiment_arms.py "
+            f"(it builds {[(s.block, s.branch) for s in model.config.stack]}, {model.num_parameters():,} parameters)"
+        )
+
+    # Block kind and branch per layer: in the config and in the modules built from it.
+    assert [(spec.block, spec.branch) for spec in model.config.stack] == [(l.block, l.branch) for l in expected.layers]
+    assert len(model.blocks) == len(expected.layers)
+    assert (model.config.d_model, model.config.n_heads, model.config.kv_heads, model.config.head_dim) == (D, H, KV, DH)
+    assert model.config.vocab_size == V and model.config.tie_embeddings and model.lm_head.weight is model.embed.weight
+    for index, (block, layer) in enumerate(zip(model.blocks, expected.layers)):
+        where = f"{arm_id(key)}: block {index}"
+        assert type(block) is BLOCK_CLASSES[layer.block], where
+        assert type(block.branch) is BRANCH_CLASSES[layer.branch], where  # exact: PKM subclasses multi-head PKM
+        if layer.block == "memory":
+            # M = x + branch(Attn'(norm x)): no output projection, no internal residual.
+            assert block.attn.o_proj is None and not block.internal_residual, where
+        if layer.layout is not None:
+            layer.layout(block.branch)
+        assert sum(p.numel() for p in block.parameters()) == layer.params, where
+
+    # Parameter counts, as CausalLM.on_fit_start logs them (params/total, trainable, memory, added).
+    assert model.num_parameters() == expected.total
+    assert model.num_parameters(trainable_only=True) == expected.total  # everything trains (trainable: all)
+    assert model.num_memory_parameters() == expected.memory
+    assert module.added_parameters == (expected.added or 0)
+    assert upscaled == (expected.added is not None)
+    if upscaled:
+        assert module.base_parameters == base.module.model.num_parameters()
+        assert logits_equal == expected.identity
+        _check_weights_come_from_their_source(model, base.module.model, expected.layers)
+
+
+def _logits_equal(model: torch.nn.Module, base_model: torch.nn.Module) -> bool:
+    ids = input_ids()
+    with torch.no_grad():
+        return torch.equal(model.eval()(ids), base_model.eval()(ids))
+
+
+def _check_weights_come_from_their_source(model, base_model, layers: list[Layer]) -> None:
+    base_state = base_model.state_dict()
+    for name in ("embed.weight", "norm.weight"):
+        assert torch.equal(model.state_dict()[name], base_state[name])
+    for index, layer in enumerate(layers):
+        kind, source = layer.source
+        for name, value in model.blocks[index].state_dict().items():
+            original = base_state[f"blocks.{source}.{name}"] if f"blocks.{source}.{name}" in base_state else None
+            if kind == "copy":
+                assert torch.equal(value, original), f"block {index}: {name} is not base block {source}'s"
+            elif kind == "zeroed":  # LLaMA Pro: only the two projections into the residual stream are zero
+                if name in ("attn.o_proj.weight", "branch.down_proj.weight"):
+                    assert not value.any(), f"block {index}: {name} is not zeroed"
+                else:
+                    assert torch.equal(value, original), f"block {index}: {name} is not base block {source}'s"
+            elif name.startswith(("attn_norm.", "attn.")):  # a memory block: attention copied (attn_init: copy)
+                assert torch.equal(value, original), f"block {index}: {name} is not base block {source}'s"
+
+
+def test_the_base_checkpoint_reads_back_as_the_base(base: Base) -> None:
+    model = load_kit_checkpoint(base.checkpoint)
+    assert model.config == base.module.model.config
+    assert _logits_equal(model, base.module.model)
+
+
+def test_pretrain_base_is_the_quickstart_model() -> None:
+    """pretrain_base.yaml: "the quickstart model (4 Transformer blocks, d 128, 0.9 M parameters)"."""
+    quickstart, pretrain = parse_arm("quickstart", None), parse_arm("pretrain_base", None)
+    assert quickstart.model.config.as_dict() == pretrain.model.config.as_dict()
+    assert data_vocab_size(quickstart.data) == data_vocab_size(pretrain.data) == V
+
+
+def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
+    """Its base checkpoint and tokenizer are the paths pretrain_base.yaml's run writes, and its
+    data is "population B (200 new people, seed 1) plus a 25 % replay share of population A"."""
+    pretrain = parse_arm("pretrain_base", None)
+    logger = pretrain.trainer.logger.init_args
+    checkpoints = [cb.init_args for cb in pretrain.trainer.callbacks if cb.class_path.endswith("ModelCheckpoint")]
+    assert any(c.save_last and c.dirpath is None for c in checkpoints)  # <log dir>/checkpoints/last.ckpt
+    written = Path(logger.save_dir) / logger.name / str(logger.version) / "checkpoints" / "last.ckpt"
+    data = pretrain.data
+    cached = Path(data.cache_dir) / "tokenizers" / (
+        f"{embedded_key(data.embedded.seed, data.embedded.num_people, data.embedded.docs_per_person)}-bpe{data.bpe_vocab_size}"
+    )
+    for arm in load_ablation(EXPERIMENTS / "dus_vs_midus.yaml").arms:
+        parsed = parse_arm("dus_vs_midus", arm)
+        assert Path(parsed.model.upscale.base_checkpoint) == written, arm
+        assert parsed.model.upscale.trainable == "all", arm
+        assert (parsed.data.tokenizer, Path(parsed.data.tokenizer_path)) == ("hf", cached), arm
+        embedded = parsed.data.embedded
+        assert (embedded.seed, embedded.num_people) == (1, 200), arm
+        assert (embedded.replay_seed, embedded.replay_share) == (data.embedded.seed, 0.25), arm
+        assert (embedded.replay_num_people or embedded.num_people, embedded.docs_per_person) == (
+            data.embedded.num_people, data.embedded.docs_per_person,
+        ), arm  # so the replay documents are exactly the base run's
+
+
+def test_hive_and_hml_hive_are_the_same_run() -> None:
+    """experiments/README.md: "The `hive` arm and `hml_hive` are the same configuration"."""
+    hive, hml_hive = merged_config("ablate_hive", "hive"), merged_config("ablate_branches", "hml_hive")
+    for config in (hive, hml_hive):
+        config["trainer"].pop("logger")  # each ablation logs to its own directory
+    assert hive == hml_hive
+
+
+@pytest.mark.parametrize("arm", ["hive", "per_head", "shared"])
+def test_hive_values_are_head_specific_and_shared_ones_are_not(arm: str) -> None:
+    """ablate_hive.yaml: hive and per_head give head-specific values, shared gives none: the same
+    retrieval in every head returns the same output only from one shared table."""
+    model = build(parse_arm("ablate_hive", arm)).model
+    weights = torch.softmax(torch.randn(1, 3, 1, 16, generator=torch.Generator().manual_seed(2)), -1)
+    slots = torch.randint(0, 64**2, (1, 3, 1, 16), generator=torch.Generator().manual_seed(3))
+    for index in (1, 3):
+        branch = model.blocks[index].branch
+        with torch.no_grad():
+            out = branch.read(weights.expand(-1, -1, H, -1).contiguous(), slots.expand(-1, -1, H, -1).contiguous())
+        heads = out.unflatten(-1, (H, DH))
+        same = all(torch.equal(heads[..., 0, :], heads[..., h, :]) for h in range(1, H))
+        assert bool(heads.abs().sum()) and same == (arm == "shared"), f"block {index}"

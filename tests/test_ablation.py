@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import yaml
 from midus.ablation import AblationError, run_ablation
 from midus.ablation_config import Ablation, deep_merge, expand_dotted, load_ablation
 from midus.cli import MidusCLI, cli_kwargs, main
+from midus.model import MidusLM, ModelConfig
 from midus.training.run_summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,12 +93,27 @@ def test_arms_run_end_to_end_and_are_tabulated(tmp_path: Path, tiny_cache: Path,
     experiment = tmp_path / "runs" / "tiny"
     summaries = {arm: json.loads((experiment / arm / "summary.json").read_text()) for arm in ("small", "wide")}
     for arm, summary in summaries.items():
-        assert summary["train"]["steps"] == 6 and summary["train"]["tokens"] == 6 * 8 * 32
-        assert summary["train"]["tokens_per_sec"] > 0 and summary["train"]["mean_step_time_s"] > 0
-        assert summary["val"]["ppl"] > 1 and summary["val"]["best_loss"] <= summary["val"]["loss"]
-        assert summary["val"]["recall_acc"] is not None and summary["val"]["recall_acc_heldout"] is not None
-        assert summary["params"]["total"] == summary["params"]["trainable"] > 0 and summary["params"]["memory"] == 0
-        assert summary["peak_memory"]["kind"] == "cpu_max_rss" and summary["peak_memory"]["bytes"] > 0
+        train, wall = summary["train"], summary["wall_time_s"]
+        assert train["steps"] == train["batches"] == 6 and train["tokens"] == 6 * 8 * 32
+        # The rate and the step time come from one sum of batch times: their product is the
+        # tokens of one step, and that time (validation excluded) fits inside the run's wall time.
+        assert train["tokens_per_sec"] * train["mean_step_time_s"] == pytest.approx(8 * 32, rel=1e-9)
+        assert 0 < train["tokens"] / train["tokens_per_sec"] == pytest.approx(6 * train["mean_step_time_s"])
+        assert train["tokens"] / train["tokens_per_sec"] < wall < 600
+        assert summary["val"]["ppl"] == pytest.approx(math.exp(summary["val"]["loss"]), rel=1e-5)
+        assert summary["val"]["best_loss"] <= summary["val"]["loss"]
+        for key in ("recall_acc", "recall_acc_heldout"):  # a share of the 20 probe questions
+            hits = summary["val"][key] * 20
+            assert 0 <= hits <= 20 and hits == pytest.approx(round(hits), abs=1e-4), key
+        config = yaml.safe_load((experiment / arm / "arm_config.yaml").read_text())["model"]["config"]
+        expected_params = MidusLM(ModelConfig(**config, vocab_size=300)).num_parameters()
+        assert summary["params"]["total"] == summary["params"]["trainable"] == expected_params
+        assert summary["params"]["memory"] == 0 and summary["params"]["added"] == 0
+        # The arm process's own peak RSS in bytes: torch alone takes well over 100 MiB (KiB
+        # reported as bytes would be 1024 times smaller), and no process exceeds the machine.
+        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        assert summary["peak_memory"]["kind"] == "cpu_max_rss"
+        assert 100 * 2**20 < summary["peak_memory"]["bytes"] < machine
         assert summary["config_paths"] == [str(experiment / arm / "arm_config.yaml")]
         assert list((experiment / arm).glob("events.out.tfevents.*")), f"no TensorBoard events for {arm}"
     assert summaries["wide"]["params"]["total"] > summaries["small"]["params"]["total"]
@@ -112,7 +130,13 @@ def test_arms_run_end_to_end_and_are_tabulated(tmp_path: Path, tiny_cache: Path,
         total = f"{summary['params']['total']:,}"
         # total, added (0: no up-scaling), trainable (= total), memory (0), val ppl
         assert f"| {arm} | ok | {total} | 0 | {total} | 0 | {summary['val']['ppl']:.2f} |" in table
-        assert summary["latency"]["prefill_ms"] > 0 and summary["latency"]["decode_ms_per_token"] > 0
+        latency, wall = summary["latency"], summary["wall_time_s"]
+        assert (latency["prompt_tokens"], latency["new_tokens"]) == (128, 32)
+        # Milliseconds, measured: a forward of the tiny model takes more than 10 µs and (best of
+        # 3, generating 33 tokens) far less than the whole run took.
+        assert 0.01 < latency["prefill_ms"] < 1e3 * wall
+        assert 0.01 < latency["decode_ms_per_token"] < 1e3 * wall / latency["new_tokens"]
+        assert f"| {latency['prefill_ms']:.1f} | {latency['decode_ms_per_token']:.2f} |" in table
 
 
 def fake_runs(monkeypatch, failing: str = "") -> list[list[str]]:

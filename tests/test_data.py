@@ -52,7 +52,11 @@ def test_text_files_with_char_tokenizer(tmp_path: Path) -> None:
     assert data.vocab_size == len(alphabet) + 2  # characters + end-of-text + unknown
     ids = data.tokenizer("lazy fox", add_special_tokens=False)["input_ids"]
     assert data.tokenizer.decode(ids) == "lazy fox" and len(ids) == 8
-    assert len(data.train_blocks) > 0 and len(data.val_blocks) > 0
+    # 80 paragraphs of 44 and 38 characters, each + end-of-text: 3,360 tokens in rows of 17, each
+    # split losing at most its last partial row; a quarter of the records is held out.
+    train, val = len(data.train_blocks), len(data.val_blocks)
+    assert 3360 - 2 * 16 <= (train + val) * 17 <= 3360
+    assert val / (train + val) == pytest.approx(0.25, abs=0.03)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -221,8 +225,18 @@ def test_recall_questions_probe_each_population(tiny_cache: Path) -> None:
             assert question.attribute == item.attribute and item.person in item.prompt
     # The four keys are the metrics val/recall_acc, val/recall_acc_heldout, val/recall_acc_replay, ..._heldout.
     assert data.recall_questions["train"] != data.recall_questions["replay"]
-    # Validation text covers both populations: one held-out biography per person.
-    assert len(data.val_blocks) > 0 and data.hparams.embedded.replay_share == 0.4
+    def stream(documents: list[str]) -> list[int]:
+        ids = data.tokenizer(documents, add_special_tokens=False)["input_ids"]
+        return [token for document in ids for token in document + [data.tokenizer.eos_token_id]]
+
+    # Validation text covers both populations: one held-out biography per person, main then replay.
+    val = stream(main.validation_documents() + replay.validation_documents())
+    assert data.val_blocks[:]["input_ids"].flatten().tolist() == val[: len(data.val_blocks) * 33]
+    assert len(data.val_blocks) == len(val) // 33
+    # Training text is every main document plus the replay documents that make up share 0.4
+    # (shuffled together, so only the token count is order-free).
+    train = stream(main.train_documents() + replay.train_documents(replay_counts(30, 60, 3, 0.4)))
+    assert len(data.train_blocks) == len(train) // 33
 
 
 def test_embedded_key_includes_the_replay_settings() -> None:

@@ -20,12 +20,20 @@ MAX_BATCHES = 3
 
 
 @pytest.fixture(scope="module")
-def recount(tiny_memory_run: Path) -> tuple[np.ndarray, int, int]:
-    """Slot reads per head (H, N) counted from the ProductKeys outputs by a forward hook, tokens, k."""
+def recount(tiny_memory_run: Path) -> tuple[np.ndarray, int, int, np.ndarray]:
+    """Slot reads per head (H, N) counted from the ProductKeys outputs by a forward hook, tokens, k,
+    and per head the mean entropy of one query's k retrieval weights (H,), from the same outputs."""
     run = load_checkpoint_run(analysis_parser("test", "test"), ["--ckpt_path", str(tiny_memory_run)])
     (keys,) = [module for module in run.model.modules() if isinstance(module, ProductKeys)]
     read: list[np.ndarray] = []
-    keys.register_forward_hook(lambda module, inputs, output: read.append(output[1].reshape(-1, *output[1].shape[-2:]).numpy()))
+    weighed: list[np.ndarray] = []
+
+    def hook(module, inputs, output) -> None:
+        weights, slots = output
+        read.append(slots.reshape(-1, *slots.shape[-2:]).numpy())
+        weighed.append(weights.reshape(-1, *weights.shape[-2:]).double().numpy())
+
+    keys.register_forward_hook(hook)
     tokens = 0
     with torch.no_grad():
         for inputs, _ in validation_batches(run.data, MAX_BATCHES, torch.device("cpu")):
@@ -33,15 +41,18 @@ def recount(tiny_memory_run: Path) -> tuple[np.ndarray, int, int]:
             tokens += inputs.numel()
     slots = np.concatenate(read)  # (tokens, H, k)
     counts = np.stack([np.bincount(slots[:, head].ravel(), minlength=keys.n_slots) for head in range(keys.n_heads)])
-    return counts, tokens, keys.topk
+    weights = np.concatenate(weighed)  # (tokens, H, k), each row summing to 1
+    entropy = -(weights * np.log(np.where(weights > 0, weights, 1.0))).sum(-1).mean(0)
+    return counts, tokens, keys.topk, entropy
 
 
+@pytest.mark.slow
 def test_memory_usage_csv_matches_a_brute_force_recount(
-    tiny_memory_run: Path, recount: tuple[np.ndarray, int, int], tmp_path: Path, capsys
+    tiny_memory_run: Path, recount: tuple[np.ndarray, int, int, np.ndarray], tmp_path: Path, capsys
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    counts, tokens, k = recount
+    counts, tokens, k, entropy = recount
     out_dir = tmp_path / "analysis"
     main(["memory-usage", "--ckpt_path", str(tiny_memory_run), "--out_dir", str(out_dir),
           "--max_batches", str(MAX_BATCHES)])
@@ -49,14 +60,16 @@ def test_memory_usage_csv_matches_a_brute_force_recount(
         rows = list(csv.DictReader(handle))
     assert [(row["block"], int(row["head"])) for row in rows] == [("1", head) for head in range(counts.shape[0])]
     n_slots = counts.shape[1]
-    for row, head_counts in zip(rows, counts):
+    for row, head_counts, head_entropy in zip(rows, counts, entropy):
         share = head_counts / head_counts.sum()
         kl = sum(p * math.log(p * n_slots) for p in share if p > 0)
         assert int(row["tokens"]) == tokens and int(row["reads"]) == tokens * k == head_counts.sum()
         assert float(row["usage"]) == pytest.approx((head_counts > 0).mean(), abs=1e-12)
         assert float(row["kl_uniform"]) == pytest.approx(kl, rel=1e-9)
         assert int(row["never_read"]) == (head_counts == 0).sum() and int(row["max_reads"]) == head_counts.max()
-        assert 0 < float(row["entropy"]) <= math.log(k) + 1e-6
+        # Between one-hot and uniform over k, and the recount's mean over the same queries.
+        assert 0.05 < float(row["entropy"]) <= math.log(k) + 1e-6
+        assert float(row["entropy"]) == pytest.approx(head_entropy, rel=1e-5)
     image = matplotlib.image.imread(out_dir / "memory_usage.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 500
     events = EventAccumulator(str(tiny_memory_run.parent.parent))
@@ -65,8 +78,9 @@ def test_memory_usage_csv_matches_a_brute_force_recount(
     assert "kl_uniform" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_access_histogram_accounts_for_every_slot_and_read(tiny_memory_run: Path, recount) -> None:
-    counts, tokens, k = recount
+    counts, tokens, k, _ = recount
     run = load_checkpoint_run(analysis_parser("test", "test"), ["--ckpt_path", str(tiny_memory_run)])
     usages, tracked_tokens = collect_slot_usage(run.model, validation_batches(run.data, MAX_BATCHES, torch.device("cpu")))
     tracked = usages["1"].counts.view(counts.shape).numpy()

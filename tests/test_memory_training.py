@@ -70,6 +70,12 @@ def test_memory_model_learns_and_logs_slot_diagnostics(tiny_data, tmp_path: Path
         kl = events.Scalars(f"memory/1/{head}/kl_uniform")[-1].value
         entropy = events.Scalars(f"memory/1/{head}/entropy")[-1].value
         assert 0 < usage <= 1 and 0 <= kl <= math.log(n_slots) and 0 <= entropy <= math.log(MEMORY["topk"]) + 1e-6
+        assert usage * n_slots == pytest.approx(round(usage * n_slots), abs=1e-3)  # a share of the 64 slots
+        # KL from uniform = log N - H(access), and H(access) <= log(slots read): KL >= -log(usage).
+        assert kl >= -math.log(usage) - 1e-5
+    for stat in ("usage", "kl_uniform", "entropy"):  # the layer's value is the mean over its heads
+        heads = [events.Scalars(f"memory/1/{head}/{stat}")[-1].value for head in range(4)]
+        assert events.Scalars(f"memory/1/{stat}")[-1].value == pytest.approx(sum(heads) / 4, rel=1e-5), stat
     # The memory group follows the schedule at its own peak: 2× the base rate throughout.
     base, memory = events.Scalars("train/lr")[-1].value, events.Scalars("train/lr_memory")[-1].value
     assert memory == pytest.approx(2 * base, rel=1e-5)

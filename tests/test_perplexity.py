@@ -68,7 +68,8 @@ def test_validate_reports_perplexity_of_other_text_with_the_checkpoints_tokenize
             count += ids.shape[1] - 1
     assert metrics["val/loss"].item() == pytest.approx(total / count, rel=1e-4)
     # Unseen people's facts are unpredictable, but the template language is not: far below uniform.
-    assert math.log(model.config.vocab_size) > metrics["val/loss"].item()
+    # Measured 4.09 nats against log V = 5.70; a random-init model of the same shape scores 5.72.
+    assert metrics["val/loss"].item() < math.log(model.config.vocab_size) - 1.0
 
 
 @pytest.mark.slow

@@ -82,7 +82,14 @@ def test_report_renders_from_a_tiny_experiment_with_two_arms(experiment: Path, t
         assert row["best val loss"] == f"{summary['val']['best_loss']:.3f}"
         assert row["tokens trained"] == f"{summary['train']['tokens']:,}"
         assert row["total params"] == f"{summary['params']['total']:,}" and row["added params"] == "0"
-        assert row["train tokens/s"] and row["peak memory (MiB)"]
+        # The efficiency columns are summary.json's measurements, formatted (bytes shown in MiB).
+        train, latency = summary["train"], summary["latency"]
+        assert row["train tokens/s"] == f"{train['tokens_per_sec']:,.0f}"
+        assert row["step ms"] == f"{train['mean_step_time_s'] * 1e3:.0f}"
+        assert row["prefill ms"] == f"{latency['prefill_ms']:.1f}"
+        assert row["decode ms/token"] == f"{latency['decode_ms_per_token']:.2f}"
+        assert row["peak memory (MiB)"] == f"{summary['peak_memory']['bytes'] / 2**20:,.1f}"
+        assert row["memory measured as"] == summary["peak_memory"]["kind"] == "cpu_max_rss"
         source = "table from summary.json; curve: 3 val/loss point(s) from 1 event file(s), tokens from train/tokens"
         assert f"- `{arm}`: {source}." in report
     assert rows["deep"]["total params"] != rows["shallow"]["total params"]

@@ -38,9 +38,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from midus.branches import available_branches, build_branch  # noqa: E402
 from midus.model import LayerSpec, ModelConfig  # noqa: E402
 from midus.model.block import TransformerBlock  # noqa: E402
+from midus.model.branches import available_branches, build_branch  # noqa: E402
 from midus.model.kv_cache import KVCache  # noqa: E402
 from midus.model.memory_block import MemoryBlock  # noqa: E402
 from midus.model.rotary import RotaryEmbedding  # noqa: E402
@@ -128,10 +128,15 @@ def section_vs_package(args, device: torch.device) -> None:
     ours = build_branch("multihead_pkm", config, 0).to(device)
     same_size = sum(p.numel() for p in theirs.parameters()), sum(p.numel() for p in ours.parameters())
     tokens = torch.randn(1, 2048, 256, device=device)
-    arms = {"product-key-memory PKM": forward_backward(theirs, tokens), "kit multihead_pkm": forward_backward(ours, tokens)}
+    arms = {
+        "product-key-memory PKM": forward_backward(theirs, tokens),
+        "kit multihead_pkm": forward_backward(ours, tokens),
+    }
     times = best_times_ms(arms, args.repeats, device)
     with torch.no_grad():
-        forward_only = best_times_ms({"theirs": lambda: theirs(tokens), "ours": lambda: ours(tokens)}, args.repeats, device)
+        forward_only = best_times_ms(
+            {"theirs": lambda: theirs(tokens), "ours": lambda: ours(tokens)}, args.repeats, device
+        )
     print("\n## kit multi-head PKM vs product-key-memory PKM: d=256, 4 heads, 128 sub-keys, k=32, 2048 tokens")
     print(f"parameters: theirs {same_size[0]:,}, kit {same_size[1]:,}")
     print("| arm | fwd+bwd ms | fwd ms |")
@@ -139,18 +144,27 @@ def section_vs_package(args, device: torch.device) -> None:
     print(f"| product-key-memory PKM | {times['product-key-memory PKM']:.1f} | {forward_only['theirs']:.1f} |")
     print(f"| kit multihead_pkm | {times['kit multihead_pkm']:.1f} | {forward_only['ours']:.1f} |")
     speedup = times["product-key-memory PKM"] / times["kit multihead_pkm"]
-    print(f"speed-up of the kit, fwd+bwd: {speedup:.2f}x (target >= 2), "
-          f"forward only: {forward_only['theirs'] / forward_only['ours']:.2f}x")
+    print(
+        f"speed-up of the kit, fwd+bwd: {speedup:.2f}x (target >= 2), "
+        f"forward only: {forward_only['theirs'] / forward_only['ours']:.2f}x"
+    )
 
 
 def section_blocks(args, device: torch.device) -> None:
     config = ModelConfig(
-        vocab_size=8, d_model=1024, n_heads=16, n_kv_heads=4, ffn_hidden=2816,
+        vocab_size=8,
+        d_model=1024,
+        n_heads=16,
+        n_kv_heads=4,
+        ffn_hidden=2816,
         layers=[LayerSpec("transformer", "ffn"), LayerSpec("memory", "hml")],
         memory={"n_subkeys": 256, "topk": 32, "latent_dim": 64, "values": "hive", "zero_init_values": False},
     )
     torch.manual_seed(0)
-    blocks = {"transformer+ffn": TransformerBlock(config, 0).to(device), "memory+hml-hive": MemoryBlock(config, 1).to(device)}
+    blocks = {
+        "transformer+ffn": TransformerBlock(config, 0).to(device),
+        "memory+hml-hive": MemoryBlock(config, 1).to(device),
+    }
     rotary = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
     x = torch.randn(1, 1024, 1024, device=device)
     rope = rotary(torch.arange(1024, device=device), x.dtype)
@@ -159,6 +173,7 @@ def section_blocks(args, device: torch.device) -> None:
         def run() -> None:
             block.zero_grad(set_to_none=True)
             block(x, rope).square().mean().backward()
+
         return run
 
     train = best_times_ms({name: train_step(b) for name, b in blocks.items()}, args.repeats, device)
@@ -175,6 +190,7 @@ def section_blocks(args, device: torch.device) -> None:
         def run() -> None:
             with torch.no_grad():
                 blocks[name](x[:, context : context + 1], step_rope, caches[name], context)
+
         return run
 
     decode = best_times_ms({name: decode_step(name) for name in blocks}, args.repeats * 10, device)
@@ -187,8 +203,10 @@ def section_blocks(args, device: torch.device) -> None:
         print(f"| {name} | {params:,} | {train[name]:.1f} | {decode[name]:.3f} | {mib:.1f} |")
     train_ratio = train["memory+hml-hive"] / train["transformer+ffn"]
     decode_ratio = decode["memory+hml-hive"] / decode["transformer+ffn"]
-    print(f"memory/transformer fwd+bwd time: {train_ratio:.2f} (target <= 0.5); "
-          f"decode step: {decode_ratio:.2f} (target <= 1.0)")
+    print(
+        f"memory/transformer fwd+bwd time: {train_ratio:.2f} (target <= 0.5); "
+        f"decode step: {decode_ratio:.2f} (target <= 1.0)"
+    )
 
 
 SECTIONS = {"branches": section_branches, "package": section_vs_package, "blocks": section_blocks}
@@ -204,8 +222,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"# benchmarks/branches.py: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"best of {args.repeats}")
+    print(
+        f"# benchmarks/branches.py: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"best of {args.repeats}"
+    )
     for name in args.sections:
         SECTIONS[name](args, device)
 

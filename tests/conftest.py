@@ -31,7 +31,7 @@ def no_help_docstrings():
     They only make ``--help`` text (tested in a subprocess, which keeps them) and cost about
     3 s per in-process ``midus.cli.main`` call.
     """
-    import midus.cli  # noqa: F401 -- sets the kit's parsing settings first, which this overrides
+    import midus.training.cli  # noqa: F401 -- sets the kit's parsing settings first, which this overrides
     from jsonargparse import set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=False)
@@ -48,7 +48,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_cache: Path):
     """A small embedded-corpus data module (30 people, BPE of 300 tokens, blocks of 32)."""
-    from midus.training.data_module import EmbeddedCorpusConfig, LanguageModelingData
+    from midus.data.datamodule import EmbeddedCorpusConfig, LanguageModelingData
 
     return LanguageModelingData(
         embedded=EmbeddedCorpusConfig(seed=0, num_people=30, docs_per_person=4),

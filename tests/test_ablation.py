@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from midus.ablation import AblationError, run_ablation
-from midus.ablation_config import Ablation, deep_merge, expand_dotted, load_ablation
-from midus.cli import MidusCLI, cli_kwargs, main
+from midus.ablation.config import Ablation, deep_merge, expand_dotted, load_ablation
+from midus.ablation.runner import AblationError, run_ablation
+from midus.cli import main
 from midus.model import MidusLM, ModelConfig
+from midus.training.cli import MidusCLI, cli_kwargs
 from midus.training.run_summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +151,7 @@ def fake_runs(monkeypatch, failing: str = "") -> list[list[str]]:
 
     # Only the arms' processes: patching subprocess.run itself also caught libraries probing
     # their environment with it during parsing.
-    monkeypatch.setattr("midus.ablation.run_arm_process", run)
+    monkeypatch.setattr("midus.ablation.runner.run_arm_process", run)
     return calls
 
 

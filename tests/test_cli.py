@@ -11,9 +11,11 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from midus.ablation_config import load_ablation
-from midus.cli import MidusCLI, main
-from midus.training import CausalLM, LanguageModelingData
+from midus.ablation.config import load_ablation
+from midus.cli import main
+from midus.training.cli import MidusCLI
+from midus.data.datamodule import LanguageModelingData
+from midus.training import CausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -126,7 +128,7 @@ def tiny_base(tmp_path: Path, data) -> list[str]:
     import torch
 
     from midus.model import MidusLM, ModelConfig
-    from midus.upscale.sources import MODEL_CONFIG_KEY
+    from midus.checkpoint.kit import MODEL_CONFIG_KEY
 
     config = ModelConfig(vocab_size=data.vocab_size, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2)
     state = {f"model.{name}": value for name, value in MidusLM(config).state_dict().items()}

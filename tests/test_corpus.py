@@ -1,4 +1,4 @@
-"""Tests for the embedded biography corpus (midus.corpus)."""
+"""Tests for the embedded biography corpus (midus.data.corpus)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,16 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from midus.corpus import (
+from midus.data.corpus import (
     ATTRIBUTES,
     BiographyCorpus,
     Person,
     RecallItem,
-    completion_matches,
     generate_population,
-    recall_accuracy,
     value_choices,
 )
-from midus.corpus.names import NAME_SPACE_SIZE, name_from_index, pronoun_for
-from midus.corpus.templates import (
+from midus.data.corpus.names import NAME_SPACE_SIZE, name_from_index, pronoun_for
+from midus.data.corpus.templates import (
     HELDOUT_TEMPLATES,
     TRAIN_TEMPLATES,
     probe_prefix,
@@ -250,33 +248,3 @@ def test_corpus_argument_errors_name_the_field() -> None:
         BiographyCorpus(probe_templates="test")
     with pytest.raises(ValueError, match="seed"):
         BiographyCorpus(seed="0")  # type: ignore[arg-type]
-
-
-# --- scoring ----------------------------------------------------------------------
-
-
-def test_completion_matches_word_boundaries() -> None:
-    assert completion_matches(" Paris", "Paris")
-    assert completion_matches(" Paris.", "Paris")
-    assert completion_matches(" Paris, then", "Paris")
-    assert completion_matches(" Paris\nShe", "Paris")
-    assert not completion_matches(" Parisville", "Paris")
-    assert not completion_matches("Paris", "Paris")  # leading space is required
-    assert not completion_matches("  Paris", "Paris")
-    assert not completion_matches(" Lima", "Paris")
-    assert not completion_matches(" Par", "Paris")
-    assert completion_matches(" 5 March 1987.", "5 March 1987")
-    assert not completion_matches(" 5 March 19870", "5 March 1987")
-    assert not completion_matches(" 15 March 1987", "5 March 1987")
-    with pytest.raises(ValueError, match="answer"):
-        completion_matches(" x", "")
-
-
-def test_recall_accuracy() -> None:
-    items = [RecallItem("A B", "birth_city", "A B was born in", v) for v in ("Paris", "Lima", "Oslo", "Rome")]
-    comps = [" Paris.", " Limassol", " Oslo is", "Rome"]
-    assert recall_accuracy(comps, items) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="same length"):
-        recall_accuracy(comps[:2], items)
-    with pytest.raises(ValueError, match="items must be non-empty"):
-        recall_accuracy([], [])

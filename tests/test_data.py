@@ -9,9 +9,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from midus.corpus import ATTRIBUTES, BiographyCorpus, generate_population
-from midus.text.sources import embedded_key, embedded_splits, replay_counts, shared_names
-from midus.training.data_module import EmbeddedCorpusConfig, LanguageModelingData
+from midus.data.corpus import ATTRIBUTES, BiographyCorpus, generate_population
+from midus.data.sources import embedded_key, embedded_splits, replay_counts, shared_names
+from midus.data.datamodule import EmbeddedCorpusConfig, LanguageModelingData
 from tests.conftest import SHARED_DATA
 
 TEXT = "The quick brown fox jumps over the lazy dog.\n\nA second paragraph of plain text here.\n\n" * 40

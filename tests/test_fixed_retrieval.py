@@ -14,7 +14,7 @@ import torch
 from midus.analysis import fixed_retrieval as fr
 from midus.analysis.checkpoint_run import analysis_parser, load_checkpoint_run
 from midus.analysis.value_realisations import FixedRetrievalBlock, RetrievalFeed, build_realisation, trained_realisation
-from midus.branches.product_keys import ProductKeys
+from midus.model.retrieval.product_keys import ProductKeys
 from midus.cli import main
 
 
@@ -122,7 +122,7 @@ def test_hive_with_the_trained_values_reproduces_the_checkpoint(tiny) -> None:
 @pytest.mark.slow
 def test_checkpoint_without_memory_blocks_is_refused(tiny_memory_run: Path, tmp_path: Path, capsys) -> None:
     from midus.model import MidusLM, ModelConfig
-    from midus.upscale.sources import MODEL_CONFIG_KEY
+    from midus.checkpoint.kit import MODEL_CONFIG_KEY
 
     vocab = load_checkpoint_run(analysis_parser("x", ""), ["--ckpt_path", str(tiny_memory_run)]).model.config.vocab_size
     config = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4)

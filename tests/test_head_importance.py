@@ -1,4 +1,4 @@
-"""``python -m midus head-importance`` and the per-head gate of `ProductKeys` it relies on."""
+"""``python -m midus head-importance`` and the per-head gate hooks (`midus.analysis.head_gate`) it relies on."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from midus.analysis.checkpoint_run import analysis_parser, load_checkpoint_run
+from midus.analysis.head_gate import gated_heads
 from midus.analysis.memory_report import validation_batches
 from midus.cli import main
 from midus.model import MidusLM, ModelConfig
-from midus.upscale.sources import MODEL_CONFIG_KEY, model_from_checkpoint, read_kit_checkpoint
+from midus.checkpoint.kit import MODEL_CONFIG_KEY, model_from_checkpoint, read_kit_checkpoint
 
 ZEROED_HEAD = 2
 HEAD_PROJ = "model.blocks.1.branch.head_proj"
@@ -47,10 +48,13 @@ def test_head_gate_leaves_the_default_path_and_state_dict_unchanged(tiny_memory_
     names = set(model.state_dict())
     with torch.no_grad():
         ungated = model(ids)
-        keys.head_gate = torch.ones(keys.n_heads)
-        assert torch.equal(model(ids), ungated)  # × 1 is exact
-        assert set(model.state_dict()) == names  # the gate is no parameter or buffer
-        keys.head_gate = None
+        with gated_heads({"1": keys}) as gate:
+            gate.set("1", torch.ones(keys.n_heads))
+            assert torch.equal(model(ids), ungated)  # × 1 is exact
+            assert set(model.state_dict()) == names  # the gate is no parameter or buffer
+            gate.set("1", None)
+            assert torch.equal(model(ids), ungated)
+        assert not keys._forward_hooks  # the gate hooks are gone after the analysis
         assert torch.equal(model(ids), ungated)
 
 
@@ -63,9 +67,9 @@ def test_gating_a_head_equals_zeroing_its_values(tiny_memory_run: Path) -> None:
         full = model(ids)
         gate = torch.ones(branch.keys.n_heads)
         gate[ZEROED_HEAD] = 0.0
-        branch.keys.head_gate = gate
-        gated = model(ids)
-        branch.keys.head_gate = None
+        with gated_heads({"1": branch.keys}) as gates:
+            gates.set("1", gate)
+            gated = model(ids)
         branch.head_proj[ZEROED_HEAD] = 0.0
         assert torch.equal(model(ids), gated)
         assert not torch.equal(gated, full)
@@ -85,8 +89,9 @@ def test_a_zero_gate_removes_exactly_that_heads_read(branch: str, memory: dict) 
     heads = torch.randn(2, 6, 32)
 
     def output(gate: list[float]) -> torch.Tensor:
-        module.keys.head_gate = torch.tensor(gate)
-        return module(heads)
+        with gated_heads({"1": module.keys}) as gates:
+            gates.set("1", torch.tensor(gate))
+            return module(heads)
 
     with torch.no_grad():
         n_heads = module.keys.n_heads
@@ -125,14 +130,13 @@ def test_head_importance_ranks_a_silenced_head_last(zeroed_head_run: Path, tmp_p
     keys = run.model.blocks[1].branch.keys
 
     def mean_loss(removed: int | None) -> float:
-        keys.head_gate = None if removed is None else (torch.arange(keys.n_heads) != removed).float()
         total, count = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), gated_heads({"1": keys}) as gates:
+            gates.set("1", None if removed is None else (torch.arange(keys.n_heads) != removed).float())
             for inputs, targets in validation_batches(run.data, 2, torch.device("cpu")):
                 logits = run.model(inputs).double()
                 total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
                 count += targets.numel()
-        keys.head_gate = None
         return total / count
 
     baseline = mean_loss(None)

@@ -25,7 +25,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from midus.hf_import import load_hf_checkpoint, load_hf_tokenizer, model_config_from_hf
+from midus.checkpoint.hf_import import load_hf_checkpoint, load_hf_tokenizer, model_config_from_hf
 from midus.model import MidusLM
 
 TINY = dict(

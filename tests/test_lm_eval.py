@@ -79,7 +79,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def untrained_copy(checkpoint: Path, folder: Path, keep_tokenizer: bool = True) -> Path:
     """The checkpoint with random-init weights of the same architecture (and tokenizer)."""
     from midus.model import MidusLM, ModelConfig
-    from midus.upscale.sources import MODEL_CONFIG_KEY, TOKENIZER_KEY
+    from midus.checkpoint.kit import MODEL_CONFIG_KEY, TOKENIZER_KEY
 
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def direct_loglikelihood(model, tokenizer, context: str, continuation: str, max_
 def test_loglikelihood_and_rolling_match_a_direct_computation() -> None:
     from midus.evaluation.lm_eval_adapter import MidusEvalLM
     from midus.model import MidusLM, ModelConfig
-    from midus.text.tokenizers import train_bpe
+    from midus.data.tokenizers import train_bpe
 
     text = ["I saw the cat sat on the mat and the dog saw the cat"] * 20
     tokenizer = train_bpe([text], 300)
@@ -253,7 +253,7 @@ def test_an_unknown_task_lists_what_the_include_path_provides(
 @pytest.mark.slow
 def test_an_old_checkpoint_needs_its_tokenizer_directory(trained_checkpoint: Path, tmp_path: Path) -> None:
     from midus.evaluation.lm_eval_adapter import MidusEvalLM
-    from midus.upscale.sources import checkpoint_tokenizer, read_kit_checkpoint
+    from midus.checkpoint.kit import checkpoint_tokenizer, read_kit_checkpoint
 
     old = untrained_copy(trained_checkpoint, tmp_path / "old", keep_tokenizer=False)
     with pytest.raises(ValueError, match="stores no tokenizer.*tokenizer=<dir>"):

@@ -13,7 +13,7 @@ import torch
 
 from midus.analysis.checkpoint_run import analysis_parser, load_checkpoint_run
 from midus.analysis.memory_report import access_histogram, collect_slot_usage, validation_batches
-from midus.branches.product_keys import ProductKeys
+from midus.model.retrieval.product_keys import ProductKeys
 from midus.cli import main
 
 MAX_BATCHES = 3

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from midus.cli import main
-from midus.corpus import BiographyCorpus
-from midus.training.data_module import LanguageModelingData
-from midus.upscale.sources import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
+from midus.data.corpus import BiographyCorpus
+from midus.data.datamodule import LanguageModelingData
+from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from midus.branches.memory_usage import SlotUsage
-from midus.branches.product_keys import ProductKeys, brute_force_retrieval, sorted_pair_candidates
-from midus.branches.value_lookup import WeightedRowSum, weighted_row_sum
+from midus.model.retrieval.slot_usage import SlotUsage
+from midus.model.retrieval.product_keys import ProductKeys, brute_force_retrieval, sorted_pair_candidates
+from midus.model.retrieval.value_lookup import WeightedRowSum, weighted_row_sum
 
 
 def in_slot_order(weights: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +68,7 @@ def test_weighted_row_sum_gradients_match_autograd_of_a_gather() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_gradient_handles_repeated_and_unsorted_slots(dtype: torch.dtype) -> None:
-    import midus.branches.value_lookup as lookup
+    import midus.model.retrieval.value_lookup as lookup
 
     table, slots = torch.randn(30, 8).to(dtype), torch.randint(0, 30, (9, 4))
     slots[0] = torch.tensor([5, 2, 5, 5])  # unsorted, one row read three times by one bag
@@ -92,7 +92,7 @@ def test_slot_usage_statistics_on_known_reads() -> None:
 
 
 def test_top_subkey_scores_backward_matches_dense_autograd() -> None:
-    from midus.branches.subkey_scores import TopSubkeyScores, subkey_scores
+    from midus.model.retrieval.subkey_scores import TopSubkeyScores, subkey_scores
 
     torch.manual_seed(0)
     halves = torch.randn(5, 3, 2, 4, dtype=torch.float64, requires_grad=True)

@@ -11,8 +11,9 @@ import pytest
 from matplotlib.image import imread
 
 from midus.cli import main
-from midus.report import LOSS_PNG, PPL_PNG, collect_arms, write_report
-from midus.report_plots import loss_curves, ppl_points
+from midus.report.arms import collect_arms
+from midus.report.build import LOSS_PNG, PPL_PNG, write_report
+from midus.report.plots import loss_curves, ppl_points
 
 ROOT = Path(__file__).resolve().parents[1]
 # (arm, n_layers, batch size): the arms differ in depth and in tokens per step.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from midus.model import MidusLM, ModelConfig
-from midus.text.recall_probe import TokenizedQuestion, greedy_recall_hits
+from midus.data.recall_probe import TokenizedQuestion, greedy_recall_hits
 from midus.training import CausalLM
 from midus.training.optim import parameter_groups, warmup_cosine
 

@@ -9,7 +9,8 @@ import torch
 
 from midus.model import MidusLM, ModelConfig
 from midus.training.optim import parameter_groups
-from midus.upscale import UpscaleConfig, apply_trainable, load_base, upscale
+from midus.checkpoint import load_base
+from midus.upscale import UpscaleConfig, apply_trainable, upscale
 
 VOCAB = 40
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
@@ -173,7 +174,7 @@ def test_checkpoints_from_before_the_config_was_stored_load_only_when_unambiguou
 def test_a_dus_model_exports_to_hugging_face_with_identical_logits(settings: dict, tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM
 
-    from midus.hf_export import export_hf_checkpoint
+    from midus.checkpoint.hf_export import export_hf_checkpoint
 
     model, _ = upscale(base_model(), UpscaleConfig(**settings))
     with torch.no_grad():  # move the zeroed projections, so the parity covers every weight

@@ -9,7 +9,8 @@ import torch
 
 from midus.model import ModelConfig
 from midus.training import CausalLM
-from midus.upscale import UpscaleConfig, load_kit_checkpoint
+from midus.checkpoint import load_kit_checkpoint
+from midus.upscale import UpscaleConfig
 
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
 

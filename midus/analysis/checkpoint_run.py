@@ -21,12 +21,11 @@ from typing import Any, Optional
 import yaml
 from jsonargparse import ArgumentParser, Namespace
 
+from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
+from midus.data.text_data import TextData
+from midus.data.tokenizers import same_vocabulary
 from midus.model.transformer import MidusLM
-from midus.text.tokenizers import same_vocabulary
-from midus.training.data_module import LanguageModelingData
-from midus.upscale.sources import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
-
-RUN_CONFIG = "config.yaml"
+from midus.run_files import RUN_CONFIG
 
 
 @dataclass
@@ -38,7 +37,7 @@ class CheckpointRun:
     """The run directory: the parent of ``checkpoints/`` (TensorBoard events live there)."""
     out_dir: Path
     model: MidusLM
-    data: LanguageModelingData
+    data: TextData
     args: Namespace
     """The parsed command line (the analysis's own options included)."""
     step: int
@@ -64,7 +63,7 @@ def analysis_parser(command: str, description: str) -> ArgumentParser:
         "--out_dir", type=Optional[str], default=None, help="Where outputs are written (default: <run dir>/analysis)."
     )
     parser.add_argument("--max_batches", type=int, default=0, help="Validation batches analysed (0: all).")
-    parser.add_class_arguments(LanguageModelingData, "data", fail_untyped=False)
+    parser.add_class_arguments(TextData, "data", fail_untyped=False)
     return parser
 
 
@@ -81,7 +80,7 @@ def _flag(args: list[str], name: str) -> str | None:
 
 def data_section(checkpoint_path: Path, config: str | None, arm: str | None) -> dict[str, Any]:
     """The ``data:`` settings the analysis uses (see the module docstring for the order)."""
-    from midus.ablation_config import load_ablation
+    from midus.ablation.config import load_ablation
 
     if config is None:
         path = run_dir_of(checkpoint_path) / RUN_CONFIG
@@ -98,7 +97,9 @@ def data_section(checkpoint_path: Path, config: str | None, arm: str | None) -> 
         ablation = load_ablation(path)
         if ablation is not None:
             if arm not in ablation.arms:
-                raise ValueError(f"--arm: {config!r} is an ablation; name one of its arms {sorted(ablation.arms)}, got {arm!r}")
+                raise ValueError(
+                    f"--arm: {config!r} is an ablation; name one of its arms {sorted(ablation.arms)}, got {arm!r}"
+                )
             document = ablation.arm_config(arm)
         else:
             document = yaml.safe_load(path.read_text(encoding="utf-8"))

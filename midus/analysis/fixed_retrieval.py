@@ -21,10 +21,21 @@ from jsonargparse import DefaultHelpFormatter
 from midus.analysis.checkpoint_run import analysis_parser, fail_cleanly, load_checkpoint_run
 from midus.analysis.figures import new_figure, write_figure
 from midus.analysis.value_realisations import (
-    REALISATIONS, CachedPrefix, FixedRetrievalBlock, Realisation, Recording, RetrievalFeed, batched,
-    build_realisation, loss_of, mean_loss, record, token_mean, value_parameters,
+    REALISATIONS,
+    CachedPrefix,
+    FixedRetrievalBlock,
+    Realisation,
+    Recording,
+    RetrievalFeed,
+    batched,
+    build_realisation,
+    loss_of,
+    mean_loss,
+    record,
+    token_mean,
+    value_parameters,
 )
-from midus.branches.hml import HeadwiseMemory
+from midus.model.branches.hml import HeadwiseMemory
 from midus.model.memory_block import MemoryBlock
 from midus.model.transformer import MidusLM
 
@@ -82,7 +93,17 @@ class ProtocolHelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFor
     """jsonargparse's help, with the protocol's line breaks and indentation kept."""
 
 
-CSV_FIELDS = ("realisation", "learning_rate", "reported", "params", "train_loss", "val_loss", "val_ppl", "train_gain", "val_gain")
+CSV_FIELDS = (
+    "realisation",
+    "learning_rate",
+    "reported",
+    "params",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "train_gain",
+    "val_gain",
+)
 
 
 @dataclass
@@ -107,12 +128,19 @@ def hml_blocks(model: MidusLM, requested: list[int], checkpoint_path: str) -> li
         )
     for index in requested:
         if index not in hml:
-            raise ValueError(f"--blocks: {index} is not an HML memory block of the checkpoint; its HML blocks are {hml}")
+            raise ValueError(
+                f"--blocks: {index} is not an HML memory block of the checkpoint; its HML blocks are {hml}"
+            )
     return sorted(set(requested)) if requested else hml
 
 
 def fit_realisation(
-    model: MidusLM, recording: Recording, name: str, steps: int, learning_rate: float, seed: int,
+    model: MidusLM,
+    recording: Recording,
+    name: str,
+    steps: int,
+    learning_rate: float,
+    seed: int,
     build=build_realisation,
 ) -> Outcome:
     """Put `name` (built by `build(name, shape)`) in every recorded block, fit it, evaluate, restore the model."""
@@ -142,7 +170,9 @@ def fit_realisation(
         else:
             train_loss = mean_loss(model, feed, train)
         val_loss = mean_loss(model, feed, recording.val)
-        return Outcome(name, sum(p.numel() for p in parameters), train_loss, val_loss, curve, learning_rate if parameters else None)
+        return Outcome(
+            name, sum(p.numel() for p in parameters), train_loss, val_loss, curve, learning_rate if parameters else None
+        )
     finally:
         for index, block in originals.items():
             model.blocks[index] = block
@@ -153,7 +183,9 @@ def lowest_train_loss(fits: list[Outcome]) -> Outcome:
     return min(fits, key=lambda fit: fit.train_loss if math.isfinite(fit.train_loss) else math.inf)
 
 
-def write_outputs(out_dir: Path, fits: list[Outcome], reported: list[Outcome], zero: Outcome, checkpoint: Outcome) -> list[dict]:
+def write_outputs(
+    out_dir: Path, fits: list[Outcome], reported: list[Outcome], zero: Outcome, checkpoint: Outcome
+) -> list[dict]:
     """fixed_retrieval.csv (every fit) and .md (anchors and reported fits) in `out_dir`; returns the CSV rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -163,9 +195,13 @@ def write_outputs(out_dir: Path, fits: list[Outcome], reported: list[Outcome], z
 
     def row(o: Outcome) -> dict:
         return {
-            "realisation": o.name, "learning_rate": "" if o.learning_rate is None else o.learning_rate,
-            "reported": o.learning_rate is None or any(o is r for r in reported), "params": o.params,
-            "train_loss": round(o.train_loss, 4), "val_loss": round(o.val_loss, 4), "val_ppl": round(math.exp(o.val_loss), 2),
+            "realisation": o.name,
+            "learning_rate": "" if o.learning_rate is None else o.learning_rate,
+            "reported": o.learning_rate is None or any(o is r for r in reported),
+            "params": o.params,
+            "train_loss": round(o.train_loss, 4),
+            "val_loss": round(o.val_loss, 4),
+            "val_ppl": round(math.exp(o.val_loss), 2),
             "train_gain": gain(o.train_loss, zero.train_loss, checkpoint.train_loss),
             "val_gain": gain(o.val_loss, zero.val_loss, checkpoint.val_loss),
         }
@@ -177,17 +213,25 @@ def write_outputs(out_dir: Path, fits: list[Outcome], reported: list[Outcome], z
         writer.writerows(rows)
     shown = [field for field in CSV_FIELDS if field != "reported"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(f"{r[k]:,}" if k == "params" else str(r[k]) for k in shown) + " |" for r in rows if r["reported"]]
+    lines += [
+        "| " + " | ".join(f"{r[k]:,}" if k == "params" else str(r[k]) for k in shown) + " |"
+        for r in rows
+        if r["reported"]
+    ]
     rates = sorted({fit.learning_rate for fit in fits})
     for fit in reported:
         if len(rates) > 1 and fit.learning_rate in (rates[0], rates[-1]):
-            lines.append(f"\nNote: {fit.name}'s lowest train loss is at the edge of the --learning_rate grid "
-                         f"({fit.learning_rate:g}); a rate beyond it may fit better.")
+            lines.append(
+                f"\nNote: {fit.name}'s lowest train loss is at the edge of the --learning_rate grid "
+                f"({fit.learning_rate:g}); a rate beyond it may fit better."
+            )
     for split in ("train", "val"):
         span = getattr(zero, f"{split}_loss") - getattr(checkpoint, f"{split}_loss")
         if abs(span) < 0.01:
-            lines.append(f"\nNote: the trained memory changes the {split} loss by only {span:+.4f} nats "
-                         f"(zero - checkpoint), so {split}_gain is unstable; compare the losses.")
+            lines.append(
+                f"\nNote: the trained memory changes the {split} loss by only {span:+.4f} nats "
+                f"(zero - checkpoint), so {split}_gain is unstable; compare the losses."
+            )
     (out_dir / "fixed_retrieval.md").write_text("# Fixed retrieval\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return rows
 
@@ -200,8 +244,11 @@ def draw_curves(reported: list[Outcome], zero: Outcome, checkpoint: Outcome):
         curve = torch.tensor(outcome.curve or [outcome.train_loss])
         window = max(1, len(curve) // 20)  # single batches are noisy
         smooth = curve.unfold(0, window, 1).mean(1)
-        axes.plot(range(window, window + len(smooth)), smooth.tolist(),
-                  label=f"{outcome.name}, lr {outcome.learning_rate:g} ({outcome.params:,} params)")
+        axes.plot(
+            range(window, window + len(smooth)),
+            smooth.tolist(),
+            label=f"{outcome.name}, lr {outcome.learning_rate:g} ({outcome.params:,} params)",
+        )
     for anchor, style in ((checkpoint, "--"), (zero, ":")):
         axes.axhline(anchor.train_loss, color="gray", linestyle=style, label=f"{anchor.name} (recorded train batches)")
     axes.set_xlabel("step")
@@ -215,14 +262,24 @@ def run(args: list[str]) -> list[dict]:
     """Parse, record, fit every realisation at every rate, write the outputs; returns the CSV rows."""
     parser = analysis_parser("fixed-retrieval", DESCRIPTION)
     parser.formatter_class = ProtocolHelpFormatter
-    parser.add_argument("--realisations", type=list[str], default=DEFAULT_REALISATIONS, help=f"Fitted, of {list(REALISATIONS)}.")
-    parser.add_argument("--blocks", type=list[int], default=[], help="Memory block indices analysed (empty: every HML memory block).")
+    parser.add_argument(
+        "--realisations", type=list[str], default=DEFAULT_REALISATIONS, help=f"Fitted, of {list(REALISATIONS)}."
+    )
+    parser.add_argument(
+        "--blocks", type=list[int], default=[], help="Memory block indices analysed (empty: every HML memory block)."
+    )
     parser.add_argument("--steps", type=int, default=300, help="AdamW steps per fit.")
-    parser.add_argument("--learning_rate", type=Union[float, list[float]], default=DEFAULT_LEARNING_RATES,
-                        help="Constant AdamW rate, or a list tried for every realisation.")
+    parser.add_argument(
+        "--learning_rate",
+        type=Union[float, list[float]],
+        default=DEFAULT_LEARNING_RATES,
+        help="Constant AdamW rate, or a list tried for every realisation.",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per fitting step and per recorded batch.")
     parser.add_argument("--train_batches", type=int, default=64, help="Training batches recorded and cycled through.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the training-block draw and of every initialisation.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the training-block draw and of every initialisation."
+    )
     loaded = load_checkpoint_run(parser, args)
     options, model, data = loaded.args, loaded.model, loaded.data
     rates = options.learning_rate if isinstance(options.learning_rate, list) else [options.learning_rate]
@@ -232,7 +289,9 @@ def run(args: list[str]) -> list[dict]:
     if options.steps < 0 or options.max_batches < 0:
         raise ValueError(f"--steps and --max_batches must be >= 0, got {options.steps} and {options.max_batches}")
     if min(options.train_batches, options.batch_size) < 1 or not rates or min(rates) <= 0:
-        raise ValueError(f"--train_batches, --batch_size and every --learning_rate must be positive, got {rates} for the rates")
+        raise ValueError(
+            f"--train_batches, --batch_size and every --learning_rate must be positive, got {rates} for the rates"
+        )
     blocks = hml_blocks(model, options.blocks, str(loaded.checkpoint_path))
     model.requires_grad_(False)  # frozen: only a realisation's own parameters train
 
@@ -242,18 +301,24 @@ def run(args: list[str]) -> list[dict]:
     train_ids = batched(data.train_blocks, size, draw[: options.train_batches * size].tolist())
     val_ids = batched(data.val_blocks, size, list(range(len(data.val_blocks))))[: options.max_batches or None]
     recording = record(model, blocks, train_ids, val_ids)
-    checkpoint = Outcome("checkpoint", sum(value_parameters(model.blocks[i].branch) for i in blocks), *recording.checkpoint_losses)
+    checkpoint = Outcome(
+        "checkpoint", sum(value_parameters(model.blocks[i].branch) for i in blocks), *recording.checkpoint_losses
+    )
     zero = fit_realisation(model, recording, "zero", 0, 1.0, options.seed)
-    print(f"recorded blocks {blocks}: {len(recording.train)} train / {len(recording.val)} val batches of {size} "
-          f"({time.perf_counter() - started:.0f} s)")
+    print(
+        f"recorded blocks {blocks}: {len(recording.train)} train / {len(recording.val)} val batches of {size} "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
     fits, reported = [], []
     for name in options.realisations:
         for rate in rates:
             started = time.perf_counter()
             fits.append(fit_realisation(model, recording, name, options.steps, rate, options.seed))
-            print(f"{name} lr {rate:g}: train loss {fits[-1].train_loss:.4f}, val loss {fits[-1].val_loss:.4f} "
-                  f"({time.perf_counter() - started:.0f} s)")
-        reported.append(lowest_train_loss(fits[-len(rates):]))
+            print(
+                f"{name} lr {rate:g}: train loss {fits[-1].train_loss:.4f}, val loss {fits[-1].val_loss:.4f} "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
+        reported.append(lowest_train_loss(fits[-len(rates) :]))
     rows = write_outputs(loaded.out_dir, fits, reported, zero, checkpoint)
     png = loaded.out_dir / "fixed_retrieval.png"
     write_figure(draw_curves(reported, zero, checkpoint), png, loaded.run_dir, TAG, loaded.step)

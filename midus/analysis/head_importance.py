@@ -1,7 +1,8 @@
 """``python -m midus head-importance``: how much the model relies on each memory head.
 
-Every `ProductKeys` module accepts a per-head gate on its retrieval weights (`head_gate`);
-gate 0 zeroes that head's memory read in every value layout. Two measures per memory block
+A per-head gate on the retrieval weights of every `ProductKeys` module, attached by forward
+hooks only while the analysis runs (`midus.analysis.head_gate`), zeroes (gate 0) or keeps
+(gate 1) that head's memory read in every value layout. Two measures per memory block
 and head, over the same validation batches:
 
 * ablation: mean validation loss with the head's gate at 0 minus the loss with every gate
@@ -27,8 +28,9 @@ from torch import nn
 
 from midus.analysis.checkpoint_run import analysis_parser, fail_cleanly, load_checkpoint_run
 from midus.analysis.figures import decimal_format, draw_heatmap, new_figure, write_figure
+from midus.analysis.head_gate import gated_heads
 from midus.analysis.memory_report import memory_keys_of, validation_batches, write_csv
-from midus.branches.product_keys import ProductKeys
+from midus.model.retrieval.product_keys import ProductKeys
 from midus.model.transformer import next_token_loss
 
 DESCRIPTION = """Importance of every memory head of a checkpoint, measured two ways on the validation split.
@@ -72,11 +74,16 @@ class HeadImportance:
         increase, normalised = self.loss_increase, self.grad_x_act_normalised
         return [
             {
-                "block": label, "head": head, "baseline_loss": self.baseline_loss,
-                "ablated_loss": float(self.ablated_loss[label][head]), "loss_increase": float(increase[label][head]),
-                "grad_x_act": float(self.grad_x_act[label][head]), "grad_x_act_normalised": float(normalised[label][head]),
+                "block": label,
+                "head": head,
+                "baseline_loss": self.baseline_loss,
+                "ablated_loss": float(self.ablated_loss[label][head]),
+                "loss_increase": float(increase[label][head]),
+                "grad_x_act": float(self.grad_x_act[label][head]),
+                "grad_x_act_normalised": float(normalised[label][head]),
             }
-            for label in self.ablated_loss for head in range(len(self.ablated_loss[label]))
+            for label in self.ablated_loss
+            for head in range(len(self.ablated_loss[label]))
         ]
 
 
@@ -90,7 +97,7 @@ def head_importance(
 ) -> HeadImportance:
     """Ablation loss and gradient × activation of every head of the memories `keys` of `model`.
 
-    Gates are set on `keys` only while this runs; parameters are left without gradients.
+    Gates are hooked onto `keys` only while this runs; parameters are left without gradients.
     """
     requires_grad = [parameter.requires_grad for parameter in model.parameters()]
     model.requires_grad_(False)  # only the gates need gradients: no parameter .grad, less memory
@@ -99,32 +106,32 @@ def head_importance(
     grad_x_act = {label: torch.zeros(module.n_heads, dtype=torch.float64) for label, module in keys.items()}
     tokens = 0
     try:
-        for inputs, targets in batches:
-            ones = {label: torch.ones(module.n_heads, device=inputs.device) for label, module in keys.items()}
-            with torch.no_grad():
-                # The baseline goes through the gates too (× 1 is exact), so a head whose output
-                # is already zero has an ablated loss equal to it bit for bit.
-                for label, module in keys.items():
-                    module.head_gate = ones[label]
-                baseline += float(_summed_loss(model, inputs, targets))
-                for label, module in keys.items():
-                    for head in range(module.n_heads):
-                        gate = ones[label].clone()
-                        gate[head] = 0.0
-                        module.head_gate = gate
-                        ablated[label][head] += float(_summed_loss(model, inputs, targets))
-                    module.head_gate = ones[label]
-            gates = {label: gate.clone().requires_grad_(True) for label, gate in ones.items()}
-            for label, module in keys.items():
-                module.head_gate = gates[label]
-            gradients = torch.autograd.grad(_summed_loss(model, inputs, targets), list(gates.values()), allow_unused=True)
-            for label, gradient in zip(gates, gradients):
-                if gradient is not None:  # None: no path from this gate to the loss, importance 0
-                    grad_x_act[label] += gradient.abs().double().cpu()
-            tokens += targets.numel()
+        with gated_heads(keys) as gate:
+            for inputs, targets in batches:
+                ones = {label: torch.ones(module.n_heads, device=inputs.device) for label, module in keys.items()}
+                with torch.no_grad():
+                    # The baseline goes through the gates too (× 1 is exact), so a head whose output
+                    # is already zero has an ablated loss equal to it bit for bit.
+                    for label in keys:
+                        gate.set(label, ones[label])
+                    baseline += float(_summed_loss(model, inputs, targets))
+                    for label, module in keys.items():
+                        for head in range(module.n_heads):
+                            ablated_gate = ones[label].clone()
+                            ablated_gate[head] = 0.0
+                            gate.set(label, ablated_gate)
+                            ablated[label][head] += float(_summed_loss(model, inputs, targets))
+                        gate.set(label, ones[label])
+                gates = {label: ones_gate.clone().requires_grad_(True) for label, ones_gate in ones.items()}
+                for label in keys:
+                    gate.set(label, gates[label])
+                loss = _summed_loss(model, inputs, targets)
+                gradients = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+                for label, gradient in zip(gates, gradients):
+                    if gradient is not None:  # None: no path from this gate to the loss, importance 0
+                        grad_x_act[label] += gradient.abs().double().cpu()
+                tokens += targets.numel()
     finally:
-        for module in keys.values():
-            module.head_gate = None
         for parameter, flag in zip(model.parameters(), requires_grad):
             parameter.requires_grad_(flag)
     if tokens == 0:
@@ -158,12 +165,27 @@ def draw_head_importance(result: HeadImportance) -> Figure:
     block_names = [f"block {label}" for label in labels]
     head_names = [str(head) for head in range(n_heads)]
     increase, grad_x_act = grid(result.loss_increase), grid(result.grad_x_act)
-    draw_heatmap(loss_ax, increase, block_names, head_names,
-                 f"val loss increase when the head is removed\n(baseline loss {result.baseline_loss:.4f})",
-                 "nats per token", cmap="RdBu_r", centred=True, value_format=decimal_format(increase, signed=True))
-    draw_heatmap(grad_ax, grad_x_act, block_names, head_names,
-                 "gradient × activation\n|d loss / d head gate| (Michel et al. 2019)", "nats per token",
-                 cmap="magma", value_format=decimal_format(grad_x_act))
+    draw_heatmap(
+        loss_ax,
+        increase,
+        block_names,
+        head_names,
+        f"val loss increase when the head is removed\n(baseline loss {result.baseline_loss:.4f})",
+        "nats per token",
+        cmap="RdBu_r",
+        centred=True,
+        value_format=decimal_format(increase, signed=True),
+    )
+    draw_heatmap(
+        grad_ax,
+        grad_x_act,
+        block_names,
+        head_names,
+        "gradient × activation\n|d loss / d head gate| (Michel et al. 2019)",
+        "nats per token",
+        cmap="magma",
+        value_format=decimal_format(grad_x_act),
+    )
     for ax in (loss_ax, grad_ax):
         ax.set_xlabel("head")
     fig.suptitle(f"memory head importance over {result.tokens:,} validation tokens")
@@ -188,10 +210,14 @@ def main(args: list[str]) -> None:
     csv_path, png_path = run.out_dir / "head_importance.csv", run.out_dir / "head_importance.png"
     write_csv(rows, csv_path, FIELDS)
     write_figure(draw_head_importance(result), png_path, run.run_dir, TAG, run.step)
-    print(f"head importance of {run.checkpoint_path} over {result.tokens:,} validation tokens; "
-          f"baseline loss {result.baseline_loss:.4f}")
+    print(
+        f"head importance of {run.checkpoint_path} over {result.tokens:,} validation tokens; "
+        f"baseline loss {result.baseline_loss:.4f}"
+    )
     print(f"{'block':>5} {'head':>4} {'loss_increase':>13} {'grad_x_act':>10} {'normalised':>10}")
     for row in sorted(rows, key=lambda row: -row["loss_increase"]):
-        print(f"{row['block']:>5} {row['head']:>4} {row['loss_increase']:>+13.5f} "
-              f"{row['grad_x_act']:>10.5f} {row['grad_x_act_normalised']:>10.3f}")
+        print(
+            f"{row['block']:>5} {row['head']:>4} {row['loss_increase']:>+13.5f} "
+            f"{row['grad_x_act']:>10.5f} {row['grad_x_act_normalised']:>10.3f}"
+        )
     print(f"wrote {csv_path} and {png_path}; TensorBoard image {TAG} in {run.run_dir}")

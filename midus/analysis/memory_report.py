@@ -22,9 +22,9 @@ from torch import nn
 
 from midus.analysis.checkpoint_run import CheckpointRun, analysis_parser, fail_cleanly, load_checkpoint_run
 from midus.analysis.figures import draw_count_histograms, draw_heatmap, new_figure, write_figure
-from midus.branches.memory_usage import SlotUsage, product_key_modules, start_tracking, stop_tracking
-from midus.branches.product_keys import ProductKeys
-from midus.training.data_module import LanguageModelingData
+from midus.data.text_data import TextData
+from midus.model.retrieval.product_keys import ProductKeys
+from midus.model.retrieval.slot_usage import SlotUsage, SlotUsageTracker, product_key_modules
 
 DESCRIPTION = """Slot usage of every memory head of a checkpoint, over the validation split.
 
@@ -58,7 +58,7 @@ def memory_keys_of(run: CheckpointRun) -> dict[str, ProductKeys]:
 
 
 def validation_batches(
-    data: LanguageModelingData, max_batches: int, device: torch.device
+    data: TextData, max_batches: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) of the first `max_batches` validation batches (0: all), as training scores them."""
     for index, batch in enumerate(data.val_dataloader()):
@@ -73,16 +73,12 @@ def collect_slot_usage(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[dict[str, SlotUsage], int]:
     """Slot-read counters of every memory block over `batches`, and the number of tokens read."""
-    modules = product_key_modules(model)
-    start_tracking(model)
     tokens = 0
-    try:
+    with SlotUsageTracker(model) as tracker:
         for inputs, _ in batches:
             model(inputs)
             tokens += inputs.numel()
-        usages = {label: keys.usage for label, keys in modules.items()}
-    finally:
-        stop_tracking(model)  # detaches the counters we keep; its flat metrics are not needed
+    usages = tracker.usages
     if tokens == 0:
         raise ValueError("data: the validation split has no batches to analyse")
     return usages, tokens
@@ -196,8 +192,12 @@ def main(args: list[str]) -> None:
     write_csv(rows, csv_path, FIELDS)
     write_figure(draw_memory_usage(usages, keys, tokens), png_path, run.run_dir, TAG, run.step)
     print(f"memory usage of {run.checkpoint_path} over {tokens:,} validation tokens")
-    print(f"{'block':>5} {'head':>4} {'usage':>7} {'kl_uniform':>10} {'entropy':>7} {'never_read':>10} {'max_reads':>9}")
+    print(
+        f"{'block':>5} {'head':>4} {'usage':>7} {'kl_uniform':>10} {'entropy':>7} {'never_read':>10} {'max_reads':>9}"
+    )
     for row in rows:
-        print(f"{row['block']:>5} {row['head']:>4} {row['usage']:>7.1%} {row['kl_uniform']:>10.3f} "
-              f"{row['entropy']:>7.3f} {row['never_read']:>10,} {row['max_reads']:>9,}")
+        print(
+            f"{row['block']:>5} {row['head']:>4} {row['usage']:>7.1%} {row['kl_uniform']:>10.3f} "
+            f"{row['entropy']:>7.3f} {row['never_read']:>10,} {row['max_reads']:>9,}"
+        )
     print(f"wrote {csv_path} and {png_path}; TensorBoard image {TAG} in {run.run_dir}")

@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from midus.branches.ffn import SwiGLUFeedForward
-from midus.branches.hml import HeadwiseMemory
+from midus.model.branches.ffn import SwiGLUFeedForward
+from midus.model.branches.hml import HeadwiseMemory
 from midus.model.config import ModelConfig
 from midus.model.memory_block import MemoryBlock
 from midus.model.transformer import MidusLM, next_token_loss
@@ -53,7 +53,15 @@ class MemoryShape:
 
     @classmethod
     def of(cls, branch: HeadwiseMemory, config: ModelConfig) -> "MemoryShape":
-        return cls(branch.n_heads, branch.head_dim, config.d_model, branch.n_slots, config.memory.latent_dim, branch.combine, config)
+        return cls(
+            branch.n_heads,
+            branch.head_dim,
+            config.d_model,
+            branch.n_slots,
+            config.memory.latent_dim,
+            branch.combine,
+            config,
+        )
 
     @property
     def out_width(self) -> int:
@@ -138,7 +146,9 @@ def build_realisation(name: str, shape: MemoryShape) -> Realisation:
 def trained_realisation(branch: HeadwiseMemory, shape: MemoryShape) -> Realisation:
     """The checkpoint's own trained values (its layout) as a realisation: HML's forward on given retrieval."""
     realisation = HeadwiseValues(shape, branch.layout)
-    realisation.memory.load_state_dict({name: value for name, value in branch.state_dict().items() if not name.startswith("keys.")})
+    realisation.memory.load_state_dict(
+        {name: value for name, value in branch.state_dict().items() if not name.startswith("keys.")}
+    )
     return realisation
 
 
@@ -183,7 +193,10 @@ class FixedRetrievalBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope, cache=None, start: int = 0) -> torch.Tensor:
         weights, slots = self.feed.retrieval[self.index]
         if weights.shape[:2] != x.shape[:2]:
-            raise RuntimeError(f"block {self.index}: recorded retrieval {tuple(weights.shape[:2])} is not for this batch {tuple(x.shape[:2])}")
+            raise RuntimeError(
+                f"block {self.index}: recorded retrieval {tuple(weights.shape[:2])} is not for this batch "
+                f"{tuple(x.shape[:2])}"
+            )
         normed = self.block.attn_norm(x)
         heads = None
         if self.realisation.reads_heads:
@@ -250,12 +263,14 @@ def record(model: MidusLM, blocks: list[int], train_ids: list[torch.Tensor], val
                 captured[key] = output.detach().clone()
             else:  # slots as int32: half the memory of the int64 the keys return
                 captured[key] = (output[0].detach().float().clone(), output[1].detach().to(torch.int32))
+
         return hook
 
     handles = [model.blocks[i].branch.keys.register_forward_hook(keep(i)) for i in blocks]
     if blocks[0] > 0:
         handles.append(model.blocks[blocks[0] - 1].register_forward_hook(keep("prefix")))
     try:
+
         def run(ids: list[torch.Tensor]) -> tuple[list[Batch], float]:
             batches, losses = [], []
             for batch_ids in ids:

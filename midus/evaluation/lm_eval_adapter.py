@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from midus.evaluation.lm_eval_command import main, require_lm_eval
 from midus.model.transformer import MidusLM
 
 try:
@@ -31,13 +30,23 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import handle_stop_sequences
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError:  # the kit without its [eval] extra: MidusEvalLM() and main() say how to get it
+except ImportError:  # the kit without its [eval] extra: MidusEvalLM() and the lm-eval command say how to get it
     TemplateLM = object  # type: ignore[assignment,misc]
 
     def register_model(*names: str):  # type: ignore[no-redef]
         return lambda cls: cls
 
-__all__ = ["MidusEvalLM", "main"]
+__all__ = ["MidusEvalLM", "require_lm_eval"]
+
+INSTALL_HINT = 'the lm-evaluation-harness is not installed: pip install "midus[eval]" (or pip install lm_eval)'
+
+
+def require_lm_eval() -> None:
+    """Raise ImportError with the install command when ``lm_eval`` is missing."""
+    try:
+        importlib.import_module("lm_eval.api.model")
+    except ImportError as error:
+        raise ImportError(f"{INSTALL_HINT} ({error})") from None
 
 DTYPES = {"float32": torch.float32, "auto": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LENGTH = 2048
@@ -94,7 +103,9 @@ class MidusEvalLM(TemplateLM):
         self.max_length = int(max_length) or trained_length or DEFAULT_MAX_LENGTH
         self.max_gen_toks = int(max_gen_toks)
         # The harness's "auto" / "auto:N" probes GPU memory with HF models; a fixed size here.
-        self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+        self.batch_size = (
+            DEFAULT_BATCH_SIZE if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+        )
         if self.batch_size < 1 or self.max_length < 2:
             raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size} and {self.max_length}")
 
@@ -116,8 +127,10 @@ class MidusEvalLM(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         """Recorded by the harness under ``config`` in its results."""
         return {
-            "checkpoint": str(self.checkpoint), "model_num_parameters": self.model.num_parameters(),
-            "model_dtype": str(next(self.model.parameters()).dtype), "max_length": self.max_length,
+            "checkpoint": str(self.checkpoint),
+            "model_num_parameters": self.model.num_parameters(),
+            "model_dtype": str(next(self.model.parameters()).dtype),
+            "max_length": self.max_length,
         }
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
@@ -137,22 +150,22 @@ class MidusEvalLM(TemplateLM):
             if len(continuation) > self.max_length:
                 raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length={self.max_length}")
             # The last token is only predicted, never fed; the context is cut from the left.
-            rows.append(((context + continuation)[-(self.max_length + 1):][:-1], continuation))
+            rows.append(((context + continuation)[-(self.max_length + 1) :][:-1], continuation))
         # Longest first, so each batch pads little and the first batch shows any memory problem.
         order = sorted(range(len(rows)), key=lambda index: -len(rows[index][0]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             width = len(rows[batch[0]][0])
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             for row, index in enumerate(batch):
                 tokens = rows[index][0]
-                ids[row, :len(tokens)] = torch.tensor(tokens)
+                ids[row, : len(tokens)] = torch.tensor(tokens)
             logits = self.model(ids.to(self._device))
             for row, index in enumerate(batch):
                 inputs, continuation = rows[index]
                 # Positions len-k .. len-1 predict the k continuation tokens.
-                scores = F.log_softmax(logits[row, len(inputs) - len(continuation):len(inputs)].float(), dim=-1)
+                scores = F.log_softmax(logits[row, len(inputs) - len(continuation) : len(inputs)].float(), dim=-1)
                 targets = torch.tensor(continuation, device=scores.device)
                 logprob = scores.gather(1, targets[:, None]).sum().item()
                 answer = (logprob, bool((scores.argmax(dim=-1) == targets).all()))
@@ -169,8 +182,10 @@ class MidusEvalLM(TemplateLM):
             windows = [
                 (None, *make_disjoint_window(window))
                 for window in get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1,
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
                 )
             ]
             total = sum(logprob for logprob, _ in self._loglikelihood_tokens(windows))
@@ -186,7 +201,7 @@ class MidusEvalLM(TemplateLM):
             context, options = request.args[0], dict(request.args[1] or {})
             until = handle_stop_sequences(options.get("until"), eos=self.tok_decode([self.eot_token_id]))
             max_new = int(options.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.prefix_token_id]
+            ids = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
             text = self._greedy(ids, max_new, until)
             outputs.append(text)
             self.cache_hook.add_partial("generate_until", (context, request.args[1]), text)
@@ -215,8 +230,8 @@ class MidusEvalLM(TemplateLM):
 
 def _load(checkpoint: str, tokenizer: Any) -> tuple[MidusLM, PreTrainedTokenizerBase, int]:
     """Model, tokenizer and training block size (0 if unknown) of a kit checkpoint."""
-    from midus.text.tokenizers import load_tokenizer_dir
-    from midus.upscale.sources import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
+    from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
+    from midus.data.tokenizers import load_tokenizer_dir
 
     if not checkpoint:
         raise ValueError("checkpoint: give a kit .ckpt written by fit (model_args checkpoint=<path>)")
@@ -227,7 +242,8 @@ def _load(checkpoint: str, tokenizer: Any) -> tuple[MidusLM, PreTrainedTokenizer
         if tokenizer is None:
             raise ValueError(
                 f"checkpoint: {checkpoint!r} stores no tokenizer (written before the kit kept one); give "
-                "tokenizer=<dir> (--tokenizer), the save_pretrained directory it was trained with, e.g. data/tokenizers/<key>"
+                "tokenizer=<dir> (--tokenizer), the save_pretrained directory it was trained with, "
+                "e.g. data/tokenizers/<key>"
             )
     elif isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer_dir(tokenizer, "tokenizer")

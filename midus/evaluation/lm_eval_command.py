@@ -16,23 +16,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-INSTALL_HINT = 'the lm-evaluation-harness is not installed: pip install "midus[eval]" (or pip install lm_eval)'
-
-
-def require_lm_eval() -> None:
-    """Raise ImportError with the install command when ``lm_eval`` is missing."""
-    try:
-        importlib.import_module("lm_eval.api.model")
-    except ImportError as error:
-        raise ImportError(f"{INSTALL_HINT} ({error})") from None
 
 
 class _TaskYamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: 4x faster when present
@@ -63,7 +52,9 @@ def _read_task_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         reason = getattr(error, "problem", None) or str(error).replace("\n", " ")
         raise ValueError(f"--include_path: task file {str(path)!r} does not parse{where}: {reason}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"--include_path: task file {str(path)!r} is not a mapping of task settings (got {type(config).__name__})")
+        raise ValueError(
+            f"--include_path: task file {str(path)!r} is not a mapping of task settings (got {type(config).__name__})"
+        )
     includes = config.pop("include", None) or []
     merged: dict[str, Any] = {}
     for include in includes if isinstance(includes, list) else [includes]:
@@ -95,7 +86,9 @@ def local_tasks(include_paths: list[str]) -> dict[str, LocalEntry]:
     return entries
 
 
-def requested_local_configs(requested: list[str], local: dict[str, LocalEntry]) -> tuple[list[tuple[str, LocalEntry]], bool]:
+def requested_local_configs(
+    requested: list[str], local: dict[str, LocalEntry]
+) -> tuple[list[tuple[str, LocalEntry]], bool]:
     """The local tasks that `requested` names (groups and tags expanded), and whether any name
     (a glob, a harness task, a group member outside the include paths) needs the harness's tasks."""
     tasks: list[tuple[str, LocalEntry]] = []
@@ -130,8 +123,9 @@ def validate_data_files(tasks: list[tuple[str, LocalEntry]]) -> None:
             matches = sorted(Path(path) for path in glob.glob(str(pattern), recursive=True))
             if not matches:
                 raise ValueError(
-                    f"task {name} ({entry.path}): data file {str(pattern)!r} not found (a relative path is read from the "
-                    f"working directory {str(Path.cwd())!r}, as datasets.load_dataset does: run from there or make it absolute)"
+                    f"task {name} ({entry.path}): data file {str(pattern)!r} not found (a relative path is read "
+                    f"from the working directory {str(Path.cwd())!r}, as datasets.load_dataset does: run from there "
+                    "or make it absolute)"
                 )
             for path in matches:
                 if path.suffix in (".json", ".jsonl"):
@@ -151,7 +145,9 @@ def _check_json_file(path: Path, task: str, yaml_path: Path | None) -> None:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"task {task} ({yaml_path}): data file {str(path)!r} line {number} does not parse: {error}") from None
+            raise ValueError(
+                f"task {task} ({yaml_path}): data file {str(path)!r} line {number} does not parse: {error}"
+            ) from None
         if not isinstance(record, dict):
             raise ValueError(f"task {task} ({yaml_path}): data file {str(path)!r} line {number} is not a JSON object")
 
@@ -163,21 +159,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ckpt_path", required=True, help="A kit checkpoint (.ckpt written by fit).")
     parser.add_argument("--tasks", required=True, help="Comma-separated harness task or group names (globs allowed).")
-    parser.add_argument("--include_path", action="append", default=[],
-                        help="A folder of extra task YAMLs (repeatable); relative data_files resolve from the working directory.")
-    parser.add_argument("--num_fewshot", type=int, default=0, help="Few-shot examples per prompt (default 0: zero-shot).")
-    parser.add_argument("--limit", type=float, default=None,
-                        help="Documents per task (an integer), or a fraction of each task when below 1; for quick checks only.")
+    parser.add_argument(
+        "--include_path",
+        action="append",
+        default=[],
+        help="A folder of extra task YAMLs (repeatable); relative data_files resolve from the working directory.",
+    )
+    parser.add_argument(
+        "--num_fewshot", type=int, default=0, help="Few-shot examples per prompt (default 0: zero-shot)."
+    )
+    parser.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="Documents per task (an integer), or a fraction of each task when below 1; for quick checks only.",
+    )
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward pass.")
     parser.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda.")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--max_length", type=int, default=0,
-                        help="Context limit in tokens (default 0: the block size the checkpoint was trained on).")
-    parser.add_argument("--tokenizer", default=None,
-                        help="Tokenizer directory, for checkpoints written before the kit stored its tokenizer.")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=0,
+        help="Context limit in tokens (default 0: the block size the checkpoint was trained on).",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Tokenizer directory, for checkpoints written before the kit stored its tokenizer.",
+    )
     parser.add_argument("--output_path", default=None, help="Results JSON (default <run dir>/lm_eval/results.json).")
-    parser.add_argument("--log_samples", action="store_true", help="Keep every document's inputs and scores in the JSON.")
-    parser.add_argument("--seed", type=int, default=1234, help="Seed of the harness's Python, NumPy and torch generators.")
+    parser.add_argument(
+        "--log_samples", action="store_true", help="Keep every document's inputs and scores in the JSON."
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1234, help="Seed of the harness's Python, NumPy and torch generators."
+    )
     return parser
 
 
@@ -202,9 +219,14 @@ def resolve_tasks(requested: list[str], include_paths: list[str]) -> tuple[list[
         unknown += [] if found else [pattern]
     if unknown:
         provided = ", ".join(sorted(local)) or "none"
-        where = f"the include path(s) {', '.join(include_paths)} provide: {provided}" if include_paths else "no --include_path given"
+        where = (
+            f"the include path(s) {', '.join(include_paths)} provide: {provided}"
+            if include_paths
+            else "no --include_path given"
+        )
         raise ValueError(
-            f"--tasks: unknown task(s) {', '.join(unknown)}; {where}; the harness's own tasks are listed by `lm-eval ls tasks`"
+            f"--tasks: unknown task(s) {', '.join(unknown)}; {where}; the harness's own tasks are listed by "
+            "`lm-eval ls tasks`"
         )
     validate_data_files(configs)
     return names, manager
@@ -225,6 +247,8 @@ def main(args: list[str]) -> None:
     limit = parsed.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
+    from midus.evaluation.lm_eval_adapter import MidusEvalLM, require_lm_eval
+
     try:
         require_lm_eval()
         if limit is not None and limit <= 0:
@@ -233,11 +257,13 @@ def main(args: list[str]) -> None:
         if not requested:
             raise ValueError("--tasks: give at least one task name")
         names, manager = resolve_tasks(requested, parsed.include_path)
-        from midus.evaluation.lm_eval_adapter import MidusEvalLM
-
         model = MidusEvalLM(
-            checkpoint=parsed.ckpt_path, tokenizer=parsed.tokenizer, batch_size=parsed.batch_size,
-            device=parsed.device, dtype=parsed.dtype, max_length=parsed.max_length,
+            checkpoint=parsed.ckpt_path,
+            tokenizer=parsed.tokenizer,
+            batch_size=parsed.batch_size,
+            device=parsed.device,
+            dtype=parsed.dtype,
+            max_length=parsed.max_length,
         )
     except (ImportError, ValueError, FileNotFoundError) as error:
         fail_cleanly(error)
@@ -245,12 +271,20 @@ def main(args: list[str]) -> None:
     from lm_eval.utils import handle_non_serializable, make_table
 
     results = simple_evaluate(
-        model=model, tasks=names, task_manager=manager, num_fewshot=parsed.num_fewshot, limit=limit,
+        model=model,
+        tasks=names,
+        task_manager=manager,
+        num_fewshot=parsed.num_fewshot,
+        limit=limit,
         # Only recorded (under "config") when the model is an instance: the run is self-describing.
         model_args={"checkpoint": parsed.ckpt_path, "dtype": parsed.dtype, "max_length": model.max_length},
-        batch_size=parsed.batch_size, device=parsed.device,
-        log_samples=parsed.log_samples, random_seed=parsed.seed, numpy_random_seed=parsed.seed,
-        torch_random_seed=parsed.seed, fewshot_random_seed=parsed.seed,
+        batch_size=parsed.batch_size,
+        device=parsed.device,
+        log_samples=parsed.log_samples,
+        random_seed=parsed.seed,
+        numpy_random_seed=parsed.seed,
+        torch_random_seed=parsed.seed,
+        fewshot_random_seed=parsed.seed,
     )
     output = Path(parsed.output_path) if parsed.output_path else default_output(parsed.ckpt_path)
     print(f"lm-eval of {parsed.ckpt_path} ({parsed.num_fewshot}-shot, limit {limit})")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from midus.branches.registry import build_branch
 from midus.model.attention import CausalSelfAttention
+from midus.model.branches.registry import build_branch
 from midus.model.config import ModelConfig
 from midus.model.kv_cache import KVCache
 

@@ -1,7 +1,7 @@
 """The one dataclass that describes a kit model, layer by layer.
 
 A model is a stack of blocks. Each block has a *kind* (a Transformer block, or a MIDUS
-memory block) and a *residual branch* chosen by name from `midus.branches`. `layers` lists
+memory block) and a *residual branch* chosen by name from `midus.model.branches`. `layers` lists
 them explicitly; when it is empty, the model is `n_layers` Transformer blocks that carry
 `branch`, except the indices in `memory_layers`, which are memory blocks carrying
 `memory_branch`. Validation happens in `__post_init__`, so a bad YAML fails before anything
@@ -11,9 +11,12 @@ is built or written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from midus.model.memory_config import MemoryConfig
+
+if TYPE_CHECKING:
+    from midus.model.branches.registry import Branch
 
 BlockKind = Literal["transformer", "memory"]
 
@@ -26,7 +29,7 @@ class LayerSpec:
     """Block kind: ``transformer`` = x + Attn(norm x), then x + branch(norm x);
     ``memory`` = x + branch(Attn'(norm x)), Attn' without output projection (MIDUS)."""
     branch: str = "ffn"
-    """Residual branch by registered name (see ``midus.branches.available_branches()``)."""
+    """Residual branch by registered name (see ``midus.model.branches.available_branches()``)."""
 
 
 @dataclass
@@ -158,7 +161,7 @@ class ModelConfig:
             )
             branch_class = _require_branch(spec.branch, f"layers[{index}].branch")
             need(
-                spec.block == "memory" or not getattr(branch_class, "reads_attention_heads", False),
+                spec.block == "memory" or not branch_class.reads_attention_heads,
                 f"layers[{index}].branch={spec.branch!r} queries with the attention heads' outputs, which only a "
                 "memory block provides; use block: memory (or memory_layers) for it",
             )
@@ -172,9 +175,10 @@ class ModelConfig:
             )
 
 
-def _require_branch(name: str, field_name: str) -> type:
-    # Imported here: branch modules import this module for the config type.
-    from midus.branches.registry import available_branches, branch_class
+def _require_branch(name: str, field_name: str) -> type[Branch]:
+    # Imported on use: importing the registry imports every branch file, and those import this
+    # module for the config type, so a module-level import here would run before ModelConfig exists.
+    from midus.model.branches.registry import available_branches, branch_class
 
     known = available_branches()
     if name not in known:

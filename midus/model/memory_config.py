@@ -13,34 +13,45 @@ from typing import Literal
 
 @dataclass
 class MemoryConfig:
-    """Product-key memory: retrieval sizes, value layout and the memory block's wiring."""
+    """Product-key memory: retrieval sizes, value layout and the memory block's wiring.
 
+    Every field's help starts with who reads it: ``[pkm, multihead_pkm, hml]`` (every
+    product-key branch), ``[hml]``, ``[pkm, multihead_pkm]`` or ``[memory block]`` (the
+    block, whatever its branch). A field is ignored by the branches it does not name.
+    """
+
+    # Retrieval and values of every product-key branch.
     n_subkeys: int = 64
-    """Sub-keys per half-key table (n); every head's memory has n² slots."""
+    """[pkm, multihead_pkm, hml] Sub-keys per half-key table (n); every head's memory has n² slots."""
     topk: int = 16
-    """Slots each query reads (k), also the per-half shortlist size; at most `n_subkeys`."""
+    """[pkm, multihead_pkm, hml] Slots each query reads (k), also the per-half shortlist size;
+    at most `n_subkeys`."""
+    query_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+    """[pkm, multihead_pkm, hml] Normalisation of each query half before scoring it against the
+    sub-keys. Per token, so it is causal; batch norm (original PKM) is deliberately not offered."""
+    zero_init_values: bool = True
+    """[pkm, multihead_pkm, hml] Start memory values (HIVE bank, value tables) at zero: a memory
+    block is then an exact identity until training moves them."""
+    # HML only.
     values: Literal["hive", "per_head", "shared"] = "hive"
-    """HML value layout: ``hive`` = one latent bank (n² × latent_dim) per block plus a
+    """[hml] Value layout: ``hive`` = one latent bank (n² × latent_dim) per block plus a
     latent_dim × head_dim projection per head; ``per_head`` = one n² × head_dim table per
     head; ``shared`` = one n² × head_dim table read by every head."""
     latent_dim: int = 32
-    """HIVE latent width d_l: rows of the shared bank, before each head's projection."""
+    """[hml] HIVE latent width d_l: rows of the shared bank, before each head's projection
+    (``values: hive`` only)."""
     combine: Literal["concat", "sum"] = "concat"
-    """How HML heads form the output: ``concat`` head-wise outputs of head_dim (the paper's
+    """[hml] How the heads form the output: ``concat`` head-wise outputs of head_dim (the paper's
     default), or ``sum`` of outputs projected to d_model."""
-    query_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
-    """Normalisation of each query half before scoring it against the sub-keys. Per token,
-    so it is causal; batch norm (original PKM) is deliberately not offered."""
-    internal_residual: bool = False
-    """Memory block only: query the memory with x + Attn'(norm x) instead of the attention
-    heads alone (the paper reports this weakens retrieval; kept for the ablation)."""
-    zero_init_values: bool = True
-    """Start memory values (HIVE bank, value tables) at zero: a memory block is then an
-    exact identity until training moves them."""
+    # PKM and multi-head PKM only.
     pkm_query_dim: int = 0
-    """Width of each PKM / multi-head PKM query (both halves together); 0 means d_model."""
+    """[pkm, multihead_pkm] Width of each learned query (both halves together); 0 means d_model."""
     pkm_heads: int = 0
-    """Query heads of the multi-head PKM branch; 0 means the model's n_heads."""
+    """[multihead_pkm] Query heads; 0 means the model's n_heads (PKM always has one)."""
+    # The memory block itself.
+    internal_residual: bool = False
+    """[memory block] Query the branch with x + Attn'(norm x) instead of the attention heads
+    alone (the paper reports this weakens retrieval; kept for the ablation)."""
 
     def validate(self, d_model: int, n_heads: int) -> None:
         """Raise ValueError naming the first ``memory.*`` field that is out of range."""
@@ -62,7 +73,9 @@ class MemoryConfig:
             f"pkm_query_dim={self.query_dim(d_model)} cannot be split into two halves; use an even width",
         )
         need(self.pkm_heads >= 0, f"pkm_heads must be 0 (= n_heads) or positive, got {self.pkm_heads}")
-        need(self.values in ("hive", "per_head", "shared"), f"values={self.values!r}; expected hive, per_head or shared")
+        need(
+            self.values in ("hive", "per_head", "shared"), f"values={self.values!r}; expected hive, per_head or shared"
+        )
         need(self.combine in ("concat", "sum"), f"combine={self.combine!r}; expected concat or sum")
         need(
             self.query_norm in ("none", "layernorm", "rmsnorm"),

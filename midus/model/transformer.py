@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from midus.model.block import TransformerBlock
+from midus.model.branches.registry import Branch
 from midus.model.config import ModelConfig
 from midus.model.kv_cache import KVCache
 from midus.model.memory_block import MemoryBlock
@@ -103,7 +104,7 @@ class MidusLM(nn.Module):
 
     def num_memory_parameters(self) -> int:
         """Parameters of product-key memory branches: sub-keys, values, query and value projections."""
-        memories = [module for module in self.modules() if getattr(module, "is_product_key_memory", False)]
+        memories = [module for module in self.modules() if isinstance(module, Branch) and module.is_product_key_memory]
         return sum(p.numel() for module in memories for p in module.parameters())
 
 

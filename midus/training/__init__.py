@@ -1,6 +1,11 @@
-"""The Lightning layer: the only part of the kit that imports Lightning."""
+"""The Lightning layer: the LightningModule (`CausalLM`), its callbacks and optimizer groups,
+the run summary, and the LightningCLI subclass (`midus.training.cli`).
 
-from midus.training.data_module import EmbeddedCorpusConfig, LanguageModelingData
+With `midus.data.datamodule` (the LightningDataModule), the only part of the kit that imports
+Lightning; it builds on the plain-PyTorch packages (`midus.model`, `midus.checkpoint`,
+`midus.upscale`, `midus.data`) and never the other way round.
+"""
+
 from midus.training.lm_module import CausalLM
 
-__all__ = ["CausalLM", "EmbeddedCorpusConfig", "LanguageModelingData"]
+__all__ = ["CausalLM"]

@@ -6,7 +6,6 @@ metrics, the optimizer and schedule, throughput logging and the knowledge-recall
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -16,16 +15,15 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 from torchmetrics import MeanMetric
 
-from midus.branches.memory_usage import start_tracking, stop_tracking
+from midus.checkpoint import checkpoint_tokenizer, kit_entries
+from midus.data.recall_probe import greedy_recall_hits
+from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
+from midus.model.retrieval.slot_usage import SlotUsageTracker
 from midus.model.transformer import next_token_loss
-from midus.text.recall_probe import greedy_recall_hits
 from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
-from midus.text.tokenizers import same_vocabulary, tokenizer_record
-from midus.upscale.sources import MODEL_CONFIG_KEY, TOKENIZER_KEY, checkpoint_tokenizer
-
 
 
 class CausalLM(pl.LightningModule):
@@ -81,6 +79,7 @@ class CausalLM(pl.LightningModule):
         self.model = source.model
         self.base_parameters = source.base_parameters
         self.eval_loss = MeanMetric()  # validation and test never run at once
+        self._slot_usage: SlotUsageTracker | None = None  # hooks on the memories only while validating
         self.throughput = Throughput(window_size=10)
         self._fit_started_at = 0.0
         self._tokens_seen = 0
@@ -95,14 +94,10 @@ class CausalLM(pl.LightningModule):
         return self.model(input_ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The resolved architecture: an up-scaled (or imported) model reloads without its base.
-        # Plain data, so the checkpoint stays loadable with torch.load(weights_only=True).
-        checkpoint[MODEL_CONFIG_KEY] = dataclasses.asdict(self.model.config)
-        # The tokenizer too, so evaluation (lm-eval, perplexity on other text) needs only the file.
+        # The resolved architecture (an up-scaled or imported model reloads without its base) and
+        # the tokenizer (evaluation needs only the file), as plain data: `midus.checkpoint.kit`.
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        record = tokenizer_record(tokenizer) if tokenizer is not None else None
-        if record is not None:
-            checkpoint[TOKENIZER_KEY] = record
+        checkpoint.update(kit_entries(self.model.config, tokenizer))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # validate/test --ckpt_path with other data: a retrained tokenizer would score garbage.
@@ -140,7 +135,8 @@ class CausalLM(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
         loss, tokens = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
-        rates = dict(zip((group["name"] for group in self.optimizers().param_groups), self.lr_schedulers().get_last_lr()))
+        names = (group["name"] for group in self.optimizers().param_groups)
+        rates = dict(zip(names, self.lr_schedulers().get_last_lr()))
         self.log("train/lr", rates.get("decay", next(iter(rates.values()))))
         if "memory" in rates:
             self.log("train/lr_memory", rates["memory"])
@@ -183,12 +179,14 @@ class CausalLM(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         if self._full_validation():
-            start_tracking(self.model)
+            self._slot_usage = SlotUsageTracker(self.model).start()
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._eval_loss_metrics("val")
         # Slot usage on the validation text only: stop before the recall probe's forwards.
-        metrics.update(stop_tracking(self.model))
+        if self._slot_usage is not None:
+            metrics.update(self._slot_usage.stop())
+            self._slot_usage = None
         full_pass = self._full_validation()
         if full_pass:
             metrics.update(self._recall_metrics())
@@ -235,6 +233,9 @@ class CausalLM(pl.LightningModule):
             betas=tuple(self.hparams.betas),
         )
         schedule = warmup_cosine(
-            optimizer, self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches), self.hparams.min_lr_ratio
+            optimizer,
+            self.hparams.warmup_steps,
+            int(self.trainer.estimated_stepping_batches),
+            self.hparams.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from midus.checkpoint import load_base, load_hf_checkpoint
 from midus.model import MidusLM, ModelConfig
-from midus.upscale import UpscaleConfig, apply_trainable, load_base, upscale
+from midus.upscale import UpscaleConfig, apply_trainable, upscale
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -
     if settings.enabled and not settings.base_checkpoint:
         raise ValueError(f"model.upscale.method={settings.method!r} needs model.upscale.base_checkpoint")
     if pretrained:
-        from midus.hf_import import load_hf_checkpoint
-
         source = ModelSource(load_hf_checkpoint(pretrained)[0])
         _check_vocab(source.model, config.vocab_size, f"model.pretrained={pretrained!r}")
         log.info("model.pretrained: architecture and weights from %s (model.config is not used)", pretrained)

@@ -5,7 +5,9 @@ rows pulls them towards zero for no benefit (the GPT-2/Llama recipe). Memory val
 rows that only a few tokens update at each step; like the PKM literature they get their
 own group, with their own learning rate (`memory_lr`) and no decay. Sub-keys are not
 decayed either (shrinking them only flattens the retrieval softmax) and can join the
-memory group. Every group follows the same warmup + cosine schedule.
+memory group. Which parameters are value tables and sub-keys, each branch says itself
+(`Branch.value_tables`, `Branch.subkey_tables`). Every group follows the same warmup +
+cosine schedule.
 """
 
 from __future__ import annotations
@@ -14,15 +16,27 @@ import torch
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from midus.branches.product_keys import ProductKeys
-from midus.branches.value_lookup import MemoryValues
+from midus.model.branches import Branch
 
 
-def group_of(module: nn.Module, parameter_name: str, parameter: nn.Parameter, memory_keys: bool = False) -> str:
+def memory_roles(model: nn.Module) -> dict[int, str]:
+    """``values`` or ``subkeys`` by parameter id, as the model's branches declare them."""
+    roles: dict[int, str] = {}
+    for module in model.modules():
+        if isinstance(module, Branch):
+            roles.update({id(parameter): "values" for parameter in module.value_tables()})
+            roles.update({id(parameter): "subkeys" for parameter in module.subkey_tables()})
+    return roles
+
+
+def group_of(parameter_name: str, parameter: nn.Parameter, module: nn.Module, role: str | None,
+             memory_keys: bool = False) -> str:
     """Optimizer group of a parameter: ``decay``, ``no_decay`` or ``memory``."""
-    if isinstance(module, MemoryValues) or (memory_keys and isinstance(module, ProductKeys)):
+    if role == "values" or (memory_keys and role == "subkeys"):
         return "memory"
-    if isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm, ProductKeys)) or parameter_name == "bias" or parameter.ndim < 2:
+    if role == "subkeys" or isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
+        return "no_decay"
+    if parameter_name == "bias" or parameter.ndim < 2:
         return "no_decay"
     return "decay"
 
@@ -35,6 +49,7 @@ def parameter_groups(
     `memory_lr` sets the memory group's learning rate (None: the optimizer's default);
     `memory_keys` moves product-key sub-keys into that group.
     """
+    roles = memory_roles(model)
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "memory": []}
     seen: set[int] = set()
     for module in model.modules():
@@ -42,8 +57,12 @@ def parameter_groups(
             if not parameter.requires_grad or id(parameter) in seen:
                 continue
             seen.add(id(parameter))
-            groups[group_of(module, name, parameter, memory_keys)].append(parameter)
-    settings = {"decay": {"weight_decay": weight_decay}, "no_decay": {"weight_decay": 0.0}, "memory": {"weight_decay": 0.0}}
+            groups[group_of(name, parameter, module, roles.get(id(parameter)), memory_keys)].append(parameter)
+    settings = {
+        "decay": {"weight_decay": weight_decay},
+        "no_decay": {"weight_decay": 0.0},
+        "memory": {"weight_decay": 0.0},
+    }
     if memory_lr is not None:
         settings["memory"]["lr"] = memory_lr
     return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]

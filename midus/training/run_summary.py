@@ -1,41 +1,7 @@
-"""`RunSummary`: one ``summary.json`` per fit run, the row an ablation table is built from.
+"""`RunSummary`: the callback that writes a fit's ``summary.json`` (format: `midus.run_files`).
 
-The CLI adds this callback to every ``fit``. At the end of training it writes
-``<trainer.log_dir>/summary.json`` (``runs/<experiment>/<version>/summary.json``)::
-
-    {
-      "schema_version": 1,
-      "run_dir": "runs/quickstart/ffn",
-      "config_paths": ["experiments/quickstart.yaml"],
-      "device": "cpu",
-      "params": {"total": 912000, "trainable": 912000, "memory": 0, "added": 0},
-      "val": {"loss": 3.49, "ppl": 32.8, "recall_acc": 0.99, "recall_acc_heldout": 0.51,
-              "best_loss": 3.49},
-      "train": {"steps": 500, "batches": 500, "tokens": 2032000, "tokens_per_sec": 10500.0,
-                "mean_step_time_s": 0.39},
-      "wall_time_s": 212.0,
-      "peak_memory": {"bytes": 734003200, "kind": "cpu_max_rss"},
-      "latency": {"prompt_tokens": 128, "new_tokens": 32, "prefill_ms": 4.1, "decode_ms_per_token": 1.9}
-    }
-
-* ``val.*`` are the last logged values (``None`` when never logged, e.g. the recall probe
-  switched off); ``best_loss`` is the lowest ``val/loss`` of any validation after the sanity check.
-* ``train.tokens_per_sec`` counts training batches only: the time from ``on_train_batch_start``
-  to ``on_train_batch_end`` (forward, backward, optimizer step), summed, excluding validation,
-  checkpointing and logging between batches. Tokens are the predicted positions
-  (``input_ids[:, 1:]``) of the batches trained in this process; ``mean_step_time_s`` is per
-  training batch; ``steps`` is the trainer's global step (optimizer steps, resumed runs included).
-* ``params.added``: parameters an up-scaling added to its base (0 without one).
-* ``latency``: batch-1 greedy `generate` at fit end, best of 3: the prefill of a random prompt
-  and the mean time per token decoded one at a time with the KV cache.
-* ``wall_time_s`` spans ``on_fit_start`` to ``on_fit_end``, validation included.
-* ``peak_memory.kind`` says what ``bytes`` is: ``cuda_max_allocated``
-  (`torch.cuda.max_memory_allocated` since fit start: tensors only, no allocator cache) or
-  ``cpu_max_rss`` (the process's peak resident set size, since the process started, so run one
-  fit per process to compare runs; the ablation runner does).
-
-New measurements go into a new key or section (readers use ``.get``); bump
-``SCHEMA_VERSION`` only when the meaning of an existing key changes.
+The CLI adds it to every ``fit``. At the end of training it writes
+``<trainer.log_dir>/summary.json`` (``runs/<experiment>/<version>/summary.json``).
 """
 
 from __future__ import annotations
@@ -50,13 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-SCHEMA_VERSION = 1
-FILENAME = "summary.json"
-# The final values of these logged metrics land under "val", named without the "val/" prefix.
-VAL_METRICS = (
-    "val/loss", "val/ppl", "val/recall_acc", "val/recall_acc_heldout", "val/recall_acc_replay",
-    "val/recall_acc_replay_heldout",
-)
+from midus.run_files import SUMMARY_FILE, SUMMARY_SCHEMA_VERSION, SUMMARY_VAL_METRICS
 
 
 class RunSummary(pl.Callback):
@@ -113,16 +73,16 @@ class RunSummary(pl.Callback):
         record = self.summary(trainer, pl_module)
         directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / FILENAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (directory / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The record written to ``summary.json`` (see the module docstring for its keys)."""
         model = pl_module.model
-        val = {name.removeprefix("val/"): _metric(trainer, name) for name in VAL_METRICS}
+        val = {name.removeprefix("val/"): _metric(trainer, name) for name in SUMMARY_VAL_METRICS}
         val["best_loss"] = self._best_val_loss
         seconds = self._train_seconds
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SUMMARY_SCHEMA_VERSION,
             "run_dir": str(trainer.log_dir or trainer.default_root_dir),
             "config_paths": self.config_paths,
             "device": str(pl_module.device),

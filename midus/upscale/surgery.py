@@ -33,7 +33,10 @@ PlanEntry = tuple[str, int]
 def insertion_points(n_blocks: int, every: int, positions: list[int], field_prefix: str = "model.upscale") -> list[int]:
     """Base block indices to insert after, from `every` or `positions` (exactly one of them)."""
     if bool(every) == bool(positions):
-        raise ValueError(f"{field_prefix}: give exactly one of `every` (> 0) or `positions` (got every={every}, positions={positions})")
+        raise ValueError(
+            f"{field_prefix}: give exactly one of `every` (> 0) or `positions` "
+            f"(got every={every}, positions={positions})"
+        )
     if every:
         if every < 0:
             raise ValueError(f"{field_prefix}.every must be positive, got {every}")
@@ -41,27 +44,33 @@ def insertion_points(n_blocks: int, every: int, positions: list[int], field_pref
     for index, position in enumerate(positions):
         if not 0 <= position < n_blocks:
             raise ValueError(
-                f"{field_prefix}.positions[{index}]={position} is out of range: the base has {n_blocks} blocks (0..{n_blocks - 1})"
+                f"{field_prefix}.positions[{index}]={position} is out of range: the base has {n_blocks} blocks "
+                f"(0..{n_blocks - 1})"
             )
     if len(set(positions)) != len(positions):
         raise ValueError(f"{field_prefix}.positions={positions} lists a block twice")
     return sorted(positions)
 
 
-def build_from_plan(base: MidusLM, plan: list[PlanEntry], memory: MemoryConfig | None = None,
-                    memory_branch: str = "hml", attn_init: str = "copy") -> MidusLM:
+def build_from_plan(
+    base: MidusLM,
+    plan: list[PlanEntry],
+    memory: MemoryConfig | None = None,
+    memory_branch: str = "hml",
+    attn_init: str = "copy",
+) -> MidusLM:
     """A new model whose blocks follow `plan` (see the module docstring)."""
     base_stack = base.config.stack
-    if memory is not None and memory != base.config.memory and any(
-        kind != "memory" and base_stack[source].block == "memory" for kind, source in plan
+    if (
+        memory is not None
+        and memory != base.config.memory
+        and any(kind != "memory" and base_stack[source].block == "memory" for kind, source in plan)
     ):
         raise ValueError(
             "model.upscale.memory differs from the memory settings of the base's own memory blocks; "
             "up-scaling a MIDUS model again needs the same memory settings"
         )
-    layers = [
-        LayerSpec("memory", memory_branch) if kind == "memory" else base_stack[source] for kind, source in plan
-    ]
+    layers = [LayerSpec("memory", memory_branch) if kind == "memory" else base_stack[source] for kind, source in plan]
     config = dataclasses.replace(
         base.config, layers=layers, n_layers=len(layers), memory_layers=[], memory=memory or base.config.memory
     )
@@ -76,8 +85,10 @@ def build_from_plan(base: MidusLM, plan: list[PlanEntry], memory: MemoryConfig |
         for name, value in base_state.items():
             if not name.startswith(base_prefix):
                 continue
-            target = prefix + name[len(base_prefix):]
-            if kind != "memory" or (attn_init == "copy" and name[len(base_prefix):].startswith(("attn_norm.", "attn."))):
+            target = prefix + name[len(base_prefix) :]
+            if kind != "memory" or (
+                attn_init == "copy" and name[len(base_prefix) :].startswith(("attn_norm.", "attn."))
+            ):
                 if target in state:  # a memory block has no o_proj
                     state[target] = value
     model.load_state_dict(state)
@@ -135,8 +146,9 @@ def upscale(base: MidusLM, settings: UpscaleConfig) -> tuple[MidusLM, list[int]]
 
 
 def _check_adjacent_memory(base_stack: list[LayerSpec], plan: list[PlanEntry], allowed: bool) -> None:
-    kinds = ["memory" if kind == "memory" or base_stack[source].block == "memory" else "transformer"
-             for kind, source in plan]
+    kinds = [
+        "memory" if kind == "memory" or base_stack[source].block == "memory" else "transformer" for kind, source in plan
+    ]
     for index in range(1, len(kinds)):
         if kinds[index] == kinds[index - 1] == "memory" and not allowed:
             raise ValueError(

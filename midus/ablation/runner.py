@@ -1,0 +1,282 @@
+"""Ablations: the "arms" of one experiment YAML, each a full ``fit`` run in its own process.
+
+A YAML with a top-level ``ablation:`` section is an ablation; everything else in it is the
+shared base configuration::
+
+    # python -m midus fit --config experiments/ablate_width.yaml
+    ablation:
+      name: ablate_width                  # optional; default: the YAML file's stem
+      arms:
+        wide:
+          model.config.d_model: 64        # dotted keys (at the top level of an arm) ...
+        narrow:
+          model: {config: {d_model: 32}}  # ... or nested dicts
+        base: {}                          # the base as is
+    seed_everything: 0
+    trainer: {...}
+    model: {...}
+    data: {...}
+
+Each arm's overrides are deep-merged onto the base: mappings merge key by key, lists and
+scalars replace. The runner then sets the logger to TensorBoard with ``name=<ablation name>``
+and ``version=<arm>`` (``save_dir`` from the base's TensorBoardLogger, default ``runs``), so
+arm ``wide`` lands in ``runs/ablate_width/wide``.
+
+``python -m midus fit --config experiments/ablate_width.yaml [--arm NAME[,NAME...]] [args]``:
+
+1. selects the arms (``--arm``, repeatable and/or comma-separated; default: all, in YAML order);
+2. parses every selected arm's merged config, with ``args``, through the kit's LightningCLI
+   parser (no data preparation) and builds its `ModelConfig`, so a misspelt key or a bad value
+   fails with the arm's name before anything is written;
+3. writes ``runs/<name>/<arm>/arm_config.yaml`` (base + overrides + logger) and runs
+   ``python -m midus fit --config <arm_config.yaml> [args]`` per arm, one after the other;
+   ``args`` come after the arm's config, so they override it (``--trainer.max_steps 10``);
+4. keeps going when an arm fails, and exits non-zero at the end if one did;
+5. reads ``runs/<name>/<arm>/summary.json`` of every arm in the YAML (ones run earlier or on
+   other machines included), prints a Markdown table and writes ``runs/<name>/summary.md`` and
+   ``summary.csv`` (`midus.ablation.table`).
+
+Only ``fit`` takes an ablation YAML. To ``validate``/``test``/``predict`` one arm, give the
+``config.yaml`` its run saved (the resolved config, ``args`` included):
+``python -m midus validate --config runs/<name>/<arm>/config.yaml --ckpt_path runs/<name>/<arm>/checkpoints/last.ckpt``.
+``--print_config`` prints every selected arm's resolved config and runs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from midus.ablation.config import TENSORBOARD, Ablation, AblationError, load_ablation
+from midus.ablation.table import collect_rows, write_tables
+from midus.run_files import ARM_CONFIG, SUMMARY_FILE
+
+CONFIG_FLAGS = ("--config", "-c")
+ARM_FLAG = "--arm"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+@dataclass
+class CommandLine:
+    """A ``python -m midus`` command line around an ablation YAML."""
+
+    ablation: Ablation
+    subcommand: str | None
+    before: list[str]
+    """Arguments before the ablation's ``--config`` (the subcommand among them), ``--arm`` removed."""
+    after: list[str]
+    """Arguments after it, ``--arm`` removed: passed to every arm after the arm's config."""
+    arms: list[str]
+    """The arms to run: the ``--arm`` selection, or all arms in YAML order."""
+
+    def for_arm(self, config: str) -> list[str]:
+        """The arm's command line: the ablation's ``--config`` replaced by the arm's `config`."""
+        return [*self.before, "--config", config, *self.after]
+
+
+def parse_command_line(argv: Sequence[str]) -> CommandLine | None:
+    """Split `argv`; None when no ``--config`` names an ablation YAML (then it is a plain run)."""
+    argv = [str(arg) for arg in argv]
+    for index, arg in enumerate(argv):
+        flag, _, inline = arg.partition("=")
+        if flag not in CONFIG_FLAGS:
+            continue
+        width = 1 if inline else 2
+        value = inline or (argv[index + 1] if index + 1 < len(argv) else "")
+        try:
+            ablation = load_ablation(value) if Path(value).is_file() else None
+        except yaml.YAMLError:
+            ablation = None  # LightningCLI reports unreadable configs
+        if ablation is not None:
+            before, after = _without_arm_flags(argv[:index]), _without_arm_flags(argv[index + width :])
+            selection = before[1] + after[1]
+            subcommand = next((a for a in argv if a in SUBCOMMANDS), None)
+            return CommandLine(ablation, subcommand, before[0], after[0], _select(ablation, selection))
+    if any(arg.partition("=")[0] == ARM_FLAG for arg in argv):
+        raise AblationError(
+            f"{ARM_FLAG} selects arms of an ablation YAML (one with an 'ablation:' section); none was given"
+        )
+    return None
+
+
+def _without_arm_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    kept, selected, index = [], [], 0
+    while index < len(argv):
+        flag, equals, inline = argv[index].partition("=")
+        if flag != ARM_FLAG:
+            kept.append(argv[index])
+            index += 1
+            continue
+        if not equals and index + 1 >= len(argv):
+            raise AblationError(f"{ARM_FLAG} needs an arm name")
+        value = inline if equals else argv[index + 1]
+        selected += [name.strip() for name in value.split(",") if name.strip()]
+        index += 1 if equals else 2
+    return kept, selected
+
+
+def _select(ablation: Ablation, selection: list[str]) -> list[str]:
+    unknown = [arm for arm in selection if arm not in ablation.arms]
+    if unknown:
+        raise AblationError(
+            f"{ablation.path}: unknown arm(s) {', '.join(map(repr, unknown))}; the arms are: {', '.join(ablation.arms)}"
+        )
+    chosen = set(selection)
+    return [arm for arm in ablation.arms if arm in chosen] if selection else list(ablation.arms)
+
+
+@dataclass
+class ArmPlan:
+    """A validated arm: its full config and the directory its run logs to."""
+
+    arm: str
+    config: dict[str, Any]
+    run_dir: Path
+
+
+def plan_arm(command: CommandLine, arm: str) -> ArmPlan:
+    """Validate one arm without building anything: parse it as its run will and build its `ModelConfig`.
+
+    Raises:
+        AblationError: naming the arm and the offending key or value.
+    """
+    from argparse import ArgumentError
+
+    from midus.model import ModelConfig
+
+    ablation = command.ablation
+    config = ablation.arm_config(arm)
+    # The config goes in as a YAML string (jsonargparse takes those for --config): nothing is written yet.
+    args = command.for_arm(yaml.safe_dump(config, sort_keys=False))
+    try:
+        parsed = parse_only(args)
+        ModelConfig(**parsed.model.config.as_dict())
+    except (ArgumentError, ValueError, TypeError) as error:
+        raise AblationError(f"{ablation.path}: arm {arm!r}: {error}") from error
+    logger = parsed.trainer.logger
+    init_args = logger.init_args if getattr(logger, "class_path", "") == TENSORBOARD else None
+    if init_args is None or (init_args.name, str(init_args.version)) != (ablation.name, arm):
+        raise AblationError(
+            f"{ablation.path}: arm {arm!r}: the runner sets trainer.logger to {TENSORBOARD} with "
+            f"name={ablation.name!r}, version={arm!r}; do not override them on the command line (use ablation.name)"
+        )
+    return ArmPlan(arm, config, Path(init_args.save_dir) / ablation.name / arm)
+
+
+def parse_only(args: list[str]) -> Any:
+    """Parse a ``python -m midus`` command line with the kit's parser; returns the subcommand's namespace.
+
+    Nothing is instantiated (no data preparation, no model, no trainer); errors raise
+    `argparse.ArgumentError` instead of exiting.
+    """
+    parsed = _parser().parse_args(args)
+    return parsed[parsed.subcommand]
+
+
+@functools.cache
+def _parser() -> Any:
+    # Building the parser (signatures, docstrings) takes seconds, parsing with it a tenth of one.
+    from midus.training.cli import MidusCLI, cli_kwargs
+
+    class ParseOnlyCLI(MidusCLI):
+        def _set_seed(self) -> None:
+            pass  # this process only parses: leave the global RNGs (and the log) alone
+
+        def instantiate_classes(self) -> None:
+            # LightningCLI runs the subcommand after this hook only when one is set.
+            self.subcommand = None
+
+    strict = {"exit_on_error": False}
+    with warnings.catch_warnings():
+        # Passing args while sys.argv has its own is deliberate here: they are not this process's.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = ParseOnlyCLI(
+            **cli_kwargs(), parser_kwargs={**strict, **{name: strict for name in SUBCOMMANDS}}, args=["fit"]
+        )
+    return cli.parser
+
+
+def run_arm_process(arm_command: list[str]) -> int:
+    """Run one arm as ``python -m midus <arm_command>`` in a child process; returns its exit status."""
+    return subprocess.run([sys.executable, "-m", "midus", *arm_command]).returncode
+
+
+def run_ablation(argv: Sequence[str]) -> int:
+    """Run the arms an ablation command line selects, then write the table; returns the exit status.
+
+    Raises:
+        AblationError: when `argv` names no ablation YAML, an unknown arm, or an invalid arm
+            (always before anything is written).
+    """
+    command = parse_command_line(argv)
+    if command is None:
+        raise AblationError("no --config names an ablation YAML (one with a top-level 'ablation:' section)")
+    ablation = command.ablation
+    if command.subcommand != "fit":
+        raise AblationError(
+            f"{ablation.path}: only 'fit' runs the arms of an ablation (got {command.subcommand!r}); to "
+            f"{command.subcommand or 'validate'} one arm, give the config its fit saved: "
+            f"--config <save_dir>/{ablation.name}/<arm>/config.yaml"
+        )
+    printing = any(str(arg).startswith("--print_config") for arg in argv)
+    plans = []
+    for arm in command.arms:
+        if printing:
+            print(f"# Ablation {ablation.name!r}, arm {arm!r}:", flush=True)
+        try:
+            plans.append(plan_arm(command, arm))
+        except SystemExit as stop:  # the parser exits after --print_config (and --help)
+            if not printing or stop.code:
+                raise
+    if printing:
+        return 0  # every arm's resolved config is printed; run nothing
+    experiment_dirs = {plan.run_dir.parent for plan in plans}
+    if len(experiment_dirs) > 1:
+        raise AblationError(f"{ablation.path}: arms log under different save_dirs: {sorted(map(str, experiment_dirs))}")
+    # Every selected arm is valid: from here on files are written.
+    for plan in plans:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        header = f"# Arm {plan.arm!r} of {ablation.path} (ablation {ablation.name!r}).\n"
+        (plan.run_dir / ARM_CONFIG).write_text(header + yaml.safe_dump(plan.config, sort_keys=False), encoding="utf-8")
+        (plan.run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a crash must not leave an old row
+    exit_codes: dict[str, int] = {}
+    try:
+        for number, plan in enumerate(plans, 1):
+            print(
+                f"\n=== ablation {ablation.name}: arm {plan.arm} ({number}/{len(plans)}) -> {plan.run_dir}", flush=True
+            )
+            # A process per arm: peak memory is the arm's own, and a crash ends only that arm.
+            arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
+            exit_codes[plan.arm] = run_arm_process(arm_command)
+            if exit_codes[plan.arm]:
+                print(f"=== arm {plan.arm} failed with exit code {exit_codes[plan.arm]}", file=sys.stderr, flush=True)
+    finally:  # an interrupted ablation still gets the table of what finished
+        experiment_dir = experiment_dirs.pop()
+        rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes)
+        print(f"\nAblation {ablation.name} ({experiment_dir}/summary.md):\n")
+        print(write_tables(experiment_dir, ablation.name, rows), flush=True)
+    return 1 if any(exit_codes.values()) else 0
+
+
+def run_if_ablation(argv: Sequence[str]) -> bool:
+    """`midus.cli.main`'s hook: run `argv` as an ablation if it names one; False when it does not.
+
+    Exits (`SystemExit`) with a one-line message on a configuration error and with status 1
+    when an arm failed.
+    """
+    try:
+        if parse_command_line(argv) is None:
+            return False
+        status = run_ablation(argv)
+    except AblationError as error:
+        raise SystemExit(f"error: {error}") from None
+    if status:
+        raise SystemExit(status)
+    return True

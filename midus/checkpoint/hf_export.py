@@ -1,0 +1,212 @@
+"""Export a kit `MidusLM` with a pure Llama architecture to a Hugging Face directory.
+
+The inverse of `midus.checkpoint.hf_import`: the directory gets `config.json` (a `LlamaConfig`),
+`model.safetensors` and, when given, the tokenizer, and loads with
+`transformers.LlamaForCausalLM.from_pretrained` (or back into the kit with
+`load_hf_checkpoint`). Only models that Llama can express export: every block a Transformer
+block with the `ffn` branch, and the same bias setting on q/k/v and o. Every check runs
+before anything is written, and each failure is one error naming the layer or field.
+
+    export_hf_checkpoint(model, "out/llama-dir", tokenizer=tokenizer, dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+# The tensor-name tables of the import, inverted below, so the two directions cannot drift.
+from midus.checkpoint.hf_names import LAYER_NAMES, TOP_NAMES, WEIGHT_PATTERNS
+from midus.model.config import ModelConfig
+from midus.model.transformer import MidusLM
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedTokenizerBase
+
+DEFAULT_MAX_POSITIONS = 4096
+"""`max_position_embeddings` written when neither the caller nor Llama-3 RoPE scaling sets
+one. The kit has no learned positions, so the value only informs readers of the config."""
+
+_KIT_LAYER_NAMES = {kit: hf for hf, kit in LAYER_NAMES.items()}
+_KIT_TOP_NAMES = {kit: hf for hf, kit in TOP_NAMES.items()}
+# LlamaForCausalLM keeps the output head outside its inner `model` (LlamaModel).
+_OUTSIDE_INNER_MODEL = {"lm_head.weight"}
+
+
+def check_llama_exportable(config: ModelConfig) -> None:
+    """Raise ValueError, naming the layer or field, if Llama cannot express `config`."""
+    for index, spec in enumerate(config.stack):
+        if spec.block != "transformer":
+            raise ValueError(
+                f"layers[{index}] is a {spec.block} block; only pure Llama models "
+                "(transformer blocks with ffn branches) export to Hugging Face"
+            )
+        if spec.branch != "ffn":
+            raise ValueError(
+                f"layers[{index}].branch={spec.branch!r} is not 'ffn'; only pure Llama models "
+                "(transformer blocks with ffn branches) export to Hugging Face"
+            )
+    # Llama's single `attention_bias` switch puts biases on q, k, v *and* o.
+    if config.qkv_bias != config.attn_out_bias:
+        raise ValueError(
+            f"qkv_bias={config.qkv_bias} differs from attn_out_bias={config.attn_out_bias}; Llama's "
+            "attention_bias sets both, so only models with equal values export to Hugging Face"
+        )
+
+
+def llama_config_from_model_config(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    max_position_embeddings: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> LlamaConfig:
+    """The `transformers.LlamaConfig` of a kit model (the inverse of `model_config_from_hf`).
+
+    `max_position_embeddings` defaults, with Llama-3 RoPE scaling, to the context it
+    stretches to (original_max_position_embeddings x factor: transformers warns unless it is
+    larger than the original), else to `DEFAULT_MAX_POSITIONS`. Special token ids come
+    from `tokenizer`; without one they are null (LlamaConfig's defaults 1 and 2 would be
+    arbitrary ids in the kit's vocabulary).
+    """
+    from transformers import LlamaConfig
+
+    check_llama_exportable(config)
+    rope: dict[str, float | int | str] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    positions = DEFAULT_MAX_POSITIONS
+    if config.rope_scaling:
+        # The kit stores every scaling value as a float; transformers wants this one an int.
+        original = int(config.rope_scaling["original_max_position_embeddings"])
+        rope.update(config.rope_scaling, rope_type="llama3", original_max_position_embeddings=original)
+        positions = int(original * config.rope_scaling["factor"])
+    if max_position_embeddings is None:
+        max_position_embeddings = positions
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_width,
+        num_hidden_layers=config.depth,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=config.init_std,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=rope,  # transformers 5 keeps theta and scaling together here
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=config.qkv_bias,
+        mlp_bias=False,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        dtype=dtype,
+    )
+
+
+def export_hf_checkpoint(
+    model: MidusLM,
+    directory: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
+    max_position_embeddings: int | None = None,
+) -> Path:
+    """Write `model` (and `tokenizer`) as a Hugging Face Llama checkpoint; return the directory.
+
+    Writes `config.json`, `model.safetensors` (weights in `dtype`, default the model's own;
+    with tied embeddings only `model.embed_tokens.weight`, as transformers itself saves them)
+    and the tokenizer's files. The model itself is not changed.
+
+    Raises ValueError before writing anything for a model Llama cannot express (a memory
+    block, a branch other than ffn, qkv_bias != attn_out_bias, a tied config whose head was
+    untied), a tokenizer larger than the vocabulary or a non-float dtype; FileExistsError if `directory` already holds a
+    config.json and `overwrite` is False. With `overwrite`, old weight files are removed
+    (a stale shard index would otherwise be read instead of the new weights); other files,
+    such as an old tokenizer, are left alone.
+    """
+    config = model.config
+    check_llama_exportable(config)
+    dtype = dtype or model.embed.weight.dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
+            "ids past the vocabulary would have no embedding"
+        )
+    head, embed = model.lm_head.weight, model.embed.weight
+    if config.tie_embeddings and head is not embed and not torch.equal(head, embed):
+        raise ValueError("tie_embeddings=True but lm_head.weight differs from embed.weight; they were untied")
+    hf_config = llama_config_from_model_config(config, dtype, max_position_embeddings, tokenizer)
+    tensors = _hf_state_dict(model, dtype)
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory}: is a file; expected a directory to export to")
+    if (directory / "config.json").exists() and not overwrite:
+        raise FileExistsError(
+            f"{directory}: already holds a checkpoint (config.json); pass overwrite=True to replace it"
+        )
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for pattern in WEIGHT_PATTERNS:
+        for stale in directory.glob(pattern):
+            stale.unlink()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    # config.json last: a directory is only taken for a checkpoint once it has one, so an
+    # export that fails half-way leaves nothing that loads, nor anything that blocks a retry.
+    _write_config(hf_config, directory / "config.json")
+    return directory
+
+
+def _hf_state_dict(model: MidusLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Kit tensors under LlamaForCausalLM's names, on the CPU in `dtype`, contiguous."""
+    tensors: dict[str, torch.Tensor] = {}
+    written: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # transformers re-ties it from model.embed_tokens.weight on load
+        hf_name = _hf_name(name)
+        tensor = tensor.detach().to("cpu", dtype).contiguous()
+        # safetensors refuses tensors sharing memory (e.g. one block module placed twice).
+        if tensor.untyped_storage().data_ptr() in written:
+            tensor = tensor.clone()
+        written.add(tensor.untyped_storage().data_ptr())
+        tensors[hf_name] = tensor
+    return tensors
+
+
+def _hf_name(name: str) -> str:
+    """`blocks.3.attn.q_proj.weight` -> `model.layers.3.self_attn.q_proj.weight`, and so on."""
+    if name in _KIT_TOP_NAMES:
+        hf = _KIT_TOP_NAMES[name]
+        return hf if hf in _OUTSIDE_INNER_MODEL else f"model.{hf}"
+    prefix, _, rest = name.partition(".")
+    index, _, suffix = rest.partition(".")
+    if prefix == "blocks" and index.isdigit() and suffix in _KIT_LAYER_NAMES:
+        return f"model.layers.{index}.{_KIT_LAYER_NAMES[suffix]}"
+    raise ValueError(f"tensor {name!r} has no Hugging Face Llama counterpart")
+
+
+def _write_config(hf_config: LlamaConfig, path: Path) -> None:
+    # transformers 4.x reads rope_theta/rope_scaling and ignores rope_parameters, so it would
+    # silently build RoPE with theta 10000; the legacy keys (equal values) keep such readers
+    # right. transformers 5 reads them back into rope_parameters without a warning.
+    fields = hf_config.to_diff_dict()  # what save_pretrained writes: no generic defaults
+    # Always explicit: transformers 4.x defaults tie_word_embeddings to True.
+    fields["tie_word_embeddings"] = hf_config.tie_word_embeddings
+    fields["rope_parameters"] = dict(hf_config.rope_parameters)
+    rope = dict(hf_config.rope_parameters)
+    fields["rope_theta"] = rope.pop("rope_theta")
+    if rope["rope_type"] != "default":
+        fields["rope_scaling"] = rope
+    path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,219 @@
+"""Where training text comes from: the embedded corpus, local files, or a Hugging Face dataset.
+
+Each loader returns a `DatasetDict` with ``train`` and ``validation`` splits holding one
+``text`` column, plus a short corpus key that names the text in cache paths. Local files
+and hub datasets go through `datasets.load_dataset`, which caches them under the data
+cache; errors name the `data.*` field that needs fixing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import random
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from midus.data.corpus import BiographyCorpus
+
+log = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _short_hash(*parts: object) -> str:
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
+
+
+def embedded_splits(
+    corpus: BiographyCorpus, replay: BiographyCorpus | None = None, replay_share: float = 0.0
+) -> DatasetDict:
+    """Training biographies and held-out-template biographies of the same people.
+
+    With a `replay` population, training text is every document of `corpus` plus a subset of
+    the replay population's documents (see `replay_counts`) making `replay_share` of the mix,
+    shuffled together deterministically; validation text is the held-out-template biographies
+    of both populations (main first, then replay, one per person), so ``val/loss`` covers both.
+    People of `corpus` whose name also occurs in `replay` are left out of the main population
+    (see `shared_names`).
+    """
+    if replay is None:
+        return DatasetDict(
+            train=Dataset.from_dict({"text": corpus.train_documents()}),
+            validation=Dataset.from_dict({"text": corpus.validation_documents()}),
+        )
+    shared = shared_names(corpus, replay)
+    kept = [person.name not in shared for person in corpus.people]
+    main_train = corpus.train_documents([corpus.docs_per_person if keep else 0 for keep in kept])
+    counts = replay_counts(len(replay.people), len(main_train), replay.docs_per_person, replay_share)
+    replay_train = replay.train_documents(counts)
+    train = main_train + replay_train
+    mix = (corpus.seed, len(corpus.people), corpus.docs_per_person, replay.seed, len(replay.people), replay_share)
+    random.Random(f"midus.text.replay_mix:{mix}").shuffle(train)
+    validation = [doc for doc, keep in zip(corpus.validation_documents(), kept) if keep]
+    log.info(
+        "embedded corpus: %d documents of population %d and %d of replay population %d (share %.4f)",
+        len(main_train), corpus.seed, len(replay_train), replay.seed, len(replay_train) / len(train),
+    )
+    return DatasetDict(
+        train=Dataset.from_dict({"text": train}),
+        validation=Dataset.from_dict({"text": validation + replay.validation_documents()}),
+    )
+
+
+def shared_names(corpus: BiographyCorpus, replay: BiographyCorpus) -> set[str]:
+    """Names of people in both populations.
+
+    Different seeds share a name only by chance (about n_main * n_replay / 2.4e8 names are
+    expected to collide, e.g. 1.7e-4 for 200 x 200). Such people are dropped from the MAIN
+    population, deterministically: the replay population stays exactly the one a base model
+    was trained on, and the main population holds only people that are new to it.
+    """
+    return {person.name for person in corpus.people} & {person.name for person in replay.people}
+
+
+def replay_counts(replay_people: int, main_documents: int, docs_per_person: int, share: float) -> list[int]:
+    """Training documents per replay person (population order) so replay is `share` of the mix.
+
+    ``R = round(share / (1 - share) * main_documents)`` replay documents, spread evenly: each
+    person gets ``R // replay_people``, the first ``R % replay_people`` people one more. Every
+    replay person keeps at least one document and at most the `docs_per_person` it has, so
+    ``replay_people <= R <= replay_people * docs_per_person``; otherwise a ValueError names
+    ``data.embedded.replay_share`` and the shares that fit.
+    """
+    total = round(share / (1.0 - share) * main_documents)
+    if not replay_people <= total <= replay_people * docs_per_person:
+        low = replay_people / (main_documents + replay_people)
+        high = replay_people * docs_per_person / (main_documents + replay_people * docs_per_person)
+        raise ValueError(
+            f"data.embedded.replay_share={share} asks for {total} replay documents next to {main_documents} "
+            f"main ones, but each of the {replay_people} replay people needs at least 1 and has at most "
+            f"{docs_per_person} (data.embedded.docs_per_person); use a share in about [{low:.4f}, {high:.4f}] "
+            "or change data.embedded.replay_num_people"
+        )
+    base, extra = divmod(total, replay_people)
+    return [base + 1 if index < extra else base for index in range(replay_people)]
+
+
+def embedded_key(
+    seed: int,
+    num_people: int,
+    docs_per_person: int,
+    replay_seed: int = -1,
+    replay_num_people: int = 0,
+    replay_share: float = 0.0,
+) -> str:
+    """Cache key of an embedded corpus (its text is a pure function of these).
+
+    Without replay (``replay_seed`` < 0) the replay arguments are ignored and the key is
+    ``biographies-s{seed}-n{num_people}-d{docs_per_person}``; with replay it gains
+    ``-replay-s{replay_seed}-n{people}-p{share}`` (``replay_num_people`` 0 counts as
+    `num_people`, so both spellings of one mix share a key).
+    """
+    key = f"biographies-s{seed}-n{num_people}-d{docs_per_person}"
+    if replay_seed >= 0:
+        key += f"-replay-s{replay_seed}-n{replay_num_people or num_people}-p{float(replay_share)!r}"
+    return key
+
+
+def resolve_files(patterns: list[str], field_name: str) -> list[str]:
+    """Expand globs; every entry must match at least one file with a supported suffix."""
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(Path(match).is_file() for match in matches):
+            raise FileNotFoundError(f"{field_name}: {pattern!r} does not exist (or matches no file)")
+        files.extend(matches)
+    suffixes = {Path(file).suffix for file in files}
+    unknown = suffixes - set(FILE_BUILDERS)
+    if unknown:
+        raise ValueError(f"{field_name}: unsupported file type {sorted(unknown)}; expected .txt, .jsonl or .parquet")
+    if len({FILE_BUILDERS[suffix] for suffix in suffixes}) > 1:
+        raise ValueError(f"{field_name}: mixes file types {sorted(suffixes)}; use one type per split")
+    return files
+
+
+def _load_files(files: list[str], text_field: str, sample_by: str, cache_dir: str, field_name: str) -> Dataset:
+    builder = FILE_BUILDERS[Path(files[0]).suffix]
+    options = {"sample_by": sample_by} if builder == "text" else {}
+    dataset = datasets.load_dataset(
+        builder, data_files=files, split="train", cache_dir=str(Path(cache_dir) / "hf_datasets"), **options
+    )
+    return _select_text(dataset, text_field, f"{field_name} ({files[0]})")
+
+
+def _select_text(dataset: Dataset, text_field: str, where: str) -> Dataset:
+    if text_field not in dataset.column_names:
+        raise ValueError(
+            f"data.text_field={text_field!r} is not a column of {where}; its columns are {dataset.column_names}"
+        )
+    dataset = dataset.select_columns([text_field])
+    if text_field != "text":
+        dataset = dataset.rename_column(text_field, "text")
+    return dataset.filter(lambda row: bool(row["text"] and row["text"].strip()))
+
+
+def _split_off_validation(train: Dataset, val_fraction: float, seed: int, where: str) -> DatasetDict:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction}")
+    if len(train) < 2:
+        raise ValueError(f"{where}: needs at least 2 text records to split off validation, got {len(train)}")
+    parts = train.train_test_split(test_size=val_fraction, seed=seed)
+    return DatasetDict(train=parts["train"], validation=parts["test"])
+
+
+def file_splits(
+    train_files: list[str],
+    val_files: list[str],
+    val_fraction: float,
+    text_field: str,
+    sample_by: str,
+    cache_dir: str,
+    seed: int,
+) -> tuple[DatasetDict, str]:
+    """Local .txt / .jsonl / .parquet files; validation from `val_files` or split off."""
+    if not train_files:
+        raise ValueError("data.train_files is empty; data.source=files needs at least one file")
+    train_paths = resolve_files(train_files, "data.train_files")
+    val_paths = resolve_files(val_files, "data.val_files") if val_files else []
+    stats = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in train_paths + val_paths]
+    key = "files-" + _short_hash(stats, text_field, sample_by, val_fraction, seed)
+    train = _load_files(train_paths, text_field, sample_by, cache_dir, "data.train_files")
+    if val_paths:
+        validation = _load_files(val_paths, text_field, sample_by, cache_dir, "data.val_files")
+        return DatasetDict(train=train, validation=validation), key
+    return _split_off_validation(train, val_fraction, seed, "data.train_files"), key
+
+
+def hub_splits(
+    name: str,
+    config_name: str,
+    train_split: str,
+    val_split: str,
+    val_fraction: float,
+    text_field: str,
+    cache_dir: str,
+    seed: int,
+) -> tuple[DatasetDict, str]:
+    """A dataset by Hugging Face hub name (or local dataset directory) via `load_dataset`."""
+    if not name:
+        raise ValueError("data.hub_dataset is empty; data.source=hub needs a dataset name")
+    try:
+        loaded = datasets.load_dataset(name, config_name or None, cache_dir=str(Path(cache_dir) / "hf_datasets"))
+    except Exception as error:  # datasets raises many types for "offline" / "not found"
+        raise ValueError(
+            f"data.hub_dataset={name!r} could not be loaded ({type(error).__name__}: {error}). "
+            "If this machine is offline, load it once on a machine with network access (it is then cached "
+            "under data/hf_datasets), or point data.source=files and data.train_files at local files."
+        ) from error
+    if train_split not in loaded:
+        raise ValueError(f"data.hub_train_split={train_split!r} is not a split of {name!r}; it has {list(loaded)}")
+    where = f"dataset {name!r}"
+    train = _select_text(loaded[train_split], text_field, where)
+    key = "hub-" + _short_hash(name, config_name, train_split, val_split, text_field, val_fraction, seed)
+    if val_split and val_split in loaded:
+        return DatasetDict(train=train, validation=_select_text(loaded[val_split], text_field, where)), key
+    return _split_off_validation(train, val_fraction, seed, where), key

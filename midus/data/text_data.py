@@ -1,0 +1,239 @@
+"""The prepared text of a run: text → tokenizer → packed blocks → loaders, plus the recall probe.
+
+Everything is prepared at construction: the vocabulary size must exist before the model is
+built (the CLI links ``data.vocab_size`` into ``model.config.vocab_size``), and bad input
+must fail before the Trainer writes a run directory.
+
+`TextData` is plain Python (the analyses use it, and so their ``--help`` needs no Lightning);
+`midus.data.datamodule.LanguageModelingData` is the same class as a LightningDataModule.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from midus.data.corpus import BiographyCorpus, RecallItem
+from midus.data.corpus.names import NAME_SPACE_SIZE
+from midus.data.packing import pack_documents
+from midus.data.recall_probe import TokenizedQuestion, tokenize_probe
+from midus.data.sources import embedded_key, embedded_splits, file_splits, hub_splits, shared_names
+from midus.data.tokenizers import cached_tokenizer, load_tokenizer_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedCorpusConfig:
+    """The generated biography corpus (see `midus.data.corpus.BiographyCorpus`), optionally with a
+    second, replayed population (continued training: new people plus a share of the old)."""
+
+    seed: int = 0
+    """Population seed: names and facts are a pure function of it (a new seed, a new population).
+    With replay this is the main (new) population, probed as val/recall_acc[_heldout]."""
+    num_people: int = 200
+    """Population size."""
+    docs_per_person: int = 24
+    """Training biographies per person, each with fresh template choices and sentence order
+    (many renderings make a small model store facts instead of memorising documents)."""
+    replay_seed: int = -1
+    """Seed of a second population mixed into training for replay, e.g. the one a base model was
+    pretrained on (-1: none). It is generated with docs_per_person: when replay_num_people and
+    docs_per_person equal the base run's num_people and docs_per_person, its documents and
+    probe prompts are exactly the base run's. Probed as val/recall_acc_replay[_heldout];
+    validation text holds the held-out biographies of both populations."""
+    replay_num_people: int = 0
+    """Size of the replay population (0: the same as num_people)."""
+    replay_share: float = 0.25
+    """Share of the training documents that come from the replay population, in (0, 1); the rest
+    are all documents of population seed. Replay documents are a fixed subset of the replay
+    population's: R = round(share / (1 - share) * main documents), each replay person keeping
+    its first R // people renderings (the first R % people people in population order one
+    more), so every replay person keeps at least one and at most docs_per_person. A person of
+    population seed whose name also occurs in the replay population is dropped from population
+    seed (text and probe; the replay population stays whole)."""
+
+
+def _replay_people(embedded: EmbeddedCorpusConfig) -> int:
+    """Checked size of the replay population; 0 when there is none."""
+    if embedded.replay_seed < -1:
+        raise ValueError(f"data.embedded.replay_seed must be >= 0, or -1 for no replay, got {embedded.replay_seed}")
+    if embedded.replay_seed == -1:
+        return 0
+    if embedded.replay_seed == embedded.seed:
+        raise ValueError(
+            f"data.embedded.replay_seed={embedded.replay_seed} equals data.embedded.seed: the replay population "
+            "must be a different population (another seed)"
+        )
+    if not 0.0 < embedded.replay_share < 1.0:
+        raise ValueError(f"data.embedded.replay_share must be in (0, 1) with replay, got {embedded.replay_share}")
+    if not 0 <= embedded.replay_num_people <= NAME_SPACE_SIZE:
+        raise ValueError(
+            f"data.embedded.replay_num_people must be 0 (= num_people) or in [1, {NAME_SPACE_SIZE}], "
+            f"got {embedded.replay_num_people}"
+        )
+    return embedded.replay_num_people or embedded.num_people
+
+
+class TextData:
+    """Packed causal-LM blocks from the embedded corpus, local files, or a Hugging Face dataset.
+
+    Args:
+        source: ``embedded`` (generated biographies), ``files`` (local .txt/.jsonl/.parquet)
+            or ``hub`` (a dataset name or local dataset directory for `datasets.load_dataset`).
+        embedded: settings of the embedded corpus (source=embedded).
+        train_files: paths or globs of training files (source=files).
+        val_files: paths or globs of validation files; empty splits off `val_fraction`.
+        val_fraction: share of training records held out when no validation split exists.
+        text_sample_by: how .txt files become records: per ``line``, ``paragraph`` or ``document``.
+        hub_dataset: dataset name for `datasets.load_dataset` (source=hub).
+        hub_config: dataset configuration name ("" for the default).
+        hub_train_split: split used for training.
+        hub_val_split: split used for validation ("" or absent: split off `val_fraction`).
+        text_field: column holding the text (.jsonl, .parquet, hub datasets).
+        tokenizer: ``bpe`` (trained on the training split), ``char`` or ``hf`` (`tokenizer_path`).
+        bpe_vocab_size: vocabulary size of the trained BPE.
+        tokenizer_path: local Hugging Face tokenizer directory (tokenizer=hf).
+        block_size: tokens per training sequence.
+        batch_size: sequences per batch.
+        num_workers: DataLoader worker processes.
+        cache_dir: where tokenizers and prepared corpora are cached.
+        seed: seed of the validation split-off.
+        predict_prompts: prompts that ``predict`` continues; empty uses the first recall-probe
+            prompts of the embedded corpus.
+    """
+
+    def __init__(
+        self,
+        source: Literal["embedded", "files", "hub"] = "embedded",
+        embedded: EmbeddedCorpusConfig = EmbeddedCorpusConfig(),
+        train_files: list[str] = [],
+        val_files: list[str] = [],
+        val_fraction: float = 0.05,
+        text_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
+        hub_dataset: str = "",
+        hub_config: str = "",
+        hub_train_split: str = "train",
+        hub_val_split: str = "validation",
+        text_field: str = "text",
+        tokenizer: Literal["bpe", "char", "hf"] = "bpe",
+        bpe_vocab_size: int = 2048,
+        tokenizer_path: str = "",
+        block_size: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        cache_dir: str = "data",
+        seed: int = 0,
+        predict_prompts: list[str] = [],
+    ) -> None:
+        super().__init__()  # cooperative: the LightningDataModule's __init__ in LanguageModelingData
+        self.settings = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        self._keep_settings(self.settings)
+        if block_size < 1:
+            raise ValueError(f"data.block_size must be >= 1, got {block_size}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if tokenizer == "hf" and not tokenizer_path:
+            raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a local tokenizer directory)")
+        if tokenizer == "bpe" and bpe_vocab_size < 260:
+            raise ValueError(f"data.bpe_vocab_size must be >= 260 (256 bytes + specials), got {bpe_vocab_size}")
+        # The tokenizer directory is checked before any text is loaded or tokenizer trained.
+        hf_tokenizer = load_tokenizer_dir(tokenizer_path, "data.tokenizer_path") if tokenizer == "hf" else None
+
+        self.corpus: BiographyCorpus | None = None
+        # The replay population (embedded.replay_seed), and main people dropped for sharing a name with it.
+        self.replay_corpus: BiographyCorpus | None = None
+        self.dropped_people: frozenset[str] = frozenset()
+        if source == "embedded":
+            replay_people = _replay_people(embedded)
+            self.corpus = BiographyCorpus(embedded.seed, embedded.num_people, embedded.docs_per_person)
+            if replay_people:
+                self.replay_corpus = BiographyCorpus(embedded.replay_seed, replay_people, embedded.docs_per_person)
+                self.dropped_people = frozenset(shared_names(self.corpus, self.replay_corpus))
+                if self.dropped_people:
+                    log.warning(
+                        "data.embedded: %d people of population %d share a name with replay population %d and are "
+                        "left out of population %d: %s", len(self.dropped_people), embedded.seed,
+                        embedded.replay_seed, embedded.seed, sorted(self.dropped_people),
+                    )
+            splits = embedded_splits(self.corpus, self.replay_corpus, embedded.replay_share)
+            corpus_key = embedded_key(
+                embedded.seed, embedded.num_people, embedded.docs_per_person,
+                embedded.replay_seed, replay_people, embedded.replay_share,
+            )
+        elif source == "files":
+            splits, corpus_key = file_splits(
+                train_files, val_files, val_fraction, text_field, text_sample_by, cache_dir, seed
+            )
+        else:
+            splits, corpus_key = hub_splits(
+                hub_dataset, hub_config, hub_train_split, hub_val_split, val_fraction, text_field, cache_dir, seed
+            )
+
+        self.tokenizer: PreTrainedTokenizerBase = hf_tokenizer or cached_tokenizer(
+            tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size, cache_dir, corpus_key
+        )
+        self.train_blocks = pack_documents(splits["train"], self.tokenizer, block_size, "training")
+        self.val_blocks = pack_documents(splits["validation"], self.tokenizer, block_size, "validation")
+        # Recall probe by population and prompt phrasing: "train" asks the main population in a
+        # phrasing seen in training (stored facts), "heldout" in held-out phrasing (facts
+        # transferred to new wording); "replay" and "replay_heldout" ask the replay population
+        # the same ways (phrasing seen in that population's full training documents).
+        probes = ("train", "heldout") if self.corpus else ()
+        probes += ("replay", "replay_heldout") if self.replay_corpus else ()
+        self.recall_questions: dict[str, list[TokenizedQuestion]] = {
+            phrasing: tokenize_probe(self._probe_items(phrasing), self.tokenizer) for phrasing in probes
+        }
+        log.info(
+            "data: %s, vocabulary %d, %d training and %d validation blocks of %d tokens",
+            corpus_key, self.vocab_size, len(self.train_blocks), len(self.val_blocks), block_size,
+        )
+
+    def _keep_settings(self, settings: dict) -> None:
+        """Where the constructor's arguments are recorded besides `settings` (Lightning: hparams)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the tokenizer's vocabulary, added tokens included (linked into the model)."""
+        return len(self.tokenizer)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_blocks,
+            batch_size=self.settings["batch_size"],
+            shuffle=True,
+            drop_last=len(self.train_blocks) >= self.settings["batch_size"],
+            num_workers=self.settings["num_workers"],
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_blocks, batch_size=self.settings["batch_size"], num_workers=self.settings["num_workers"])
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """One prompt per batch (prompts differ in length and the model takes no padding)."""
+        prompts = self.settings["predict_prompts"] or [item.prompt for item in self._probe_items()[:8]]
+        if not prompts:
+            raise ValueError("data.predict_prompts is empty and the data source has no recall probe to borrow from")
+        encoded = [
+            {"input_ids": torch.tensor([self.tokenizer.eos_token_id, *ids])}
+            for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ]
+        return DataLoader(encoded, batch_size=1)
+
+    def _probe_items(self, phrasing: str = "train") -> list[RecallItem]:
+        """Probe items of a `recall_questions` key: train, heldout, replay or replay_heldout."""
+        if phrasing.startswith("replay"):
+            if self.replay_corpus is None:
+                return []
+            return self.replay_corpus.recall_probe("heldout" if phrasing == "replay_heldout" else "train")
+        if self.corpus is None:
+            return []
+        return [item for item in self.corpus.recall_probe(phrasing) if item.person not in self.dropped_people]

@@ -1,0 +1,48 @@
+"""Multi-head PKM: a query projection and a product-key space per head, one shared value table.
+
+Each head reads k rows of the same n² × d table; the heads' weighted sums are added. That
+sum is one bag of heads × k rows per token, so the lookup is a single weighted bag sum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from midus.model.branches.registry import Branch, register_branch
+from midus.model.config import ModelConfig
+from midus.model.retrieval.product_keys import ProductKeys
+from midus.model.retrieval.value_lookup import MemoryValues
+
+
+@register_branch("multihead_pkm")
+class MultiHeadProductKeyMemory(Branch):
+    """``memory.pkm_heads`` learned queries over their own sub-keys, summed reads of one d-wide table.
+
+    Args:
+        config: the model config (``memory`` holds the sizes).
+        layer_index: the block this branch belongs to.
+        n_heads: query heads; 0 means ``memory.pkm_heads`` (PKM passes 1).
+    """
+
+    is_product_key_memory = True
+
+    def __init__(self, config: ModelConfig, layer_index: int, n_heads: int = 0) -> None:
+        super().__init__()
+        memory = config.memory
+        self.n_heads = n_heads or memory.query_heads(config.n_heads)
+        query_dim = memory.query_dim(config.d_model)
+        self.query_proj = nn.Linear(config.d_model, self.n_heads * query_dim, bias=False)
+        self.keys = ProductKeys(self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm)
+        self.values = MemoryValues(memory.n_slots, config.d_model, memory.zero_init_values)
+
+    def value_tables(self) -> list[nn.Parameter]:
+        return [self.values.weight]
+
+    def subkey_tables(self) -> list[nn.Parameter]:
+        return [self.keys.subkeys]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (batch, time, d) -> queries (batch, time, heads, c) -> weights, slots (batch, time, heads, k)
+        weights, slots = self.keys(self.query_proj(x).unflatten(-1, (self.n_heads, -1)))
+        return self.values(slots.flatten(-2), weights.flatten(-2))  # sum over heads and k: (batch, time, d)

@@ -1,0 +1,2 @@
+"""Product-key retrieval (sub-key scores, candidate pairs, top-k), weighted value lookup, and
+slot-usage tracking through forward hooks; plain PyTorch, shared by every memory branch."""

@@ -1,0 +1,111 @@
+"""Product-key retrieval shared by every memory branch (Lample et al., 2019).
+
+Each of H heads owns two sub-key tables of n rows, so its memory has N = n² slots whose key
+is the concatenation of one row from each table. A query q (width c) is split in halves:
+
+    q ─┬─ q1 · K1ᵀ ─ top-k ─ s1 (sorted) ─┐
+       └─ q2 · K2ᵀ ─ top-k ─ s2 (sorted) ─┴─ s1[i] + s2[j] for (i+1)(j+1) ≤ k ─ top-k ─ softmax
+
+The full score of slot (a, b) = a·n + b is q1·K1[a] + q2·K2[b], so the best k slots of all N
+are among the k × k pairs (i, j) of the two shortlists, shortlist position i holding K1 row
+a and j holding K2 row b. With both shortlists sorted, pair (i, j) is beaten by
+every pair (i' ≤ i, j' ≤ j), that is by (i+1)(j+1) - 1 others: it can only be in the top k
+when (i+1)(j+1) ≤ k. Scoring just those pairs (about k·ln k, 119 instead of 1024 for
+k = 32) is exact, ties aside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from midus.model.retrieval.subkey_scores import TopSubkeyScores, subkey_scores
+
+
+def sorted_pair_candidates(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shortlist positions (i, j) with (i+1)(j+1) ≤ k: the only pairs that can reach the top k."""
+    pairs = [(i, j) for i in range(k) for j in range(k // (i + 1))]
+    rows, cols = zip(*pairs)
+    return torch.tensor(rows), torch.tensor(cols)
+
+
+class QueryNorm(nn.Module):
+    """Per-token normalisation of each query half, with a gain (and bias) per head and half."""
+
+    def __init__(self, kind: str, n_heads: int, half_dim: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.ones(n_heads, 2, half_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, 2, half_dim)) if kind == "layernorm" else None
+
+    def forward(self, halves: torch.Tensor) -> torch.Tensor:
+        # halves: (..., heads, 2, half_dim)
+        if self.kind == "layernorm":
+            normed = F.layer_norm(halves, halves.shape[-1:])
+            return normed * self.weight + self.bias
+        return F.rms_norm(halves, halves.shape[-1:]) * self.weight
+
+
+class ProductKeys(nn.Module):
+    """H independent product-key spaces: queries (..., H, c) → slot weights and indices (..., H, k).
+
+    Args:
+        n_heads: product-key spaces (one per query head).
+        query_dim: width c of each head's query; split into two halves of c/2.
+        n_subkeys: rows n of each half-key table; slots per head N = n².
+        topk: slots read per query (k ≤ n).
+        query_norm: ``none``, ``layernorm`` or ``rmsnorm`` on each query half.
+    """
+
+    def __init__(self, n_heads: int, query_dim: int, n_subkeys: int, topk: int, query_norm: str = "none") -> None:
+        super().__init__()
+        if query_dim % 2:
+            raise ValueError(f"product keys: query width {query_dim} cannot be split into two halves")
+        if not 0 < topk <= n_subkeys:
+            raise ValueError(f"product keys: topk={topk} must be between 1 and n_subkeys={n_subkeys}")
+        self.n_heads, self.n_subkeys, self.topk = n_heads, n_subkeys, topk
+        half = query_dim // 2
+        # subkeys[h, 0] is K1_h and subkeys[h, 1] is K2_h, each n × c/2.
+        self.subkeys = nn.Parameter(torch.empty(n_heads, 2, n_subkeys, half))
+        nn.init.uniform_(self.subkeys, -1 / math.sqrt(half), 1 / math.sqrt(half))
+        self.query_norm = QueryNorm(query_norm, n_heads, half) if query_norm != "none" else None
+        pair_i, pair_j = sorted_pair_candidates(topk)
+        self.register_buffer("pair_i", pair_i, persistent=False)
+        self.register_buffer("pair_j", pair_j, persistent=False)
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_subkeys**2
+
+    def query_halves(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries (..., H, c) → normalised halves (..., H, 2, c/2): q1 and q2 of the sketch."""
+        halves = queries.unflatten(-1, (2, -1))
+        return halves if self.query_norm is None else self.query_norm(halves)
+
+    def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (..., H, c) → (weights (..., H, k) summing to 1, slots (..., H, k) in [0, n²)).
+
+        The k slots of a query come in no particular order. Analyses observe or steer this
+        output through forward hooks (`slot_usage`, `midus.analysis.head_gate`), never here.
+        """
+        top, sub_index = TopSubkeyScores.apply(self.query_halves(queries), self.subkeys, self.topk)  # (..., H, 2, k)
+        s1, s2 = top.unbind(-2)  # each shortlist sorted best first
+        # index_select rather than advanced indexing: its backward is an index_add, not an index_put.
+        pair_scores = s1.index_select(-1, self.pair_i) + s2.index_select(-1, self.pair_j)  # (..., H, P)
+        best, pair = pair_scores.topk(self.topk, dim=-1, sorted=False)  # a bag's order is irrelevant
+        a = sub_index[..., 0, :].gather(-1, self.pair_i[pair])  # row of K1 of each kept pair
+        b = sub_index[..., 1, :].gather(-1, self.pair_j[pair])  # row of K2
+        slots = a * self.n_subkeys + b
+        # Softmax in float32: under bf16 the k scores are often close enough to round together.
+        return torch.softmax(best.float(), dim=-1), slots
+
+
+def brute_force_retrieval(keys: ProductKeys, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference search over all n² slots of every head (tests and benchmarks only)."""
+    scores = subkey_scores(keys.query_halves(queries), keys.subkeys)  # (..., H, 2, n)
+    full = scores[..., 0, :, None] + scores[..., 1, None, :]  # (..., H, n, n): slot a·n + b
+    best, slots = full.flatten(-2).topk(keys.topk, dim=-1)
+    return torch.softmax(best.float(), dim=-1), slots

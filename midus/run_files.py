@@ -1,0 +1,66 @@
+"""The files of a run directory (``runs/<experiment>/<version>/``) that the kit writes and reads.
+
+Written by training (`midus.training.run_summary.RunSummary`, Lightning's config saver) and
+the ablation runner; read by the ablation table, ``report`` and the analyses. A plain module,
+so commands that only read run folders never import Lightning.
+
+* ``config.yaml``: the resolved configuration of the run (`RUN_CONFIG`), saved by LightningCLI;
+* ``arm_config.yaml``: an ablation arm's merged config, written by the runner (`ARM_CONFIG`);
+* ``summary.json`` (`SUMMARY_FILE`): one per fit, the row an ablation table is built from::
+
+    {
+      "schema_version": 1,
+      "run_dir": "runs/quickstart/ffn",
+      "config_paths": ["experiments/quickstart.yaml"],
+      "device": "cpu",
+      "params": {"total": 912000, "trainable": 912000, "memory": 0, "added": 0},
+      "val": {"loss": 3.49, "ppl": 32.8, "recall_acc": 0.99, "recall_acc_heldout": 0.51,
+              "best_loss": 3.49},
+      "train": {"steps": 500, "batches": 500, "tokens": 2032000, "tokens_per_sec": 10500.0,
+                "mean_step_time_s": 0.39},
+      "wall_time_s": 212.0,
+      "peak_memory": {"bytes": 734003200, "kind": "cpu_max_rss"},
+      "latency": {"prompt_tokens": 128, "new_tokens": 32, "prefill_ms": 4.1, "decode_ms_per_token": 1.9}
+    }
+
+* ``val.*`` are the last logged values (``None`` when never logged, e.g. the recall probe
+  switched off); ``best_loss`` is the lowest ``val/loss`` of any validation after the sanity check.
+* ``train.tokens_per_sec`` counts training batches only: the time from ``on_train_batch_start``
+  to ``on_train_batch_end`` (forward, backward, optimizer step), summed, excluding validation,
+  checkpointing and logging between batches. Tokens are the predicted positions
+  (``input_ids[:, 1:]``) of the batches trained in this process; ``mean_step_time_s`` is per
+  training batch; ``steps`` is the trainer's global step (optimizer steps, resumed runs included).
+* ``params.added``: parameters an up-scaling added to its base (0 without one).
+* ``latency``: batch-1 greedy `generate` at fit end, best of 3: the prefill of a random prompt
+  and the mean time per token decoded one at a time with the KV cache.
+* ``wall_time_s`` spans ``on_fit_start`` to ``on_fit_end``, validation included.
+* ``peak_memory.kind`` says what ``bytes`` is: ``cuda_max_allocated``
+  (`torch.cuda.max_memory_allocated` since fit start: tensors only, no allocator cache) or
+  ``cpu_max_rss`` (the process's peak resident set size, since the process started, so run one
+  fit per process to compare runs; the ablation runner does).
+
+New measurements go into a new key or section (readers use ``.get``); bump
+``SCHEMA_VERSION`` only when the meaning of an existing key changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RUN_CONFIG = "config.yaml"
+ARM_CONFIG = "arm_config.yaml"
+SUMMARY_FILE = "summary.json"
+SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_VAL_METRICS = (
+    "val/loss", "val/ppl", "val/recall_acc", "val/recall_acc_heldout", "val/recall_acc_replay",
+    "val/recall_acc_replay_heldout",
+)
+"""Logged metrics whose final values land under ``val`` of the summary, without the ``val/`` prefix."""
+
+
+def value_at(record: dict[str, Any] | None, dotted: str) -> Any:
+    """``record["a"]["b"]`` for ``"a.b"`` of a nested summary record, None where any part is missing."""
+    value: Any = record
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value

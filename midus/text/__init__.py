@@ -1,1 +1,0 @@
-"""Text handling: tokenizers, data sources, packing into blocks, recall-probe scoring."""

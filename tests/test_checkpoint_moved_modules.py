@@ -1,0 +1,43 @@
+"""Kit checkpoints written before a class moved still load: `midus.checkpoint.kit.MOVED_MODULES`."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from midus.checkpoint import MODEL_CONFIG_KEY, read_kit_checkpoint
+from midus.data.text_data import EmbeddedCorpusConfig
+from midus.model import MidusLM, ModelConfig
+
+
+def save_as_before_the_move(path: Path, payload: dict) -> None:
+    """torch.save with EmbeddedCorpusConfig pickled under its old module, midus.training.data_module."""
+    old = "midus.training.data_module"
+    sys.modules[old] = types.SimpleNamespace(EmbeddedCorpusConfig=EmbeddedCorpusConfig)  # type: ignore[assignment]
+    EmbeddedCorpusConfig.__module__ = old
+    try:
+        torch.save(payload, path)
+    finally:
+        EmbeddedCorpusConfig.__module__ = "midus.data.text_data"
+        del sys.modules[old]
+
+
+def test_a_checkpoint_pickled_before_the_data_package_moved_still_reads(tmp_path: Path) -> None:
+    model = MidusLM(ModelConfig(vocab_size=30, d_model=16, n_layers=1, n_heads=2))
+    path = tmp_path / "old.ckpt"
+    save_as_before_the_move(path, {
+        "state_dict": {f"model.{name}": value for name, value in model.state_dict().items()},
+        MODEL_CONFIG_KEY: dataclasses.asdict(model.config),
+        "datamodule_hyper_parameters": {"embedded": EmbeddedCorpusConfig(seed=3), "block_size": 64},
+    })
+    with pytest.raises(ModuleNotFoundError, match="midus.training"):
+        torch.load(path, weights_only=False)  # the plain unpickler cannot find the old module
+    checkpoint = read_kit_checkpoint(path)
+    assert checkpoint["datamodule_hyper_parameters"]["embedded"] == EmbeddedCorpusConfig(seed=3)
+    assert isinstance(checkpoint["datamodule_hyper_parameters"]["embedded"], EmbeddedCorpusConfig)
+    assert "midus.training.data_module" not in sys.modules

@@ -35,7 +35,8 @@ LAYERS: dict[str, set[str]] = {
 }
 # Modules that must never import Lightning, directly or through the kit modules they import.
 LIGHTNING_FREE = ("midus.model", "midus.checkpoint", "midus.upscale", "midus.run_files", "midus.data",
-                  "midus.report", "midus.ablation.config", "midus.ablation.table")
+                  "midus.report", "midus.ablation.config", "midus.ablation.table", "midus.analysis",
+                  "midus.evaluation")
 LIGHTNING_ALLOWED_IN_DATA = {"midus.data.datamodule"}  # the LightningDataModule wrapper of TextData
 LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics")
 

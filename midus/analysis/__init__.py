@@ -1,1 +1,7 @@
-"""Analyses of trained checkpoints (head importance, fixed retrieval, memory usage)."""
+"""Analyses of trained checkpoints: head importance, fixed retrieval and memory usage.
+
+Each reads a kit checkpoint (`midus.checkpoint`) and the prepared text of its run
+(`midus.data.text_data.TextData`), and never Lightning. Retrieval is observed or steered only
+through forward hooks that the analysis attaches and removes (`head_gate`,
+`midus.model.retrieval.slot_usage`), never by setting attributes on the model's modules.
+"""

@@ -3,6 +3,8 @@ as Lightning expects it, with its constructor arguments saved as hyperparameters
 
 from __future__ import annotations
 
+import inspect
+
 import lightning.pytorch as pl
 
 from midus.data.text_data import EmbeddedCorpusConfig, TextData
@@ -15,6 +17,8 @@ class LanguageModelingData(TextData, pl.LightningDataModule):
     for ``fit``/``validate``/``test``/``predict`` (every argument: `TextData`)."""
 
     def _keep_settings(self, settings: dict) -> None:
-        # Saved in checkpoints (datamodule_hyper_parameters) and logged, as save_hyperparameters()
-        # in the constructor would; given explicitly because the constructor is TextData's.
-        self.save_hyperparameters(settings)
+        # save_hyperparameters() of the constructor's own frame (TextData.__init__ calls this):
+        # under LightningCLI it stores the parsed arguments as plain data (so a checkpoint loads
+        # with weights_only=True), otherwise the constructor's arguments, exactly as if it had
+        # been called in the constructor itself.
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)

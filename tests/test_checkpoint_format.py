@@ -1,4 +1,5 @@
-"""Kit checkpoints written before a class moved still load: `midus.checkpoint.kit.MOVED_MODULES`."""
+"""The kit checkpoint format: what ``fit`` writes loads without unpickling kit classes, and
+checkpoints written before a class moved still load (`midus.checkpoint.kit.MOVED_MODULES`)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,14 @@ def test_a_checkpoint_pickled_before_the_data_package_moved_still_reads(tmp_path
     assert checkpoint["datamodule_hyper_parameters"]["embedded"] == EmbeddedCorpusConfig(seed=3)
     assert isinstance(checkpoint["datamodule_hyper_parameters"]["embedded"], EmbeddedCorpusConfig)
     assert "midus.training.data_module" not in sys.modules
+
+
+@pytest.mark.slow
+def test_a_fit_checkpoint_is_plain_data_that_loads_weights_only(tiny_memory_run: Path) -> None:
+    # LightningCLI reads --ckpt_path hyperparameters with torch.load(weights_only=True): every
+    # entry the kit and Lightning store must be plain data (dicts, lists, numbers, strings).
+    checkpoint = torch.load(tiny_memory_run, map_location="cpu", weights_only=True)
+    assert isinstance(checkpoint["hyper_parameters"]["config"], dict)
+    assert isinstance(checkpoint["datamodule_hyper_parameters"]["embedded"], dict)
+    assert checkpoint["datamodule_hyper_parameters"]["block_size"] == 32
+    assert checkpoint[MODEL_CONFIG_KEY]["memory"]["n_subkeys"] == 16

@@ -31,8 +31,9 @@ def no_help_docstrings():
     They only make ``--help`` text (tested in a subprocess, which keeps them) and cost about
     3 s per in-process ``midus.cli.main`` call.
     """
-    import midus.training.cli  # noqa: F401 -- sets the kit's parsing settings first, which this overrides
     from jsonargparse import set_parsing_settings
+
+    import midus.training.cli  # noqa: F401 -- sets the kit's parsing settings first, which this overrides
 
     set_parsing_settings(docstring_parse_attribute_docstrings=False)
     yield

@@ -52,12 +52,17 @@ def command(path: Path, tmp_path: Path, cache: Path, *extra: str) -> list[str]:
 
 
 def test_deep_merge_with_dotted_keys() -> None:
-    base = {"model": {"config": {"d_model": 128, "n_heads": 4}, "learning_rate": 0.003}, "trainer": {"callbacks": [1, 2]}}
-    overrides = expand_dotted({
-        "model.config.d_model": 64,
-        "model": {"config": {"n_layers": 2}},  # nested and dotted keys of one arm merge
-        "trainer.callbacks": [3],
-    })
+    base = {
+        "model": {"config": {"d_model": 128, "n_heads": 4}, "learning_rate": 0.003},
+        "trainer": {"callbacks": [1, 2]},
+    }
+    overrides = expand_dotted(
+        {
+            "model.config.d_model": 64,
+            "model": {"config": {"n_layers": 2}},  # nested and dotted keys of one arm merge
+            "trainer.callbacks": [3],
+        }
+    )
     assert overrides == {"model": {"config": {"d_model": 64, "n_layers": 2}}, "trainer": {"callbacks": [3]}}
     merged = deep_merge(base, overrides)
     assert merged == {

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from midus.ablation_summary import COLUMNS
+from midus.ablation.table import COLUMNS
 from midus.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

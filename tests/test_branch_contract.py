@@ -11,7 +11,7 @@ import pytest
 from torch import nn
 
 from midus.model import MemoryConfig, MidusLM, ModelConfig
-from midus.model.branches import Branch, available_branches, branch_class, register_branch
+from midus.model.branches import available_branches, branch_class, register_branch
 from midus.model.retrieval.product_keys import ProductKeys
 from midus.model.retrieval.value_lookup import MemoryValues
 from midus.training.optim import parameter_groups

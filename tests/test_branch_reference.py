@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from midus.branches.product_keys import ProductKeys
-from midus.branches.registry import build_branch
 from midus.model import MidusLM, ModelConfig
+from midus.model.branches.registry import build_branch
 from midus.model.memory_block import MemoryBlock
+from midus.model.retrieval.product_keys import ProductKeys
 
 D_MODEL, HEADS, HEAD_DIM = 32, 4, 8
 N_SUBKEYS, TOPK, LATENT = 6, 3, 4

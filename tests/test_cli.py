@@ -13,9 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from midus.ablation.config import load_ablation
 from midus.cli import main
-from midus.training.cli import MidusCLI
 from midus.data.datamodule import LanguageModelingData
 from midus.training import CausalLM
+from midus.training.cli import MidusCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -79,7 +79,7 @@ def test_fit_logs_metrics_and_writes_a_checkpoint_that_validate_loads(tmp_path: 
     # the prompt, decoded: recomputed from last.ckpt and its stored tokenizer. Its length is the
     # checkpoint's max_new_tokens: Lightning's CLI parses a --ckpt_path's hyper-parameters over
     # the --model.* flags, so the "5" above does not reach predict (reported; not asserted here).
-    from midus.upscale.sources import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
+    from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
 
     stored = read_kit_checkpoint(last)
     model, tokenizer = model_from_checkpoint(stored, last).eval(), checkpoint_tokenizer(stored)
@@ -127,20 +127,25 @@ def tiny_base(tmp_path: Path, data) -> list[str]:
 
     import torch
 
-    from midus.model import MidusLM, ModelConfig
     from midus.checkpoint.kit import MODEL_CONFIG_KEY
+    from midus.model import MidusLM, ModelConfig
 
     config = ModelConfig(vocab_size=data.vocab_size, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2)
     state = {f"model.{name}": value for name, value in MidusLM(config).state_dict().items()}
     torch.save({MODEL_CONFIG_KEY: dataclasses.asdict(config), "state_dict": state}, tmp_path / "base.ckpt")
     data.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
-    return ["--model.upscale.base_checkpoint", str(tmp_path / "base.ckpt"), "--data.tokenizer_path", str(tmp_path / "tokenizer")]
+    return [
+        "--model.upscale.base_checkpoint", str(tmp_path / "base.ckpt"),
+        "--data.tokenizer_path", str(tmp_path / "tokenizer"),
+    ]
 
 
 def test_bad_model_config_fails_before_anything_is_written(tmp_path: Path, tiny_cache: Path) -> None:
     with pytest.raises((SystemExit, ValueError)) as failure:
         main(["fit", *tiny_overrides(tmp_path, tiny_cache), "--model.config.n_heads", "5"])
-    message = str(failure.value.__context__ or failure.value) if isinstance(failure.value, SystemExit) else str(failure.value)
+    message = (
+        str(failure.value.__context__ or failure.value) if isinstance(failure.value, SystemExit) else str(failure.value)
+    )
     assert "n_heads=5 must divide d_model=32" in message
     assert not (tmp_path / "runs").exists()
 
@@ -153,6 +158,9 @@ def test_help_and_print_config() -> None:
     assert "--model.config.n_kv_heads" in help_text and "Key/value heads for grouped-query attention" in help_text
     printed = subprocess.run(
         [sys.executable, "-m", "midus", "fit", "--config", "experiments/quickstart.yaml", "--print_config"],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     ).stdout
     assert "branch: ffn" in printed and "bpe_vocab_size: 1024" in printed

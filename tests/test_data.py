@@ -10,8 +10,8 @@ import datasets
 import pytest
 
 from midus.data.corpus import ATTRIBUTES, BiographyCorpus, generate_population
-from midus.data.sources import embedded_key, embedded_splits, replay_counts, shared_names
 from midus.data.datamodule import EmbeddedCorpusConfig, LanguageModelingData
+from midus.data.sources import embedded_key, embedded_splits, replay_counts, shared_names
 from tests.conftest import SHARED_DATA
 
 TEXT = "The quick brown fox jumps over the lazy dog.\n\nA second paragraph of plain text here.\n\n" * 40
@@ -102,7 +102,9 @@ def test_missing_file_names_the_field(tmp_path: Path) -> None:
 
 def test_corpus_too_small_for_one_block(tmp_path: Path) -> None:
     (tmp_path / "tiny.txt").write_text("hi there\n\nbye now\n\nok\n\nyes")
-    with pytest.raises(ValueError, match=r"data.block_size=512: the training split has \d+ tokens, fewer than one block"):
+    with pytest.raises(
+        ValueError, match=r"data.block_size=512: the training split has \d+ tokens, fewer than one block"
+    ):
         files_data(tmp_path, train_files=[str(tmp_path / "tiny.txt")], block_size=512)
 
 
@@ -115,7 +117,10 @@ def test_hf_tokenizer_directory_is_used_as_is(tmp_path: Path, tiny_data: Languag
     tiny_data.tokenizer.save_pretrained(str(tmp_path / "tok"))
     data = LanguageModelingData(
         embedded=EmbeddedCorpusConfig(seed=0, num_people=30, docs_per_person=4),
-        tokenizer="hf", tokenizer_path=str(tmp_path / "tok"), block_size=32, cache_dir=str(tmp_path / "cache"),
+        tokenizer="hf",
+        tokenizer_path=str(tmp_path / "tok"),
+        block_size=32,
+        cache_dir=str(tmp_path / "cache"),
     )
     assert data.tokenizer.get_vocab() == tiny_data.tokenizer.get_vocab()
     assert data.train_blocks[:]["input_ids"].tolist() == tiny_data.train_blocks[:]["input_ids"].tolist()
@@ -124,7 +129,10 @@ def test_hf_tokenizer_directory_is_used_as_is(tmp_path: Path, tiny_data: Languag
 @pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare.txt").is_file(), reason="../shared/data is absent")
 def test_real_text_file_with_bpe(tmp_path: Path) -> None:
     data = files_data(
-        tmp_path, train_files=[str(SHARED_DATA / "tinyshakespeare.txt")], tokenizer="bpe", bpe_vocab_size=512,
+        tmp_path,
+        train_files=[str(SHARED_DATA / "tinyshakespeare.txt")],
+        tokenizer="bpe",
+        bpe_vocab_size=512,
         block_size=128,
     )
     # A 512-token BPE compresses English well below one token per character.
@@ -174,7 +182,9 @@ def test_replay_mix_holds_both_populations_in_the_requested_share() -> None:
 def test_replay_counts_spread_documents_evenly_and_name_the_share() -> None:
     assert replay_counts(4, 30, 5, 0.25) == [3, 3, 2, 2]  # 10 documents
     assert replay_counts(4, 12, 1, 0.25) == [1, 1, 1, 1]
-    with pytest.raises(ValueError, match=r"data.embedded.replay_share=0.1 asks for 3 replay documents .* 4 replay people"):
+    with pytest.raises(
+        ValueError, match=r"data.embedded.replay_share=0.1 asks for 3 replay documents .* 4 replay people"
+    ):
         replay_counts(4, 30, 5, 0.1)  # a replay person would keep no document
     with pytest.raises(ValueError, match=r"data.embedded.replay_share=0.9 .* at most 5 .*docs_per_person"):
         replay_counts(4, 30, 5, 0.9)  # more documents than the replay population has
@@ -193,10 +203,14 @@ def test_a_name_shared_with_the_replay_population_leaves_the_main_population(tmp
     shared = shared_names(main, replay)
     assert len(shared) == 1
     (name,) = shared
-    data = replay_data(tmp_path, embedded=EmbeddedCorpusConfig(**{**REPLAY, "seed": 233, "replay_seed": 486, "replay_num_people": 20}))
+    data = replay_data(
+        tmp_path, embedded=EmbeddedCorpusConfig(**{**REPLAY, "seed": 233, "replay_seed": 486, "replay_num_people": 20})
+    )
     assert data.dropped_people == shared
     splits = embedded_splits(main, replay, 0.4)
-    about = {person.name: count for person, count in zip(main.people, documents_about(splits["train"]["text"], main.people))}
+    about = {
+        person.name: count for person, count in zip(main.people, documents_about(splits["train"]["text"], main.people))
+    }
     assert about[name] == 2  # the replay person's own documents only (ceil(38 / 20) = 2 for the first 18)
     assert sum(about.values()) - about[name] == 19 * 3
     assert len(splits["validation"]["text"]) == 19 + 20
@@ -211,8 +225,12 @@ def test_recall_questions_probe_each_population(tiny_cache: Path) -> None:
     main, replay = data.corpus, data.replay_corpus
     assert (main.seed, len(main.people), replay.seed, len(replay.people)) == (1, 20, 0, 30)
     assert list(data.recall_questions) == ["train", "heldout", "replay", "replay_heldout"]
-    sources = {"train": (main, "train"), "heldout": (main, "heldout"), "replay": (replay, "train"),
-               "replay_heldout": (replay, "heldout")}
+    sources = {
+        "train": (main, "train"),
+        "heldout": (main, "heldout"),
+        "replay": (replay, "train"),
+        "replay_heldout": (replay, "heldout"),
+    }
     for key, (corpus, phrasing) in sources.items():
         facts = {person.name: person.attributes for person in corpus.people}
         items = corpus.recall_probe(phrasing)
@@ -225,6 +243,7 @@ def test_recall_questions_probe_each_population(tiny_cache: Path) -> None:
             assert question.attribute == item.attribute and item.person in item.prompt
     # The four keys are the metrics val/recall_acc, val/recall_acc_heldout, val/recall_acc_replay, ..._heldout.
     assert data.recall_questions["train"] != data.recall_questions["replay"]
+
     def stream(documents: list[str]) -> list[int]:
         ids = data.tokenizer(documents, add_special_tokens=False)["input_ids"]
         return [token for document in ids for token in document + [data.tokenizer.eos_token_id]]
@@ -244,7 +263,11 @@ def test_embedded_key_includes_the_replay_settings() -> None:
     assert plain == "biographies-s1-n20-d3" == embedded_key(1, 20, 3, -1, 30, 0.4)  # no replay: settings unused
     mix = embedded_key(1, 20, 3, 0, 30, 0.4)
     assert mix == "biographies-s1-n20-d3-replay-s0-n30-p0.4"
-    others = {embedded_key(1, 20, 3, 2, 30, 0.4), embedded_key(1, 20, 3, 0, 31, 0.4), embedded_key(1, 20, 3, 0, 30, 0.3)}
+    others = {
+        embedded_key(1, 20, 3, 2, 30, 0.4),
+        embedded_key(1, 20, 3, 0, 31, 0.4),
+        embedded_key(1, 20, 3, 0, 30, 0.3),
+    }
     assert len(others | {plain, mix}) == 5
     assert embedded_key(1, 20, 3, 0, 0, 0.4) == embedded_key(1, 20, 3, 0, 20, 0.4)  # 0 = num_people
 
@@ -285,7 +308,9 @@ def test_replay_with_the_base_tokenizer_directory(tiny_cache: Path, tiny_data: L
     base_tokenizer = tiny_cache / "tokenizers" / "biographies-s0-n30-d4-bpe300"
     before = {path.name for path in (tiny_cache / "tokenizers").iterdir()}
     data = replay_data(
-        tiny_cache, tokenizer="hf", tokenizer_path=str(base_tokenizer),
+        tiny_cache,
+        tokenizer="hf",
+        tokenizer_path=str(base_tokenizer),
         embedded=EmbeddedCorpusConfig(seed=1, num_people=30, docs_per_person=4, replay_seed=0, replay_share=0.25),
     )
     assert {path.name for path in (tiny_cache / "tokenizers").iterdir()} == before  # nothing trained
@@ -293,4 +318,6 @@ def test_replay_with_the_base_tokenizer_directory(tiny_cache: Path, tiny_data: L
     # The replay population is the base's: its probe is exactly the base run's val/recall_acc probe.
     assert data.recall_questions["replay"] == tiny_data.recall_questions["train"]
     assert data.recall_questions["replay_heldout"] == tiny_data.recall_questions["heldout"]
-    assert len(data.train_blocks) > len(tiny_data.train_blocks) // 3 and len(data.val_blocks) > len(tiny_data.val_blocks)
+    assert len(data.train_blocks) > len(tiny_data.train_blocks) // 3 and len(data.val_blocks) > len(
+        tiny_data.val_blocks
+    )

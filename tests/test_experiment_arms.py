@@ -28,19 +28,20 @@ import pytest
 import torch
 import yaml
 
-from midus.ablation import parse_command_line, parse_only, plan_arm
-from midus.ablation_config import load_ablation
-from midus.branches.ffn import SwiGLUFeedForward
-from midus.branches.hml import HeadwiseMemory
-from midus.branches.multihead_pkm import MultiHeadProductKeyMemory
-from midus.branches.pkm import ProductKeyMemory
+from midus.ablation.config import load_ablation
+from midus.ablation.runner import parse_command_line, parse_only, plan_arm
+from midus.checkpoint import load_kit_checkpoint
+from midus.checkpoint.kit import MODEL_CONFIG_KEY
+from midus.data.sources import embedded_key
 from midus.model import ModelConfig
 from midus.model.block import TransformerBlock
+from midus.model.branches.ffn import SwiGLUFeedForward
+from midus.model.branches.hml import HeadwiseMemory
+from midus.model.branches.multihead_pkm import MultiHeadProductKeyMemory
+from midus.model.branches.pkm import ProductKeyMemory
 from midus.model.memory_block import MemoryBlock
-from midus.text.sources import embedded_key
 from midus.training import CausalLM
-from midus.upscale import UpscaleConfig, load_kit_checkpoint
-from midus.upscale.sources import MODEL_CONFIG_KEY
+from midus.upscale import UpscaleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -135,7 +136,9 @@ def ffn_layout(hidden: int = FFN_HIDDEN) -> Callable[[torch.nn.Module], None]:
     return check
 
 
-def hml_layout(values: str, n_subkeys: int, latent: int = 32, zero_values: bool = False) -> Callable[[torch.nn.Module], None]:
+def hml_layout(
+    values: str, n_subkeys: int, latent: int = 32, zero_values: bool = False
+) -> Callable[[torch.nn.Module], None]:
     slots = n_subkeys**2
 
     def check(branch: torch.nn.Module) -> None:
@@ -154,7 +157,9 @@ def hml_layout(values: str, n_subkeys: int, latent: int = 32, zero_values: bool 
     return check
 
 
-def pkm_layout(n_subkeys: int, heads: int = 1, query_width: int = D, zero_values: bool = False) -> Callable[[torch.nn.Module], None]:
+def pkm_layout(
+    n_subkeys: int, heads: int = 1, query_width: int = D, zero_values: bool = False
+) -> Callable[[torch.nn.Module], None]:
     def check(branch: torch.nn.Module) -> None:
         assert branch.n_heads == heads
         assert branch.query_proj.weight.shape == (heads * query_width, D)  # `heads` learned queries of width c
@@ -209,7 +214,9 @@ def midus(branch: str, branch_params: int, layout, quoted: dict[str, int]) -> Ex
         layers.append(ffn_layer(source=("copy", base_index)))
         if base_index in (1, 3):
             layers.append(memory_layer(branch, branch_params, layout, source=("memory", base_index)))
-    return Expected(layers, memory=2 * branch_params, added=2 * memory_block(branch_params), identity=True, quoted=quoted)
+    return Expected(
+        layers, memory=2 * branch_params, added=2 * memory_block(branch_params), identity=True, quoted=quoted
+    )
 
 
 BASE_4 = [ffn_layer() for _ in range(4)]
@@ -240,25 +247,37 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     ),
     # dus_vs_midus: from the 4-block base; totals, added and memory params as experiments/README.md's table.
     ("dus_vs_midus", "base_continued"): Expected(
-        [ffn_layer(source=("copy", i)) for i in range(4)], added=0, identity=True,
+        [ffn_layer(source=("copy", i)) for i in range(4)],
+        added=0,
+        identity=True,
         quoted={"total": 918_656, "added": 0, "memory": 0},
     ),
     ("dus_vs_midus", "dus_interleave"): Expected(
-        [ffn_layer(source=(kind, i)) for i, kind in [(0, "copy"), (1, "copy"), (1, "zeroed"),
-                                                     (2, "copy"), (3, "copy"), (3, "zeroed")]],
-        added=2 * T_FFN, identity=True, quoted={"total": 1_312_384, "added": 393_728, "memory": 0},
+        [
+            ffn_layer(source=(kind, i))
+            for i, kind in [(0, "copy"), (1, "copy"), (1, "zeroed"), (2, "copy"), (3, "copy"), (3, "zeroed")]
+        ],
+        added=2 * T_FFN,
+        identity=True,
+        quoted={"total": 1_312_384, "added": 393_728, "memory": 0},
     ),
     # SOLAR with drop 1: blocks 0..2 of the first copy, 1..3 of the second.
     ("dus_vs_midus", "dus_solar"): Expected(
         [ffn_layer(source=("copy", i)) for i in (0, 1, 2, 1, 2, 3)],
-        added=2 * T_FFN, identity=False, quoted={"total": 1_312_384, "added": 393_728, "memory": 0},
+        added=2 * T_FFN,
+        identity=False,
+        quoted={"total": 1_312_384, "added": 393_728, "memory": 0},
     ),
     ("dus_vs_midus", "midus_hml_hive"): midus(
-        "hml", HIVE_32, hml_layout("hive", 32, zero_values=True),
+        "hml",
+        HIVE_32,
+        hml_layout("hive", 32, zero_values=True),
         {"total": 1_066_368, "added": 147_712, "memory": 81_920},
     ),
     ("dus_vs_midus", "midus_pkm"): midus(
-        "pkm", PKM_32, pkm_layout(32, zero_values=True),
+        "pkm",
+        PKM_32,
+        pkm_layout(32, zero_values=True),
         {"total": 1_287_552, "added": 368_896, "memory": 303_104},
     ),
 }
@@ -314,7 +333,9 @@ def data_vocab_size(data) -> int:
     if data.tokenizer == "bpe":
         return data.bpe_vocab_size
     match = re.fullmatch(r".*-bpe(\d+)", Path(data.tokenizer_path).name)
-    assert data.tokenizer == "hf" and match, f"cannot tell the vocabulary of data.tokenizer={data.tokenizer!r} without preparing data"
+    assert data.tokenizer == "hf" and match, (
+        f"cannot tell the vocabulary of data.tokenizer={data.tokenizer!r} without preparing data"
+    )
     return int(match.group(1))
 
 
@@ -382,7 +403,9 @@ def test_quoted_counts_match_the_formulas() -> None:
         if "per_block" in expected.quoted:
             computed["per_block"] = expected.memory // 2
         for name, value in expected.quoted.items():
-            assert computed[name] == value, f"{arm_id(key)}: documented {name} {value:,}, formulas give {computed[name]:,}"
+            assert computed[name] == value, (
+                f"{arm_id(key)}: documented {name} {value:,}, formulas give {computed[name]:,}"
+            )
     # "0.9 M parameters" (quickstart, pretrain_base); "ffn hidden 384"; "3.7× HIVE" (ablate_hive).
     assert round(EXPECTED[("quickstart", None)].total / 1e6, 1) == 0.9
     assert ModelConfig(vocab_size=V, d_model=D).ffn_width == FFN_HIDDEN
@@ -411,7 +434,8 @@ def test_arm_builds_what_its_comment_claims(key: tuple[str, str | None], base: B
         )
 
     # Block kind and branch per layer: in the config and in the modules built from it.
-    assert [(spec.block, spec.branch) for spec in model.config.stack] == [(l.block, l.branch) for l in expected.layers]
+    built = [(spec.block, spec.branch) for spec in model.config.stack]
+    assert built == [(layer.block, layer.branch) for layer in expected.layers]
     assert len(model.blocks) == len(expected.layers)
     assert (model.config.d_model, model.config.n_heads, model.config.kv_heads, model.config.head_dim) == (D, H, KV, DH)
     assert model.config.vocab_size == V and model.config.tie_embeddings and model.lm_head.weight is model.embed.weight
@@ -485,9 +509,8 @@ def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
     assert any(c.save_last and c.dirpath is None for c in checkpoints)  # <log dir>/checkpoints/last.ckpt
     written = Path(logger.save_dir) / logger.name / str(logger.version) / "checkpoints" / "last.ckpt"
     data = pretrain.data
-    cached = Path(data.cache_dir) / "tokenizers" / (
-        f"{embedded_key(data.embedded.seed, data.embedded.num_people, data.embedded.docs_per_person)}-bpe{data.bpe_vocab_size}"
-    )
+    corpus_key = embedded_key(data.embedded.seed, data.embedded.num_people, data.embedded.docs_per_person)
+    cached = Path(data.cache_dir) / "tokenizers" / f"{corpus_key}-bpe{data.bpe_vocab_size}"
     for arm in load_ablation(EXPERIMENTS / "dus_vs_midus.yaml").arms:
         parsed = parse_arm("dus_vs_midus", arm)
         assert Path(parsed.model.upscale.base_checkpoint) == written, arm
@@ -497,7 +520,8 @@ def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
         assert (embedded.seed, embedded.num_people) == (1, 200), arm
         assert (embedded.replay_seed, embedded.replay_share) == (data.embedded.seed, 0.25), arm
         assert (embedded.replay_num_people or embedded.num_people, embedded.docs_per_person) == (
-            data.embedded.num_people, data.embedded.docs_per_person,
+            data.embedded.num_people,
+            data.embedded.docs_per_person,
         ), arm  # so the replay documents are exactly the base run's
 
 

@@ -14,8 +14,8 @@ import torch
 from midus.analysis import fixed_retrieval as fr
 from midus.analysis.checkpoint_run import analysis_parser, load_checkpoint_run
 from midus.analysis.value_realisations import FixedRetrievalBlock, RetrievalFeed, build_realisation, trained_realisation
-from midus.model.retrieval.product_keys import ProductKeys
 from midus.cli import main
+from midus.model.retrieval.product_keys import ProductKeys
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,8 @@ def test_hive_with_the_trained_values_reproduces_the_checkpoint(tiny) -> None:
 
 @pytest.mark.slow
 def test_checkpoint_without_memory_blocks_is_refused(tiny_memory_run: Path, tmp_path: Path, capsys) -> None:
-    from midus.model import MidusLM, ModelConfig
     from midus.checkpoint.kit import MODEL_CONFIG_KEY
+    from midus.model import MidusLM, ModelConfig
 
     vocab = load_checkpoint_run(analysis_parser("x", ""), ["--ckpt_path", str(tiny_memory_run)]).model.config.vocab_size
     config = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4)
@@ -151,6 +151,7 @@ def test_bad_options_are_refused(tiny_memory_run: Path, tmp_path: Path, capsys, 
 
 
 def test_each_realisation_reports_its_rate_with_the_lowest_train_loss() -> None:
-    fits = [fr.Outcome("hive", 1, loss, 3.0, learning_rate=rate) for rate, loss in ((1e-3, 0.9), (1e-2, math.nan), (1e-1, 0.8))]
+    rates_and_losses = ((1e-3, 0.9), (1e-2, math.nan), (1e-1, 0.8))
+    fits = [fr.Outcome("hive", 1, loss, 3.0, learning_rate=rate) for rate, loss in rates_and_losses]
     assert fr.lowest_train_loss(fits) is fits[2]
     assert fr.lowest_train_loss(fits[:2]) is fits[0]  # a diverged fit never wins

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from midus.analysis.checkpoint_run import analysis_parser, load_checkpoint_run
 from midus.analysis.head_gate import gated_heads
 from midus.analysis.memory_report import validation_batches
+from midus.checkpoint.kit import MODEL_CONFIG_KEY, model_from_checkpoint, read_kit_checkpoint
 from midus.cli import main
 from midus.model import MidusLM, ModelConfig
-from midus.checkpoint.kit import MODEL_CONFIG_KEY, model_from_checkpoint, read_kit_checkpoint
 
 ZEROED_HEAD = 2
 HEAD_PROJ = "model.blocks.1.branch.head_proj"

@@ -17,9 +17,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from midus.checkpoint.hf_export import export_hf_checkpoint, llama_config_from_model_config
 from midus.checkpoint.hf_import import load_hf_checkpoint, model_config_from_hf
+from midus.data.tokenizers import train_char
 from midus.model import MidusLM
 from midus.model.config import LayerSpec, ModelConfig
-from midus.data.tokenizers import train_char
 
 VOCAB = 60
 BASE = dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, ffn_hidden=96, init_std=0.2)

@@ -14,12 +14,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from midus.checkpoint import load_kit_checkpoint
+from midus.checkpoint.kit import TOKENIZER_KEY, read_kit_checkpoint
 from midus.cli import main
 from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
 from midus.training import CausalLM
-from midus.upscale import UpscaleConfig, load_kit_checkpoint
-from midus.upscale.sources import TOKENIZER_KEY, read_kit_checkpoint
+from midus.upscale import UpscaleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_VOCAB = 320  # more embeddings than the 300-token tokenizer, as real checkpoints pad their vocabularies
@@ -39,7 +40,9 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data) -> Path:
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(1 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight") else 0.1 * torch.randn_like(param))
+            param.copy_(
+                1 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight") else 0.1 * torch.randn_like(param)
+            )
     model.save_pretrained(directory)
     tiny_data.tokenizer.save_pretrained(str(directory))
     return directory
@@ -63,22 +66,40 @@ def hf_val_loss(directory: Path, data) -> float:
 def fit_args(tmp_path: Path, cache: Path, directory: Path, *extra: str) -> list[str]:
     """The quickstart shrunk to seconds on the HF directory's tokenizer; the corpus of `tiny_data`."""
     return [
-        "fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"),
-        "--data.tokenizer", "hf", "--data.tokenizer_path", str(directory),
+        "fit",
+        "--config",
+        str(ROOT / "experiments" / "quickstart.yaml"),
+        "--data.tokenizer",
+        "hf",
+        "--data.tokenizer_path",
+        str(directory),
         *extra,
-        "--trainer.max_steps", "10",
-        "--trainer.val_check_interval", "5",
-        "--trainer.log_every_n_steps", "2",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--model.learning_rate", "0.01",
-        "--model.warmup_steps", "2",
-        "--model.recall_probe_size", "0",
-        "--data.embedded.num_people", "30",
-        "--data.embedded.docs_per_person", "4",
-        "--data.block_size", "32",
-        "--data.batch_size", "8",
-        "--data.cache_dir", str(cache),
+        "--trainer.max_steps",
+        "10",
+        "--trainer.val_check_interval",
+        "5",
+        "--trainer.log_every_n_steps",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--model.learning_rate",
+        "0.01",
+        "--model.warmup_steps",
+        "2",
+        "--model.recall_probe_size",
+        "0",
+        "--data.embedded.num_people",
+        "30",
+        "--data.embedded.docs_per_person",
+        "4",
+        "--data.block_size",
+        "32",
+        "--data.batch_size",
+        "8",
+        "--data.cache_dir",
+        str(cache),
     ]
 
 
@@ -97,7 +118,9 @@ def assert_reloads(run: Path, trained, directory: Path, depth: int) -> None:
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), trained.eval()(ids))
     stored = read_kit_checkpoint(last)[TOKENIZER_KEY]
-    assert PreTrainedTokenizerFast.from_pretrained(str(directory)).backend_tokenizer.to_str() == stored["tokenizer_json"]
+    assert (
+        PreTrainedTokenizerFast.from_pretrained(str(directory)).backend_tokenizer.to_str() == stored["tokenizer_json"]
+    )
 
 
 # ---- the starting model, built directly (fast) ----
@@ -157,14 +180,22 @@ def test_fit_from_a_hf_directory(hf_dir: Path, tiny_data, tiny_cache: Path, tmp_
 @pytest.mark.slow
 def test_midus_upscaling_of_a_hf_directory(hf_dir: Path, tiny_cache: Path, tmp_path: Path) -> None:
     memory = [arg for key, value in MEMORY.items() for arg in (f"--model.upscale.memory.{key}", str(value))]
-    cli = main(fit_args(
-        tmp_path, tiny_cache, hf_dir,
-        "--model.upscale.base_checkpoint", str(hf_dir),
-        "--model.upscale.method", "midus",
-        "--model.upscale.every", "1",
-        "--model.upscale.trainable", "new",
-        *memory,
-    ))
+    cli = main(
+        fit_args(
+            tmp_path,
+            tiny_cache,
+            hf_dir,
+            "--model.upscale.base_checkpoint",
+            str(hf_dir),
+            "--model.upscale.method",
+            "midus",
+            "--model.upscale.every",
+            "1",
+            "--model.upscale.trainable",
+            "new",
+            *memory,
+        )
+    )
     run = tmp_path / "runs" / "quickstart" / "ffn"
     module = cli.model
     assert [spec.block for spec in module.model.config.stack] == ["transformer", "memory"] * 2
@@ -185,7 +216,9 @@ def test_midus_upscaling_of_a_hf_directory(hf_dir: Path, tiny_cache: Path, tmp_p
 
 def test_pretrained_and_an_upscale_base_together(hf_dir: Path) -> None:
     upscale = UpscaleConfig(base_checkpoint=str(hf_dir), method="midus", every=1)
-    with pytest.raises(ValueError, match=r"model\.pretrained and model\.upscale\.base_checkpoint both name a starting model"):
+    with pytest.raises(
+        ValueError, match=r"model\.pretrained and model\.upscale\.base_checkpoint both name a starting model"
+    ):
         CausalLM(ModelConfig(vocab_size=300), pretrained=str(hf_dir), upscale=upscale)
 
 
@@ -198,7 +231,8 @@ def test_an_upscale_method_without_a_base(method: str) -> None:
 @pytest.mark.parametrize("field", ["model.pretrained", "model.upscale.base_checkpoint"])
 def test_a_data_vocabulary_larger_than_the_models_embeddings(hf_dir: Path, field: str) -> None:
     options = (
-        dict(pretrained=str(hf_dir)) if field == "model.pretrained"
+        dict(pretrained=str(hf_dir))
+        if field == "model.pretrained"
         else dict(upscale=UpscaleConfig(base_checkpoint=str(hf_dir), method="dus_interleave", every=1))
     )
     message = rf"{field}='{hf_dir}' has {HF_VOCAB} token embeddings but the data tokenizer has {HF_VOCAB + 1} tokens"
@@ -210,12 +244,22 @@ def test_a_data_vocabulary_larger_than_the_models_embeddings(hf_dir: Path, field
 @pytest.mark.slow
 def test_cli_refuses_a_data_tokenizer_bigger_than_the_model(tmp_path: Path, tiny_cache: Path, tiny_data) -> None:
     small = tmp_path / "small_llama"  # 280 embeddings; the data's own BPE has 300 tokens
-    config = LlamaConfig(vocab_size=280, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, bos_token_id=None, eos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=280,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     LlamaForCausalLM(config).save_pretrained(small)
     args = fit_args(tmp_path, tiny_cache, small, "--model.pretrained", str(small))
     args[args.index("--data.tokenizer") + 1] = "bpe"  # the corpus's own tokenizer, not the model's
     args += ["--data.bpe_vocab_size", "300"]
-    with pytest.raises(ValueError, match=r"model\.pretrained=.* has 280 token embeddings but the data tokenizer has 300"):
+    with pytest.raises(
+        ValueError, match=r"model\.pretrained=.* has 280 token embeddings but the data tokenizer has 300"
+    ):
         main(args)
     assert not (tmp_path / "runs").exists()  # failed before the Trainer wrote anything

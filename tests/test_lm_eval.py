@@ -78,8 +78,8 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def untrained_copy(checkpoint: Path, folder: Path, keep_tokenizer: bool = True) -> Path:
     """The checkpoint with random-init weights of the same architecture (and tokenizer)."""
-    from midus.model import MidusLM, ModelConfig
     from midus.checkpoint.kit import MODEL_CONFIG_KEY, TOKENIZER_KEY
+    from midus.model import MidusLM, ModelConfig
 
     stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
     torch.manual_seed(0)
@@ -159,9 +159,9 @@ def direct_loglikelihood(model, tokenizer, context: str, continuation: str, max_
 
 @needs_lm_eval
 def test_loglikelihood_and_rolling_match_a_direct_computation() -> None:
+    from midus.data.tokenizers import train_bpe
     from midus.evaluation.lm_eval_adapter import MidusEvalLM
     from midus.model import MidusLM, ModelConfig
-    from midus.data.tokenizers import train_bpe
 
     text = ["I saw the cat sat on the mat and the dog saw the cat"] * 20
     tokenizer = train_bpe([text], 300)
@@ -224,7 +224,8 @@ def test_a_data_file_that_does_not_parse_or_exist_is_one_error(
     if data is not None:
         data_file.write_text(data)
     task_yaml = (TASK_DIR / f"{TASK.removeprefix('midus_')}.yaml").read_text()
-    (tasks / "task.yaml").write_text(task_yaml.replace("tests/data/lm_eval_task/letter_successor.jsonl", str(data_file)))
+    shipped_data = "tests/data/lm_eval_task/letter_successor.jsonl"
+    (tasks / "task.yaml").write_text(task_yaml.replace(shipped_data, str(data_file)))
     with pytest.raises(SystemExit) as exit_:
         main(["lm-eval", "--ckpt_path", str(tmp_path / "none.ckpt"), "--include_path", str(tasks), "--tasks", TASK])
     assert exit_.value.code == 2
@@ -243,7 +244,9 @@ def test_an_unknown_task_lists_what_the_include_path_provides(
     real = lm_eval.tasks.TaskManager
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: real(**{**kwargs, "include_defaults": False}))
     with pytest.raises(SystemExit) as exit_:
-        main(["lm-eval", "--ckpt_path", "none.ckpt", "--include_path", str(TASK_DIR), "--tasks", f"{TASK},no_such_task"])
+        main(
+            ["lm-eval", "--ckpt_path", "none.ckpt", "--include_path", str(TASK_DIR), "--tasks", f"{TASK},no_such_task"]
+        )
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert "unknown task(s) no_such_task" in error and f"provide: {TASK}" in error
@@ -252,8 +255,8 @@ def test_an_unknown_task_lists_what_the_include_path_provides(
 @needs_lm_eval
 @pytest.mark.slow
 def test_an_old_checkpoint_needs_its_tokenizer_directory(trained_checkpoint: Path, tmp_path: Path) -> None:
-    from midus.evaluation.lm_eval_adapter import MidusEvalLM
     from midus.checkpoint.kit import checkpoint_tokenizer, read_kit_checkpoint
+    from midus.evaluation.lm_eval_adapter import MidusEvalLM
 
     old = untrained_copy(trained_checkpoint, tmp_path / "old", keep_tokenizer=False)
     with pytest.raises(ValueError, match="stores no tokenizer.*tokenizer=<dir>"):

@@ -13,8 +13,8 @@ import torch
 
 from midus.analysis.checkpoint_run import analysis_parser, load_checkpoint_run
 from midus.analysis.memory_report import access_histogram, collect_slot_usage, validation_batches
-from midus.model.retrieval.product_keys import ProductKeys
 from midus.cli import main
+from midus.model.retrieval.product_keys import ProductKeys
 
 MAX_BATCHES = 3
 
@@ -82,7 +82,9 @@ def test_memory_usage_csv_matches_a_brute_force_recount(
 def test_access_histogram_accounts_for_every_slot_and_read(tiny_memory_run: Path, recount) -> None:
     counts, tokens, k, _ = recount
     run = load_checkpoint_run(analysis_parser("test", "test"), ["--ckpt_path", str(tiny_memory_run)])
-    usages, tracked_tokens = collect_slot_usage(run.model, validation_batches(run.data, MAX_BATCHES, torch.device("cpu")))
+    usages, tracked_tokens = collect_slot_usage(
+        run.model, validation_batches(run.data, MAX_BATCHES, torch.device("cpu"))
+    )
     tracked = usages["1"].counts.view(counts.shape).numpy()
     assert tracked_tokens == tokens and np.array_equal(tracked, counts)
     for head_counts in tracked:

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
 from midus.cli import main
 from midus.data.corpus import BiographyCorpus
 from midus.data.datamodule import LanguageModelingData
-from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +73,29 @@ def test_validate_reports_perplexity_of_other_text_with_the_checkpoints_tokenize
 
 
 @pytest.mark.slow
-def test_validate_refuses_a_tokenizer_other_than_the_checkpoints(tiny_memory_run: Path, other_text: Path, tiny_cache: Path) -> None:
+def test_validate_refuses_a_tokenizer_other_than_the_checkpoints(
+    tiny_memory_run: Path, other_text: Path, tiny_cache: Path
+) -> None:
     run_config = tiny_memory_run.parents[1] / "config.yaml"
     with pytest.raises(ValueError, match="data.tokenizer_path=<the .ckpt>"):
-        main([
-            "validate", "--config", str(run_config), "--ckpt_path", str(tiny_memory_run), "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(other_text.parent / "eval"), "--data.source", "files", "--data.train_files", f"[{other_text}]", "--data.bpe_vocab_size", "300",
-            "--data.cache_dir", str(tiny_cache),
-        ])
+        main(
+            [
+                "validate",
+                "--config",
+                str(run_config),
+                "--ckpt_path",
+                str(tiny_memory_run),
+                "--trainer.logger",
+                "false",
+                "--trainer.default_root_dir",
+                str(other_text.parent / "eval"),
+                "--data.source",
+                "files",
+                "--data.train_files",
+                f"[{other_text}]",
+                "--data.bpe_vocab_size",
+                "300",
+                "--data.cache_dir",
+                str(tiny_cache),
+            ]
+        )

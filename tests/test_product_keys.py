@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from midus.model.retrieval.slot_usage import SlotUsage
 from midus.model.retrieval.product_keys import ProductKeys, brute_force_retrieval, sorted_pair_candidates
+from midus.model.retrieval.slot_usage import SlotUsage
 from midus.model.retrieval.value_lookup import WeightedRowSum, weighted_row_sum
 
 

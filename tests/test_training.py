@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from midus.model import MidusLM, ModelConfig
 from midus.data.recall_probe import TokenizedQuestion, greedy_recall_hits
+from midus.model import MidusLM, ModelConfig
 from midus.training import CausalLM
 from midus.training.optim import parameter_groups, warmup_cosine
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from midus.checkpoint import load_base
 from midus.model import MidusLM, ModelConfig
 from midus.training.optim import parameter_groups
-from midus.checkpoint import load_base
 from midus.upscale import UpscaleConfig, apply_trainable, upscale
 
 VOCAB = 40
@@ -102,7 +102,9 @@ def test_frozen_parameters_receive_no_update(policy: str) -> None:
         assert parameter.requires_grad == trains, name
         if not trains:
             assert torch.equal(parameter, before[name]), f"{name} moved although frozen"
-    assert not torch.equal(model.blocks[inserted[0]].attn.q_proj.weight, before[f"blocks.{inserted[0]}.attn.q_proj.weight"])
+    assert not torch.equal(
+        model.blocks[inserted[0]].attn.q_proj.weight, before[f"blocks.{inserted[0]}.attn.q_proj.weight"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -126,7 +128,13 @@ def test_two_memory_blocks_in_a_row_are_refused_unless_allowed() -> None:
     with pytest.raises(ValueError, match=r"memory blocks at 1 and 2 in a row; .*allow_adjacent_memory"):
         upscale(base, UpscaleConfig(**settings))
     model, _ = upscale(base, UpscaleConfig(**settings, allow_adjacent_memory=True))
-    assert [spec.block for spec in model.config.stack] == ["transformer", "memory", "memory", "transformer", "transformer"]
+    assert [spec.block for spec in model.config.stack] == [
+        "transformer",
+        "memory",
+        "memory",
+        "transformer",
+        "transformer",
+    ]
 
 
 def test_base_sources_fail_with_one_clear_error(tmp_path: Path) -> None:
@@ -157,7 +165,9 @@ def test_checkpoints_from_before_the_config_was_stored_load_only_when_unambiguou
     model = MidusLM(config)
     state = {f"model.{name}": value for name, value in model.state_dict().items()}
     legacy = tmp_path / "legacy.ckpt"
-    torch.save({"hyper_parameters": {"config": dataclasses.asdict(config), "pretrained": ""}, "state_dict": state}, legacy)
+    torch.save(
+        {"hyper_parameters": {"config": dataclasses.asdict(config), "pretrained": ""}, "state_dict": state}, legacy
+    )
     ids = torch.randint(0, 40, (1, 6))
     assert torch.equal(load_base(str(legacy))(ids), model(ids))
     as_dataclass = tmp_path / "config_as_dataclass.ckpt"  # issue-4 runs stored the dataclass itself

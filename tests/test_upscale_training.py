@@ -7,9 +7,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from midus.checkpoint import load_kit_checkpoint
 from midus.model import ModelConfig
 from midus.training import CausalLM
-from midus.checkpoint import load_kit_checkpoint
 from midus.upscale import UpscaleConfig
 
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}

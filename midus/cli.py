@@ -58,6 +58,7 @@ def main(args: list[str] | dict[str, Any] | None = None) -> Any:
 
     from midus.ablation.runner import run_if_ablation
     from midus.training.cli import MidusCLI, cli_kwargs
+    from midus.training.divergence import EXIT_CODE, NonFiniteLossError
 
     if not isinstance(command_line, (list, tuple)):  # a dict config: a LightningCLI run
         return MidusCLI(**cli_kwargs(), args=args)
@@ -69,4 +70,8 @@ def main(args: list[str] | dict[str, Any] | None = None) -> Any:
             _print_kit_commands()
     if run_if_ablation(command_line):
         return None
-    return MidusCLI(**cli_kwargs(), args=args)
+    try:
+        return MidusCLI(**cli_kwargs(), args=args)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_CODE) from None

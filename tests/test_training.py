@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -114,3 +116,41 @@ def test_teacher_forced_recall_equals_greedy_generation() -> None:
         questions.append(TokenizedQuestion(prompt, greedy[:2] + [(greedy[2] + 1) % 20], "a"))
     hits = greedy_recall_hits(model, questions, batch_size=3)  # ragged batches, right padding
     assert hits.tolist() == [True, False] * 4
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_the_newest_checkpoint(
+    tmp_path: Path, tiny_cache: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from midus.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        "fit", "--config", str(root / "experiments" / "quickstart.yaml"),
+        "--trainer.max_steps", "40", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.gradient_clip_val", "null",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--model.learning_rate", "1e6", "--model.warmup_steps", "0", "--model.recall_probe_size", "0",
+        "--model.config.d_model", "32", "--model.config.n_layers", "2",
+        "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
+        "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 3
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: training diverged: train/loss is (\S+) at step (\d+); the newest good checkpoint is "
+                         r"(\S+) \(.*\)", message)
+    assert match, message
+    assert not math.isfinite(float(match.group(1)))
+    step = int(match.group(2))
+    assert Path(match.group(3)).is_file() and 2 <= step < 40
+    run = tmp_path / "runs" / "quickstart" / "ffn"
+    events = EventAccumulator(str(run))
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    # Every logged step before the failing one was finite, and the failing step was never logged.
+    assert [event.step for event in logged] == list(range(step)) and all(math.isfinite(e.value) for e in logged)
+    assert not (run / "summary.json").exists()

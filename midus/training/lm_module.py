@@ -21,6 +21,7 @@ from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
 from midus.model.retrieval.slot_usage import SlotUsageTracker
 from midus.model.transformer import next_token_loss
+from midus.training.divergence import check_finite_loss
 from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
@@ -134,6 +135,7 @@ class CausalLM(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
         loss, tokens = self._loss(batch)
+        check_finite_loss(loss, self.trainer)  # before backward: a NaN step must not update anything
         self.log("train/loss", loss, prog_bar=True)
         names = (group["name"] for group in self.optimizers().param_groups)
         rates = dict(zip(names, self.lr_schedulers().get_last_lr()))

@@ -154,3 +154,31 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_the_newest_ch
     # Every logged step before the failing one was finite, and the failing step was never logged.
     assert [event.step for event in logged] == list(range(step)) and all(math.isfinite(e.value) for e in logged)
     assert not (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_fit_resumes_from_last_ckpt_and_train_tokens_continue(tmp_path: Path, tiny_cache: Path) -> None:
+    # Before the progress counters were checkpointed, train/tokens restarted at 0 on resume, and
+    # once a run had more steps than sequences per batch Lightning's Throughput refused it
+    # ("Expected samples (32) to be greater or equal than batches (61)").
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from midus.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    common = [
+        "--config", str(root / "experiments" / "quickstart.yaml"),
+        "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--model.recall_probe_size", "0", "--model.config.d_model", "32", "--model.config.n_layers", "2",
+        "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
+        "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),
+    ]
+    run = tmp_path / "runs" / "quickstart" / "ffn"
+    main(["fit", *common, "--trainer.max_steps", "6"])
+    main(["fit", *common, "--trainer.max_steps", "12", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tokens = {event.step: event.value for event in events.Scalars("train/tokens")}
+    per_step = 8 * 32  # sequences x predicted positions (blocks hold block_size + 1 tokens)
+    assert {step: tokens[step] for step in (0, 5, 6, 11)} == {step: (step + 1) * per_step for step in (0, 5, 6, 11)}

@@ -26,6 +26,8 @@ from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
 
+PROGRESS_KEY = "midus_training_progress"
+
 
 class CausalLM(pl.LightningModule):
     """Next-token training of a `MidusLM`, from scratch or from a local Hugging Face checkpoint.
@@ -99,8 +101,15 @@ class CausalLM(pl.LightningModule):
         # the tokenizer (evaluation needs only the file), as plain data: `midus.checkpoint.kit`.
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         checkpoint.update(kit_entries(self.model.config, tokenizer))
+        # Training progress counted since step 0, so a resumed run's train/tokens continue (and
+        # Lightning's Throughput, which needs samples >= the restored global step, accepts them).
+        checkpoint[PROGRESS_KEY] = {"tokens": self._tokens_seen, "sequences": self._sequences_seen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        progress = checkpoint.get(PROGRESS_KEY) or {}
+        self._tokens_seen = int(progress.get("tokens", 0))
+        # Checkpoints from before the count was stored: the step count keeps Throughput valid.
+        self._sequences_seen = int(progress.get("sequences", checkpoint.get("global_step", 0)))
         # validate/test --ckpt_path with other data: a retrained tokenizer would score garbage.
         stored = checkpoint_tokenizer(checkpoint)
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)

@@ -49,10 +49,10 @@ def test_head_gate_leaves_the_default_path_and_state_dict_unchanged(tiny_memory_
     with torch.no_grad():
         ungated = model(ids)
         with gated_heads({"1": keys}) as gate:
-            gate.set("1", torch.ones(keys.n_heads))
+            gate["1"] = torch.ones(keys.n_heads)
             assert torch.equal(model(ids), ungated)  # × 1 is exact
             assert set(model.state_dict()) == names  # the gate is no parameter or buffer
-            gate.set("1", None)
+            gate["1"] = None
             assert torch.equal(model(ids), ungated)
         assert not keys._forward_hooks  # the gate hooks are gone after the analysis
         assert torch.equal(model(ids), ungated)
@@ -68,7 +68,7 @@ def test_gating_a_head_equals_zeroing_its_values(tiny_memory_run: Path) -> None:
         gate = torch.ones(branch.keys.n_heads)
         gate[ZEROED_HEAD] = 0.0
         with gated_heads({"1": branch.keys}) as gates:
-            gates.set("1", gate)
+            gates["1"] = gate
             gated = model(ids)
         branch.head_proj[ZEROED_HEAD] = 0.0
         assert torch.equal(model(ids), gated)
@@ -90,7 +90,7 @@ def test_a_zero_gate_removes_exactly_that_heads_read(branch: str, memory: dict) 
 
     def output(gate: list[float]) -> torch.Tensor:
         with gated_heads({"1": module.keys}) as gates:
-            gates.set("1", torch.tensor(gate))
+            gates["1"] = torch.tensor(gate)
             return module(heads)
 
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_head_importance_ranks_a_silenced_head_last(zeroed_head_run: Path, tmp_p
     def mean_loss(removed: int | None) -> float:
         total, count = 0.0, 0
         with torch.no_grad(), gated_heads({"1": keys}) as gates:
-            gates.set("1", None if removed is None else (torch.arange(keys.n_heads) != removed).float())
+            gates["1"] = None if removed is None else (torch.arange(keys.n_heads) != removed).float()
             for inputs, targets in validation_batches(run.data, 2, torch.device("cpu")):
                 logits = run.model(inputs).double()
                 total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()

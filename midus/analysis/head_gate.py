@@ -18,21 +18,14 @@ from torch import nn
 from midus.model.retrieval.product_keys import ProductKeys
 
 
-class HeadGates:
-    """The gate of every gated `ProductKeys` module by label; None leaves a module untouched."""
-
-    def __init__(self, labels: list[str]) -> None:
-        self.gates: dict[str, torch.Tensor | None] = dict.fromkeys(labels)
-
-    def set(self, label: str, gate: torch.Tensor | None) -> None:
-        """Gate the module `label` with `gate` (H,) from its next forward on."""
-        self.gates[label] = gate
-
-
 @contextmanager
-def gated_heads(keys: dict[str, ProductKeys]) -> Iterator[HeadGates]:
-    """Attach a gate hook to every module of `keys` (label → module) for the duration of the block."""
-    gates = HeadGates(list(keys))
+def gated_heads(keys: dict[str, ProductKeys]) -> Iterator[dict[str, torch.Tensor | None]]:
+    """Hook a gate onto every module of `keys` (label → module) for the duration of the block.
+
+    Yields the gates by label, all None (ungated) at first; set ``gates[label] = gate`` (H,) to
+    gate that module from its next forward on.
+    """
+    gates: dict[str, torch.Tensor | None] = dict.fromkeys(keys)
     handles = [module.register_forward_hook(_gate_hook(gates, label)) for label, module in keys.items()]
     try:
         yield gates
@@ -41,9 +34,9 @@ def gated_heads(keys: dict[str, ProductKeys]) -> Iterator[HeadGates]:
             handle.remove()
 
 
-def _gate_hook(gates: HeadGates, label: str):
+def _gate_hook(gates: dict[str, torch.Tensor | None], label: str):
     def gate_weights(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]):
-        gate = gates.gates[label]
+        gate = gates[label]
         if gate is None:
             return None
         weights, slots = output

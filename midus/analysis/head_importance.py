@@ -106,25 +106,23 @@ def head_importance(
     grad_x_act = {label: torch.zeros(module.n_heads, dtype=torch.float64) for label, module in keys.items()}
     tokens = 0
     try:
-        with gated_heads(keys) as gate:
+        with gated_heads(keys) as hooked:
             for inputs, targets in batches:
                 ones = {label: torch.ones(module.n_heads, device=inputs.device) for label, module in keys.items()}
                 with torch.no_grad():
                     # The baseline goes through the gates too (× 1 is exact), so a head whose output
                     # is already zero has an ablated loss equal to it bit for bit.
-                    for label in keys:
-                        gate.set(label, ones[label])
+                    hooked.update(ones)
                     baseline += float(_summed_loss(model, inputs, targets))
                     for label, module in keys.items():
                         for head in range(module.n_heads):
                             ablated_gate = ones[label].clone()
                             ablated_gate[head] = 0.0
-                            gate.set(label, ablated_gate)
+                            hooked[label] = ablated_gate
                             ablated[label][head] += float(_summed_loss(model, inputs, targets))
-                        gate.set(label, ones[label])
+                        hooked[label] = ones[label]
                 gates = {label: ones_gate.clone().requires_grad_(True) for label, ones_gate in ones.items()}
-                for label in keys:
-                    gate.set(label, gates[label])
+                hooked.update(gates)
                 loss = _summed_loss(model, inputs, targets)
                 gradients = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
                 for label, gradient in zip(gates, gradients):

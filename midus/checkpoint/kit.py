@@ -1,9 +1,11 @@
-"""The kit's checkpoint format: a Lightning ``.ckpt`` written by `CausalLM`, plus two entries.
+"""The kit's checkpoint format: a Lightning ``.ckpt`` written by `CausalLM`, plus three entries.
 
 * ``midus_model_config``: the resolved architecture (`ModelConfig` as plain data), so an
   up-scaled or imported model reloads without its base and can itself be up-scaled again;
 * ``midus_tokenizer``: the training tokenizer as plain strings (`tokenizer_record`), so
   evaluation needs only the file.
+* ``midus_training_progress``: tokens and sequences trained so far, so a resumed run's
+  counts continue (written and read by `CausalLM`).
 
 Model weights are the LightningModule's ``state_dict`` entries under ``model.``. Writing
 (`kit_entries`) and reading (`read_kit_checkpoint`, `load_kit_checkpoint`) live here only.
@@ -26,6 +28,8 @@ from midus.model.transformer import MidusLM
 
 MODEL_CONFIG_KEY = "midus_model_config"
 TOKENIZER_KEY = "midus_tokenizer"
+PROGRESS_KEY = "midus_training_progress"
+"""Tokens and sequences trained since step 0, which `CausalLM` restores on resume."""
 STATE_PREFIX = "model."
 
 MOVED_MODULES = {"midus.training.data_module": "midus.data.text_data"}

@@ -16,7 +16,7 @@ class LanguageModelingData(TextData, pl.LightningDataModule):
     """Packed causal-LM blocks from the embedded corpus, local files, or a Hugging Face dataset,
     for ``fit``/``validate``/``test``/``predict`` (every argument: `TextData`)."""
 
-    def _keep_settings(self, settings: dict) -> None:
+    def _keep_settings(self) -> None:
         # save_hyperparameters() of the constructor's own frame (TextData.__init__ calls this):
         # under LightningCLI it stores the parsed arguments as plain data (so a checkpoint loads
         # with weights_only=True), otherwise the constructor's arguments, exactly as if it had

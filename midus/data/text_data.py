@@ -133,7 +133,7 @@ class TextData:
     ) -> None:
         super().__init__()  # cooperative: the LightningDataModule's __init__ in LanguageModelingData
         self.settings = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        self._keep_settings(self.settings)
+        self._keep_settings()
         if block_size < 1:
             raise ValueError(f"data.block_size must be >= 1, got {block_size}")
         if batch_size < 1:
@@ -194,8 +194,8 @@ class TextData:
             corpus_key, self.vocab_size, len(self.train_blocks), len(self.val_blocks), block_size,
         )
 
-    def _keep_settings(self, settings: dict) -> None:
-        """Where the constructor's arguments are recorded besides `settings` (Lightning: hparams)."""
+    def _keep_settings(self) -> None:
+        """Called by the constructor: where else its arguments are recorded (Lightning: hparams)."""
 
     @property
     def vocab_size(self) -> int:

@@ -16,6 +16,7 @@ from lightning.fabric.utilities.throughput import Throughput
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
+from midus.checkpoint.kit import PROGRESS_KEY
 from midus.data.recall_probe import greedy_recall_hits
 from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
@@ -25,8 +26,6 @@ from midus.training.divergence import check_finite_loss
 from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
-
-PROGRESS_KEY = "midus_training_progress"
 
 
 class CausalLM(pl.LightningModule):

@@ -17,17 +17,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from midus.model.branches.registry import Branch, register_branch
+from midus.model.branches.registry import MemoryBranch, register_branch
 from midus.model.config import ModelConfig
 from midus.model.retrieval.product_keys import ProductKeys
 from midus.model.retrieval.value_lookup import MemoryValues
 
 
 @register_branch("hml")
-class HeadwiseMemory(Branch):
+class HeadwiseMemory(MemoryBranch):
     """Head-wise product-key memory reading the attention heads (memory blocks only)."""
 
-    is_product_key_memory = True
     reads_attention_heads = True
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
@@ -47,12 +46,6 @@ class HeadwiseMemory(Branch):
             tables = self.n_heads if self.layout == "per_head" else 1
             self.values = MemoryValues(tables * self.n_slots, out_width, memory.zero_init_values)
             self.head_proj = None
-
-    def value_tables(self) -> list[nn.Parameter]:
-        return [self.values.weight]
-
-    def subkey_tables(self) -> list[nn.Parameter]:
-        return [self.keys.subkeys]
 
     def forward(self, heads: torch.Tensor) -> torch.Tensor:
         # heads: (batch, time, d) = concatenated a_h -> queries (batch, time, H, d_h)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from midus.model.branches.registry import Branch, register_branch
+from midus.model.branches.registry import MemoryBranch, register_branch
 from midus.model.config import ModelConfig
 from midus.model.retrieval.product_keys import ProductKeys
 from midus.model.retrieval.value_lookup import MemoryValues
 
 
 @register_branch("multihead_pkm")
-class MultiHeadProductKeyMemory(Branch):
+class MultiHeadProductKeyMemory(MemoryBranch):
     """``memory.pkm_heads`` learned queries over their own sub-keys, summed reads of one d-wide table.
 
     Args:
@@ -25,7 +25,6 @@ class MultiHeadProductKeyMemory(Branch):
         n_heads: query heads; 0 means ``memory.pkm_heads`` (PKM passes 1).
     """
 
-    is_product_key_memory = True
 
     def __init__(self, config: ModelConfig, layer_index: int, n_heads: int = 0) -> None:
         super().__init__()
@@ -35,12 +34,6 @@ class MultiHeadProductKeyMemory(Branch):
         self.query_proj = nn.Linear(config.d_model, self.n_heads * query_dim, bias=False)
         self.keys = ProductKeys(self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm)
         self.values = MemoryValues(memory.n_slots, config.d_model, memory.zero_init_values)
-
-    def value_tables(self) -> list[nn.Parameter]:
-        return [self.values.weight]
-
-    def subkey_tables(self) -> list[nn.Parameter]:
-        return [self.keys.subkeys]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (batch, time, d) -> queries (batch, time, heads, c) -> weights, slots (batch, time, heads, k)

@@ -42,6 +42,19 @@ class Branch(nn.Module):
         return []
 
 
+class MemoryBranch(Branch):
+    """A product-key memory branch: retrieval in `keys` (a `ProductKeys`), values in `values`
+    (a `MemoryValues`); both memory branch families (PKM and HML) build on it."""
+
+    is_product_key_memory: ClassVar[bool] = True
+
+    def value_tables(self) -> list[nn.Parameter]:
+        return [self.values.weight]
+
+    def subkey_tables(self) -> list[nn.Parameter]:
+        return [self.keys.subkeys]
+
+
 _BRANCHES: dict[str, type[Branch]] = {}
 
 

@@ -77,17 +77,20 @@ class SlotUsageTracker:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def start(self) -> SlotUsageTracker:
-        self.stop()
+        self._detach()
         self.usages = {}
         for label, keys in product_key_modules(self.model).items():
             usage = self.usages[label] = SlotUsage(keys.n_heads, keys.n_slots, keys.subkeys.device)
             self._handles.append(keys.register_forward_hook(_recorder(usage)))
         return self
 
-    def stop(self) -> dict[str, float]:
+    def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def stop(self) -> dict[str, float]:
+        self._detach()
         metrics: dict[str, float] = {}
         for layer, usage in self.usages.items():
             if usage.queries == 0:
@@ -102,7 +105,7 @@ class SlotUsageTracker:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self._detach()  # the counters stay in `usages`; metrics only on stop()
 
 
 def _recorder(usage: SlotUsage):

@@ -22,3 +22,7 @@ class LanguageModelingData(TextData, pl.LightningDataModule):
         # with weights_only=True), otherwise the constructor's arguments, exactly as if it had
         # been called in the constructor itself.
         self.save_hyperparameters(frame=inspect.currentframe().f_back)
+
+    def processes(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

@@ -179,7 +179,9 @@ def file_splits(
         raise ValueError("data.train_files is empty; data.source=files needs at least one file")
     train_paths = resolve_files(train_files, "data.train_files")
     val_paths = resolve_files(val_files, "data.val_files") if val_files else []
-    stats = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in train_paths + val_paths]
+    stats = [
+        (str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in train_paths + val_paths
+    ]
     key = "files-" + _short_hash(stats, text_field, sample_by, val_fraction, seed)
     train = _load_files(train_paths, text_field, sample_by, cache_dir, "data.train_files")
     if val_paths:

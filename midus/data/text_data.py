@@ -22,6 +22,7 @@ from midus.data.corpus import BiographyCorpus, RecallItem
 from midus.data.corpus.names import NAME_SPACE_SIZE
 from midus.data.packing import pack_documents
 from midus.data.recall_probe import TokenizedQuestion, tokenize_probe
+from midus.data.resumable_loader import EpochShuffleSampler, ResumableLoader, ShardSampler
 from midus.data.sources import embedded_key, embedded_splits, file_splits, hub_splits, shared_names
 from midus.data.tokenizers import cached_tokenizer, load_tokenizer_dir
 
@@ -103,7 +104,8 @@ class TextData:
         batch_size: sequences per batch.
         num_workers: DataLoader worker processes.
         cache_dir: where tokenizers and prepared corpora are cached.
-        seed: seed of the validation split-off.
+        seed: seed of the validation split-off. The training order's shuffle seed is the run's
+            global seed (``seed_everything``) at construction, so seeds vary the data order.
         predict_prompts: prompts that ``predict`` continues; empty uses the first recall-probe
             prompts of the embedded corpus.
     """
@@ -133,6 +135,8 @@ class TextData:
     ) -> None:
         super().__init__()  # cooperative: the LightningDataModule's __init__ in LanguageModelingData
         self.settings = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        # Every epoch's order derives from it (resumable, identical on every process).
+        self.shuffle_seed = torch.initial_seed() % 2**63
         self._keep_settings()
         if block_size < 1:
             raise ValueError(f"data.block_size must be >= 1, got {block_size}")
@@ -176,7 +180,8 @@ class TextData:
             )
 
         self.tokenizer: PreTrainedTokenizerBase = hf_tokenizer or cached_tokenizer(
-            tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size, cache_dir, corpus_key
+            tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size, cache_dir,
+            corpus_key,
         )
         self.train_blocks = pack_documents(splits["train"], self.tokenizer, block_size, "training")
         self.val_blocks = pack_documents(splits["validation"], self.tokenizer, block_size, "validation")
@@ -202,17 +207,30 @@ class TextData:
         """Size of the tokenizer's vocabulary, added tokens included (linked into the model)."""
         return len(self.tokenizer)
 
+    def processes(self) -> tuple[int, int]:
+        """(number of processes, this one's rank) sharing the data; one outside a distributed run."""
+        return 1, 0
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_blocks,
-            batch_size=self.settings["batch_size"],
-            shuffle=True,
-            drop_last=len(self.train_blocks) >= self.settings["batch_size"],
+        """Shuffled blocks of this process, reshuffled per epoch, resumable mid-epoch (`ResumableLoader`)."""
+        replicas, rank = self.processes()
+        batch_size = self.settings["batch_size"]
+        sampler = EpochShuffleSampler(self.train_blocks, replicas, rank, self.shuffle_seed)
+        # A split smaller than one batch still trains, on one short batch per epoch.
+        return ResumableLoader(
+            self.train_blocks, sampler, batch_size, drop_last=sampler.num_samples >= batch_size,
             num_workers=self.settings["num_workers"],
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_blocks, batch_size=self.settings["batch_size"], num_workers=self.settings["num_workers"])
+        """The validation blocks in order; each process scores its own share, none twice."""
+        replicas, rank = self.processes()
+        return DataLoader(
+            self.val_blocks,
+            batch_size=self.settings["batch_size"],
+            sampler=ShardSampler(self.val_blocks, replicas, rank),
+            num_workers=self.settings["num_workers"],
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -74,7 +74,9 @@ def load_tokenizer_dir(path: str | Path, field_name: str) -> PreTrainedTokenizer
     if Path(path).is_file():
         tokenizer = checkpoint_tokenizer(read_kit_checkpoint(path, field_name))
         if tokenizer is None:
-            raise ValueError(f"{field_name}: checkpoint {str(path)!r} stores no tokenizer (written before the kit kept one)")
+            raise ValueError(
+                f"{field_name}: checkpoint {str(path)!r} stores no tokenizer (written before the kit kept one)"
+            )
         return tokenizer
 
     try:

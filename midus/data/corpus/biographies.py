@@ -13,8 +13,10 @@ from midus.data.corpus.templates import (
     TRAIN_TEMPLATES,
     allows_pronoun,
     probe_prefix,
-    probe_templates as probe_capable,
     render,
+)
+from midus.data.corpus.templates import (
+    probe_templates as probe_capable,
 )
 
 _PROBE_FAMILIES = ("heldout", "train")

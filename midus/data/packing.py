@@ -3,12 +3,21 @@
 Documents are joined with the end-of-text token and cut into rows of ``block_size + 1``
 tokens (inputs are a row without its last token, targets without its first), so every
 token of a block is trained on and no padding is needed.
+
+`cached_blocks` keeps packed splits in the data cache, so a second run of an experiment, and
+every process after the first of a multi-process run, reads them instead of packing again.
 """
 
 from __future__ import annotations
 
-from datasets import Dataset
+import hashlib
+import logging
+from pathlib import Path
+
+from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 def pack_documents(
@@ -44,3 +53,28 @@ def pack_documents(
             f"of {row} (block_size + 1); lower data.block_size or add text"
         )
     return packed.with_format("torch")
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of everything that decides a tokenizer's ids (its full serialisation when fast)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}".encode()).hexdigest()[:16]
+
+
+def cached_blocks(
+    documents: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, split: str, cache_dir: str | Path,
+    corpus_key: str,
+) -> Dataset:
+    """`pack_documents`, read from ``<cache_dir>/blocks/`` when this corpus, tokenizer and block
+    size were packed before (the caller holds the cache lock while this runs)."""
+    name = f"{corpus_key}-{tokenizer_fingerprint(tokenizer)}-block{block_size}-{split}"
+    directory = Path(cache_dir) / "blocks" / name
+    if (directory / "dataset_info.json").is_file():
+        log.info("data: %s blocks read from %s", split, directory)
+        return load_from_disk(str(directory)).with_format("torch")
+    packed = pack_documents(documents, tokenizer, block_size, split)
+    partial = directory.with_name(directory.name + ".partial")  # a crash mid-write leaves no cache hit
+    packed.with_format(None).save_to_disk(str(partial))
+    partial.rename(directory)
+    return load_from_disk(str(directory)).with_format("torch")

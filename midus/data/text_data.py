@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from midus.data.corpus import BiographyCorpus, RecallItem
 from midus.data.corpus.names import NAME_SPACE_SIZE
-from midus.data.packing import pack_documents
+from midus.data.packing import cached_blocks
 from midus.data.recall_probe import TokenizedQuestion, tokenize_probe
 from midus.data.resumable_loader import EpochShuffleSampler, ResumableLoader, ShardSampler
 from midus.data.sources import embedded_key, embedded_splits, file_splits, hub_splits, shared_names
@@ -179,12 +181,18 @@ class TextData:
                 hub_dataset, hub_config, hub_train_split, hub_val_split, val_fraction, text_field, cache_dir, seed
             )
 
-        self.tokenizer: PreTrainedTokenizerBase = hf_tokenizer or cached_tokenizer(
-            tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size, cache_dir,
-            corpus_key,
-        )
-        self.train_blocks = pack_documents(splits["train"], self.tokenizer, block_size, "training")
-        self.val_blocks = pack_documents(splits["validation"], self.tokenizer, block_size, "validation")
+        # One process prepares, any other waiting (several processes of one run, or two runs
+        # sharing the cache) then reads what it wrote: tokenizer training and packing happen once.
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with FileLock(str(Path(cache_dir) / f".{corpus_key}.lock")):
+            self.tokenizer: PreTrainedTokenizerBase = hf_tokenizer or cached_tokenizer(
+                tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size,
+                cache_dir, corpus_key,
+            )
+            self.train_blocks, self.val_blocks = (
+                cached_blocks(splits[split], self.tokenizer, block_size, name, cache_dir, corpus_key)
+                for split, name in (("train", "training"), ("validation", "validation"))
+            )
         # Recall probe by population and prompt phrasing: "train" asks the main population in a
         # phrasing seen in training (stored facts), "heldout" in held-out phrasing (facts
         # transferred to new wording); "replay" and "replay_heldout" ask the replay population

@@ -43,11 +43,17 @@ def check_finite_loss(loss: torch.Tensor, trainer: pl.Trainer) -> None:
     Reading the flag waits for the step's forward on an accelerator; the default progress bar
     already reads ``train/loss`` (``prog_bar=True``) after every step, so that wait is paid anyway.
     """
-    if bool(torch.isfinite(loss.detach())):
+    # Every process decides together: one that stopped alone would leave the others waiting in
+    # the next gradient all-reduce.
+    non_finite = (~torch.isfinite(loss.detach())).float()
+    if trainer.world_size > 1:
+        non_finite = trainer.strategy.reduce(non_finite, reduce_op="sum")
+    if not bool(non_finite):
         return
     checkpoint = newest_checkpoint(trainer)
     resume = f"the newest good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written before it"
     raise NonFiniteLossError(
-        f"training diverged: train/loss is {float(loss.detach()):g} at step {trainer.global_step}; {resume} "
+        f"training diverged: train/loss is {float(loss.detach()):g} at step {trainer.global_step}"
+        f"{'' if trainer.world_size == 1 else ' on at least one process'}; {resume} "
         "(lower model.learning_rate or raise trainer.gradient_clip_val, then resume with --ckpt_path)"
     )

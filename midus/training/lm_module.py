@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 
 import lightning.pytorch as pl
 import torch
@@ -126,10 +125,23 @@ class CausalLM(pl.LightningModule):
         return loss, targets.numel()
 
     def configure_model(self) -> None:
-        if self.hparams.compile:
+        if not self.hparams.compile:
+            return
+        if isinstance(getattr(self._trainer, "strategy", None), pl.strategies.FSDPStrategy):
+            # Lightning's FSDPStrategy wraps the blocks after this hook and does not compile over its
+            # wrappers: compile each block (an FSDP unit) inside them, as torch.compile's docs advise for
+            # FSDP. Compiling the whole model breaks its graph at every unit's all-gather (in the block loop).
+            for block in self.model.blocks:
+                block.compile()
+        else:
             self.model.compile()
 
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes of a multi-process run (itself in a single-process run)."""
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
     def on_fit_start(self) -> None:
+        self.throughput.world_size = self.trainer.world_size  # adds whole-run rates to the per-process ones
         counts = {
             "params/total": self.model.num_parameters(),
             "params/trainable": self.model.num_parameters(trainable_only=True),
@@ -162,9 +174,11 @@ class CausalLM(pl.LightningModule):
             lengths=self._tokens_seen,
         )
         rates = self.throughput.compute()
-        if "device/items_per_sec" in rates:
-            self.log("train/tokens_per_sec", rates["device/items_per_sec"], prog_bar=True)
-        self.log("train/tokens", float(self._tokens_seen))
+        # Every process trains on a batch of the same size: the run's counts are world_size times this one's.
+        rate = rates.get("items_per_sec", rates.get("device/items_per_sec"))
+        if rate is not None:
+            self.log("train/tokens_per_sec", rate, prog_bar=True)
+        self.log("train/tokens", float(self._tokens_seen * self.trainer.world_size))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:
         loss, tokens = self._loss(batch)
@@ -181,7 +195,7 @@ class CausalLM(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for name, value in self._eval_loss_metrics("test").items():
-            self.log(name, value, prog_bar=name.endswith("loss"))
+            self.log(name, value, prog_bar=name.endswith("loss"), sync_dist=True)
 
     def _full_validation(self) -> bool:
         # A partial sanity check (a couple of batches) is not worth diagnostics or the probe.
@@ -195,7 +209,7 @@ class CausalLM(pl.LightningModule):
         metrics = self._eval_loss_metrics("val")
         # Slot usage on the validation text only: stop before the recall probe's forwards.
         if self._slot_usage is not None:
-            metrics.update(self._slot_usage.stop())
+            metrics.update(self._slot_usage.stop(reduce=self._sum_over_processes))
             self._slot_usage = None
         full_pass = self._full_validation()
         if full_pass:
@@ -207,26 +221,39 @@ class CausalLM(pl.LightningModule):
                 for logger in self.loggers:
                     logger.log_metrics({name: float(value) for name, value in metrics.items()}, step=0)
             return
+        # Every value is already reduced over processes (torchmetrics, the sums above), so the same
+        # on each; sync_dist only states that (and keeps Lightning from warning it is per process).
         for name, value in metrics.items():
-            self.log(name, value, prog_bar=name in ("val/loss", "val/recall_acc"))
+            self.log(name, value, prog_bar=name in ("val/loss", "val/recall_acc"), sync_dist=True)
 
     def _recall_metrics(self) -> dict[str, torch.Tensor | float]:
-        """Knowledge-recall accuracy per prompt phrasing, overall and per attribute."""
+        """Knowledge-recall accuracy per prompt phrasing, overall and per attribute.
+
+        Each process answers every world_size-th question; hits and counts are summed over the
+        processes, so the accuracies are those of one process answering all of them.
+        """
         questions_by_phrasing = getattr(self.trainer.datamodule, "recall_questions", {})
-        metrics: dict[str, torch.Tensor | float] = {}
+        replicas, rank = self.trainer.world_size, self.trainer.global_rank
+        hits_and_counts: dict[str, list[float]] = {}  # metric -> [hits, questions] of this process
         for phrasing, questions in questions_by_phrasing.items():
             questions = questions[: self.hparams.recall_probe_size]
             if not questions:
                 continue
-            hits = greedy_recall_hits(self.model, questions)
             name = "val/recall_acc" if phrasing == "train" else f"val/recall_acc_{phrasing}"
-            metrics[name] = hits.float().mean()
-            by_attribute: dict[str, list[bool]] = defaultdict(list)
-            for question, hit in zip(questions, hits.tolist()):
-                by_attribute[question.attribute].append(hit)
-            for attribute, values in by_attribute.items():
-                metrics[f"{name}/{attribute}"] = sum(values) / len(values)
-        return metrics
+            # The same keys in the same order on every process, whatever its share holds.
+            for key in [name, *(f"{name}/{attribute}" for attribute in dict.fromkeys(q.attribute for q in questions))]:
+                hits_and_counts[key] = [0.0, 0.0]
+            mine = questions[rank::replicas]
+            hits = greedy_recall_hits(self.model, mine).tolist() if mine else []
+            for question, hit in zip(mine, hits):
+                for key in (name, f"{name}/{question.attribute}"):
+                    hits_and_counts[key][0] += hit
+                    hits_and_counts[key][1] += 1
+        if not hits_and_counts:
+            return {}
+        # One collective for all of them; float32 counts are exact far beyond any probe size.
+        totals = self._sum_over_processes(torch.tensor(list(hits_and_counts.values()), device=self.device))
+        return {name: hits / count for name, (hits, count) in zip(hits_and_counts, totals)}
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> list[list[int]]:
         """Continue each prompt; returns the new token ids (decode with the data tokenizer)."""

@@ -98,16 +98,18 @@ class RunSummary(pl.Callback):
         run_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        record = self.summary(trainer, pl_module, int(tokens))
+        record = self.summary(trainer, pl_module, int(tokens), str(run_dir))
         directory = Path(run_dir)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     def summary(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, all_tokens: int | None = None
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, all_tokens: int | None = None,
+        run_dir: str | None = None,
     ) -> dict[str, Any]:
         """The record written to ``summary.json``; `all_tokens`: training tokens of every process
-        (default: this process's count times the number of processes)."""
+        (default: this process's count times the number of processes); `run_dir`: the run
+        directory (default: the trainer's, which is a collective call in a multi-process run)."""
         model = pl_module.model
         all_tokens = self._train_tokens * trainer.world_size if all_tokens is None else all_tokens
         val = {name.removeprefix("val/"): _metric(trainer, name) for name in SUMMARY_VAL_METRICS}
@@ -115,7 +117,7 @@ class RunSummary(pl.Callback):
         seconds = self._train_seconds
         return {
             "schema_version": SUMMARY_SCHEMA_VERSION,
-            "run_dir": str(trainer.log_dir or trainer.default_root_dir),
+            "run_dir": run_dir or str(trainer.log_dir or trainer.default_root_dir),
             "config_paths": self.config_paths,
             "device": str(pl_module.device),
             "params": {

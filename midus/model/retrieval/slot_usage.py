@@ -12,6 +12,7 @@ read and the entropy of its retrieval weights. From the counts come the usual di
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ class SlotUsage:
         self.n_heads, self.n_slots = n_heads, n_slots
         self.counts = torch.zeros(n_heads * n_slots, dtype=torch.long, device=device)
         self.entropy_sum = torch.zeros(n_heads, dtype=torch.float64, device=device)
-        self.queries = 0
+        self.queries = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
     def record(self, slots: torch.Tensor, weights: torch.Tensor) -> None:
@@ -38,6 +39,11 @@ class SlotUsage:
         self.entropy_sum += entropy.reshape(-1, self.n_heads).sum(0).double()
         self.queries += entropy.numel() // self.n_heads
 
+    def reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the counters by `reduce` of them, e.g. their sum over the processes of a run."""
+        self.counts, self.entropy_sum = reduce(self.counts), reduce(self.entropy_sum)
+        self.queries = reduce(self.queries)
+
     def per_head(self) -> dict[str, torch.Tensor]:
         """``usage``, ``kl_uniform`` and ``entropy``, each a (heads,) tensor."""
         counts = self.counts.view(self.n_heads, self.n_slots).double()
@@ -47,7 +53,7 @@ class SlotUsage:
         return {
             "usage": (counts > 0).double().mean(-1),
             "kl_uniform": kl,
-            "entropy": self.entropy_sum / max(self.queries, 1),
+            "entropy": self.entropy_sum / self.queries.clamp_min(1),
         }
 
 
@@ -89,10 +95,14 @@ class SlotUsageTracker:
             handle.remove()
         self._handles = []
 
-    def stop(self) -> dict[str, float]:
+    def stop(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Remove the hooks and return the metrics; `reduce` first combines the counters of
+        several processes (each counted its own share of the text), e.g. a sum over them."""
         self._detach()
         metrics: dict[str, float] = {}
         for layer, usage in self.usages.items():
+            if reduce is not None:
+                usage.reduce(reduce)
             if usage.queries == 0:
                 continue
             for stat, values in usage.per_head().items():

@@ -9,13 +9,21 @@
 
 Everything is imported on use: ``report`` and every kit command's ``--help`` never import
 Lightning, and ``fit`` never pays for matplotlib or lm_eval.
+
+Bad input is one line, ``error: <message naming the field or file>``, and exit status 2
+(`USER_ERROR_EXIT`): a wrong config value, a missing or unreadable file, a corrupt,
+truncated, foreign or unsafe checkpoint (`is_user_error` says which exceptions count). The
+traceback is printed too with ``MIDUS_DEBUG=1`` (`DEBUG_ENV`). A diverged run exits 3.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from typing import Any
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
 
 # Command -> (module with main(args), one line for the top-level help).
 KIT_COMMANDS: dict[str, tuple[str, str]] = {
@@ -45,12 +53,66 @@ def _print_kit_commands() -> None:
         print(f"  {name:<16} {summary}")
 
 
+USER_ERROR_EXIT = 2
+DEBUG_ENV = "MIDUS_DEBUG"
+"""Environment variable: ``1`` prints the traceback of a user error before its ``error:`` line."""
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` reports bad input (one ``error:`` line) rather than a bug (a traceback).
+
+    Bad input is a ValueError or OSError that the kit raised itself (the innermost frame of
+    its traceback is in the ``midus`` package): the kit's messages name the config field or
+    file and what was expected. An OSError carrying a file name (missing, unreadable) counts
+    wherever it was raised. Everything else, the same types raised inside a library included,
+    keeps its traceback.
+    """
+    if isinstance(error, OSError) and error.filename is not None:
+        return True
+    if not isinstance(error, (ValueError, OSError)):
+        return False
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def report_user_error(error: BaseException) -> NoReturn:
+    """Print `error` as one ``error:`` line (after its traceback with `DEBUG_ENV`) and exit 2."""
+    if _debug():
+        traceback.print_exception(error)
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT) from None
+
+
 def main(args: list[str] | dict[str, Any] | None = None) -> Any:
     """Entry point of ``python -m midus`` and the ``midus`` console script.
 
     Returns the `MidusCLI` of a LightningCLI run, or None after an ablation (which exits
-    non-zero if an arm failed) or a kit command.
+    non-zero if an arm failed) or a kit command. Bad input exits 2 (see the module docstring).
     """
+    try:
+        return _dispatch(args)
+    except SystemExit as stop:
+        # Kit commands print their own error line and exit 2 while handling the error, so it
+        # is the exit's context: its traceback is still there to show.
+        context = stop.__context__
+        if _debug() and stop.code == USER_ERROR_EXIT and isinstance(context, Exception):
+            traceback.print_exception(context)
+        raise
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        report_user_error(error)
+
+
+def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
     command_line = sys.argv[1:] if args is None else args
     if isinstance(command_line, (list, tuple)) and command_line and command_line[0] in KIT_COMMANDS:
         importlib.import_module(KIT_COMMANDS[command_line[0]][0]).main(list(command_line[1:]))

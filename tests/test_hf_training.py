@@ -7,6 +7,7 @@ The checkpoint is a tiny random Llama saved offline with `save_pretrained`, with
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -258,8 +259,10 @@ def test_cli_refuses_a_data_tokenizer_bigger_than_the_model(tmp_path: Path, tiny
     args = fit_args(tmp_path, tiny_cache, small, "--model.pretrained", str(small))
     args[args.index("--data.tokenizer") + 1] = "bpe"  # the corpus's own tokenizer, not the model's
     args += ["--data.bpe_vocab_size", "300"]
-    with pytest.raises(
-        ValueError, match=r"model\.pretrained=.* has 280 token embeddings but the data tokenizer has 300"
-    ):
+    with pytest.raises(SystemExit) as failure:  # one "error:" line, exit 2
         main(args)
+    assert failure.value.code == 2
+    assert re.search(
+        r"model\.pretrained=.* has 280 token embeddings but the data tokenizer has 300", str(failure.value.__context__)
+    )
     assert not (tmp_path / "runs").exists()  # failed before the Trainer wrote anything

@@ -77,7 +77,7 @@ def test_validate_refuses_a_tokenizer_other_than_the_checkpoints(
     tiny_memory_run: Path, other_text: Path, tiny_cache: Path
 ) -> None:
     run_config = tiny_memory_run.parents[1] / "config.yaml"
-    with pytest.raises(ValueError, match="data.tokenizer_path=<the .ckpt>"):
+    with pytest.raises(SystemExit) as failure:
         main(
             [
                 "validate",
@@ -99,3 +99,4 @@ def test_validate_refuses_a_tokenizer_other_than_the_checkpoints(
                 str(tiny_cache),
             ]
         )
+    assert failure.value.code == 2 and "data.tokenizer_path=<the .ckpt>" in str(failure.value.__context__)

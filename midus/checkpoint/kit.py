@@ -8,20 +8,20 @@
   counts continue (written and read by `CausalLM`).
 
 Model weights are the LightningModule's ``state_dict`` entries under ``model.``. Writing
-(`kit_entries`) and reading (`read_kit_checkpoint`, `load_kit_checkpoint`) live here only.
+(`kit_entries`) and reading (`read_kit_checkpoint`, `load_kit_checkpoint`) live here only;
+files are unpickled as data only (`midus.checkpoint.safe_load`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+# MOVED_MODULES is kept importable from here, where it was defined before safe_load.
+from midus.checkpoint.safe_load import MOVED_MODULES, CheckpointError, load_checkpoint_data  # noqa: F401
 from midus.checkpoint.tokenizer_record import tokenizer_from_record, tokenizer_record
 from midus.model.config import ModelConfig
 from midus.model.transformer import MidusLM
@@ -31,21 +31,6 @@ TOKENIZER_KEY = "midus_tokenizer"
 PROGRESS_KEY = "midus_training_progress"
 """Tokens and sequences trained since step 0, which `CausalLM` restores on resume."""
 STATE_PREFIX = "model."
-
-MOVED_MODULES = {"midus.training.data_module": "midus.data.text_data"}
-"""Modules whose classes older checkpoints pickled (the data module's hyperparameters hold an
-`EmbeddedCorpusConfig`) → where those classes live now."""
-
-
-class _MovedModulesPickle:
-    """A pickle module for `torch.load` that finds classes of `MOVED_MODULES` at their new home."""
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            return super().find_class(MOVED_MODULES.get(module, module), name)
-
-    load = pickle.load
-
 
 def kit_entries(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
     """The entries a kit checkpoint adds to Lightning's: the model config and, when it can be
@@ -57,21 +42,16 @@ def kit_entries(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) 
     return entries
 
 
-def read_kit_checkpoint(path: str | Path, field_name: str = "checkpoint") -> dict:
-    """The raw dictionary of a Lightning checkpoint written by the kit's `CausalLM`.
+def read_kit_checkpoint(path: str | Path, field_name: str = "checkpoint", mmap: bool = False) -> dict:
+    """The raw dictionary of a Lightning checkpoint written by the kit's `CausalLM`, read as
+    data only (`load_checkpoint_data`; `mmap` maps the tensors instead of reading them).
 
     Raises:
         FileNotFoundError: nothing at `path`.
-        ValueError: a file that is not a checkpoint, or one not written by the kit.
+        CheckpointError (a ValueError): a file that is not a checkpoint, one not written by the
+            kit, or one that needs arbitrary unpickling.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{field_name}: {str(path)!r} is not a file (expected a .ckpt written by fit)")
-    try:
-        # The config is plain data, but older Lightning extras may not be: not a weights-only
-        # load, so only open checkpoints you trust, as with any Lightning checkpoint.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_MovedModulesPickle)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as error:
-        raise ValueError(f"{field_name}: {str(path)!r} is not a readable checkpoint ({error})") from None
+    checkpoint = load_checkpoint_data(path, field_name, mmap)
     if isinstance(checkpoint, dict) and dataclasses.is_dataclass(checkpoint.get(MODEL_CONFIG_KEY)):
         # Written while the config was stored as the dataclass itself (issue-4 runs).
         checkpoint[MODEL_CONFIG_KEY] = dataclasses.asdict(checkpoint[MODEL_CONFIG_KEY])
@@ -80,7 +60,7 @@ def read_kit_checkpoint(path: str | Path, field_name: str = "checkpoint") -> dic
         if legacy is not None:
             checkpoint[MODEL_CONFIG_KEY] = legacy
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(MODEL_CONFIG_KEY), dict):
-        raise ValueError(
+        raise CheckpointError(
             f"{field_name}: {str(path)!r} was not written by the kit's fit (it has no {MODEL_CONFIG_KEY!r}); "
             "give a kit .ckpt or a Hugging Face model directory"
         )

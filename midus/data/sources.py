@@ -127,6 +127,8 @@ def resolve_files(patterns: list[str], field_name: str) -> list[str]:
         if not matches or not all(Path(match).is_file() for match in matches):
             raise FileNotFoundError(f"{field_name}: {pattern!r} does not exist (or matches no file)")
         files.extend(matches)
+    for file in files:
+        _check_readable(file, field_name)
     suffixes = {Path(file).suffix for file in files}
     unknown = suffixes - set(FILE_BUILDERS)
     if unknown:
@@ -136,13 +138,33 @@ def resolve_files(patterns: list[str], field_name: str) -> list[str]:
     return files
 
 
+def _check_readable(file: str, field_name: str) -> None:
+    """Refuse an unreadable or empty file by name (`datasets` fails on them without naming it)."""
+    try:
+        with open(file, "rb") as handle:
+            empty = not handle.read(1)
+    except OSError as error:
+        raise ValueError(f"{field_name}: {file!r} cannot be read ({error.strerror or error})") from None
+    if empty:
+        raise ValueError(f"{field_name}: {file!r} is empty; expected a file of training text")
+
+
 def _load_files(files: list[str], text_field: str, sample_by: str, cache_dir: str, field_name: str) -> Dataset:
     builder = FILE_BUILDERS[Path(files[0]).suffix]
     options = {"sample_by": sample_by} if builder == "text" else {}
-    dataset = datasets.load_dataset(
-        builder, data_files=files, split="train", cache_dir=str(Path(cache_dir) / "hf_datasets"), **options
-    )
-    return _select_text(dataset, text_field, f"{field_name} ({files[0]})")
+    where = f"{field_name} ({files[0]})" if len(files) == 1 else f"{field_name} ({len(files)} files from {files[0]})"
+    try:
+        dataset = datasets.load_dataset(
+            builder, data_files=files, split="train", cache_dir=str(Path(cache_dir) / "hf_datasets"), **options
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        # The message is generic ("An error occurred while generating the dataset"); its cause says what.
+        cause = error.__cause__ or error
+        raise ValueError(f"{where}: could not be read as {builder} ({type(cause).__name__}: {cause})") from error
+    dataset = _select_text(dataset, text_field, where)
+    if len(dataset) == 0:
+        raise ValueError(f"{where}: holds no text (every record is blank); expected training text")
+    return dataset
 
 
 def _select_text(dataset: Dataset, text_field: str, where: str) -> Dataset:

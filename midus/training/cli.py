@@ -27,6 +27,44 @@ class MidusCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` with the kit's safe reader before Lightning reads it.
+
+        LightningCLI loads the file here, for its hyperparameters, before anything is
+        instantiated or written; the Trainer loads it again when the run starts. Checking it
+        first makes a missing, corrupt, truncated, foreign or unsafe file one `CheckpointError`
+        (or FileNotFoundError) naming it, and both of Lightning's loads stay weights-only
+        unless ``MIDUS_TRUST_CHECKPOINTS=1`` (`midus.checkpoint.safe_load`).
+        """
+        import torch
+
+        from midus.checkpoint.kit import read_kit_checkpoint
+        from midus.checkpoint.safe_load import TRUST_ENV, CheckpointError, kit_safe_globals, trusted, trusted_globals
+
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(str(subcommand)) if subcommand else None
+        ckpt_path = str(config.get("ckpt_path") or "") if config is not None else ""
+        if not ckpt_path:
+            return super()._parse_ckpt_path()
+        # Checkpoints written by a plain Trainer hold the kit's config dataclasses: allow them
+        # in Lightning's own weights-only loads too (every kit class is imported here).
+        torch.serialization.add_safe_globals(kit_safe_globals())
+        if trusted():
+            config["weights_only"] = False
+        elif config.get("weights_only") is False:
+            raise CheckpointError(
+                f"--weights_only=false unpickles arbitrary objects, which could run code; set {TRUST_ENV}=1 "
+                "to read a checkpoint you trust that way"
+            )
+        else:
+            config["weights_only"] = True  # also for URLs, which Lightning would otherwise fully unpickle
+        special = ckpt_path.lower() in ("best", "last", "hpc", "registry") or ckpt_path.lower().startswith("registry:")
+        if special or "://" in ckpt_path:
+            return super()._parse_ckpt_path()  # resolved or fetched by the Trainer, which loads it weights-only
+        read_kit_checkpoint(ckpt_path, "--ckpt_path", mmap=not trusted())
+        with torch.serialization.safe_globals(trusted_globals(ckpt_path) if trusted() else []):
+            super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         # Added here rather than as a parser default so that a YAML's callbacks list (which
         # replaces defaults) cannot drop it, and validate/test/predict never see it.

@@ -6,6 +6,10 @@ so commands that only read run folders never import Lightning.
 
 * ``config.yaml``: the resolved configuration of the run (`RUN_CONFIG`), saved by LightningCLI;
 * ``arm_config.yaml``: an ablation arm's merged config, written by the runner (`ARM_CONFIG`);
+* ``arm_command.yaml``: the ``python -m midus`` arguments the runner started the arm with
+  (`ARM_COMMAND`); a rerun compares both files before it skips or resumes the arm;
+* ``checkpoints/*.ckpt`` (`CHECKPOINT_DIR`): Lightning's ModelCheckpoint files;
+* ``hparams.yaml`` (`HPARAMS_FILE`) and ``events.out.tfevents.*`` (`EVENTS_GLOB`): TensorBoard's;
 * ``summary.json`` (`SUMMARY_FILE`): one per fit, the row an ablation table is built from::
 
     {
@@ -49,6 +53,10 @@ from typing import Any
 
 RUN_CONFIG = "config.yaml"
 ARM_CONFIG = "arm_config.yaml"
+ARM_COMMAND = "arm_command.yaml"
+CHECKPOINT_DIR = "checkpoints"
+HPARAMS_FILE = "hparams.yaml"
+EVENTS_GLOB = "events.out.tfevents.*"
 SUMMARY_FILE = "summary.json"
 SUMMARY_SCHEMA_VERSION = 1
 SUMMARY_VAL_METRICS = (

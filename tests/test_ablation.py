@@ -204,8 +204,9 @@ def test_unknown_arm_fails_before_anything_is_written(tmp_path: Path, tiny_cache
     path = write_ablation(tmp_path, {"small": {}, "wide": {"model.config.d_model": 64}})
     with pytest.raises(AblationError, match=r"unknown arm\(s\) 'huge'; the arms are: small, wide"):
         run_ablation(command(path, tmp_path, tiny_cache, "--arm", "small,huge"))
-    with pytest.raises(SystemExit, match="unknown arm"):  # on the command line: a one-line error
+    with pytest.raises(SystemExit) as failure:  # on the command line: a one-line error, exit 2
         main(command(path, tmp_path, tiny_cache, "--arm", "huge"))
+    assert failure.value.code == 2 and "unknown arm" in str(failure.value.__cause__)
     assert not (tmp_path / "runs").exists() and not calls
 
 

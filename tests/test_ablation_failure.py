@@ -35,7 +35,7 @@ def test_an_arm_whose_fit_crashes_is_reported_failed_and_the_others_still_run(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the arms' processes: tiny models gain nothing from threads
     missing = tmp_path / "never_trained" / "base.ckpt"
     # Valid to the runner's up-front check (it parses the config and builds model.config only); the
-    # arm's own process fails when CausalLM loads the base that was never trained.
+    # arm's own process fails when CausalLM loads the base that was never trained: a user error, exit 2.
     broken = {
         "model.upscale.base_checkpoint": str(missing),
         "model.upscale.method": "midus",
@@ -61,7 +61,7 @@ def test_an_arm_whose_fit_crashes_is_reported_failed_and_the_others_still_run(
     out, err = capfd.readouterr()
     # The broken arm's process really ran and failed for the missing base (not for a typo in the test).
     assert f"model.upscale.base_checkpoint: {str(missing)!r} does not exist" in err
-    assert "=== arm broken failed with exit code 1" in err
+    assert "=== arm broken failed with exit code 2" in err
 
     # The broken arm ran first; the runner went on with the other arm, which finished.
     assert not stale.exists() and not (experiment / "broken" / "checkpoints").exists()
@@ -71,15 +71,15 @@ def test_an_arm_whose_fit_crashes_is_reported_failed_and_the_others_still_run(
 
     rows = {row["arm"]: row for row in csv.DictReader((experiment / "summary.csv").open())}
     assert list(rows) == ["broken", "small"]
-    assert rows["broken"]["status"] == "failed (exit 1)"
+    assert rows["broken"]["status"] == "failed (exit 2)"
     assert rows["broken"]["params_total"] == rows["broken"]["val_ppl"] == ""  # no numbers for a crash
     assert rows["small"]["status"] == "ok"
     assert int(rows["small"]["params_total"]) == summary["params"]["total"] > 0
     assert float(rows["small"]["val_ppl"]) == pytest.approx(summary["val"]["ppl"])
     table = (experiment / "summary.md").read_text()
     total = f"{summary['params']['total']:,}"
-    broken_row = "| " + " | ".join(["broken", "failed (exit 1)", *[""] * len(COLUMNS)]) + " |"
+    broken_row = "| " + " | ".join(["broken", "failed (exit 2)", *[""] * len(COLUMNS)]) + " |"
     small_row = f"| small | ok | {total} | 0 | {total} | 0 | {summary['val']['ppl']:.2f} |"
     assert broken_row + "\n" in table and small_row in table
     # The same table is printed after the arms ran.
-    assert "Ablation crash" in out and "| broken | failed (exit 1) |" in out and small_row in out
+    assert "Ablation crash" in out and "| broken | failed (exit 2) |" in out and small_row in out

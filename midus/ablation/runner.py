@@ -22,19 +22,44 @@ scalars replace. The runner then sets the logger to TensorBoard with ``name=<abl
 and ``version=<arm>`` (``save_dir`` from the base's TensorBoardLogger, default ``runs``), so
 arm ``wide`` lands in ``runs/ablate_width/wide``.
 
-``python -m midus fit --config experiments/ablate_width.yaml [--arm NAME[,NAME...]] [args]``:
+``python -m midus fit --config experiments/ablate_width.yaml [--arm NAME[,NAME...]] [--fresh] [args]``:
 
 1. selects the arms (``--arm``, repeatable and/or comma-separated; default: all, in YAML order);
 2. parses every selected arm's merged config, with ``args``, through the kit's LightningCLI
    parser (no data preparation) and builds its `ModelConfig`, so a misspelt key or a bad value
    fails with the arm's name before anything is written;
-3. writes ``runs/<name>/<arm>/arm_config.yaml`` (base + overrides + logger) and runs
-   ``python -m midus fit --config <arm_config.yaml> [args]`` per arm, one after the other;
-   ``args`` come after the arm's config, so they override it (``--trainer.max_steps 10``);
-4. keeps going when an arm fails, and exits non-zero at the end if one did;
-5. reads ``runs/<name>/<arm>/summary.json`` of every arm in the YAML (ones run earlier or on
+3. decides per arm whether it is skipped, resumed or started fresh (Rerunning, below), again
+   before anything is written, and prints that as it reaches the arm;
+4. runs ``python -m midus fit --config runs/<name>/<arm>/arm_config.yaml [args] [--ckpt_path C]``
+   per arm, one after the other; ``arm_config.yaml`` is base + overrides + logger, and ``args``
+   come after it, so they override it (``--trainer.max_steps 10``);
+5. keeps going when an arm fails (a crash, or exit 3 for a diverged loss), and exits non-zero
+   at the end if one did;
+6. reads ``runs/<name>/<arm>/summary.json`` of every arm in the YAML (ones run earlier or on
    other machines included), prints a Markdown table and writes ``runs/<name>/summary.md`` and
    ``summary.csv`` (`midus.ablation.table`).
+
+Rerunning (`midus.ablation.resume`): the command that started an ablation also continues it
+after a preemption, a crash or Ctrl-C. A fresh start records the arm's config
+(``arm_config.yaml``) and its arguments (``arm_command.yaml``: ``args``, ``--arm``/``--fresh``
+removed) in the arm's directory; a later run compares them with its own, as parsed data (YAML
+comments and key order do not count, every argument does). Per arm:
+
+* finished (a ``summary.json`` its fit wrote, naming this ``arm_config.yaml``): skipped, its
+  row comes from that summary;
+* checkpoints in ``checkpoints/`` but no finished summary (killed, crashed, diverged): resumed
+  with ``--ckpt_path`` of the newest one, the highest ``global_step`` read from the files
+  themselves (``last.ckpt`` names no step, copies reset mtimes); the last written wins a tie;
+* neither: started fresh (leftovers of an attempt that wrote no checkpoint are removed);
+* a summary or checkpoints with a different or missing record: one error naming each such
+  arm, before any arm runs; the runner never skips or resumes a different experiment.
+
+``--fresh`` starts the selected arms from step 0: it deletes what their fits wrote (summary,
+``config.yaml``, ``hparams.yaml``, TensorBoard event files, ``checkpoints/*.ckpt``) and keeps
+anything else in the directory (``analysis/``, notes). It applies to that one invocation:
+rerun without it to continue. A ``--ckpt_path`` of its own is refused: the runner picks each
+arm's. To train a finished arm longer, resume it by hand (``fit --config
+runs/<name>/<arm>/config.yaml --ckpt_path ... --trainer.max_steps N``).
 
 Only ``fit`` takes an ablation YAML. To ``validate``/``test``/``predict`` one arm, give the
 ``config.yaml`` its run saved (the resolved config, ``args`` included):
@@ -55,11 +80,13 @@ from typing import Any, Sequence
 import yaml
 
 from midus.ablation.config import TENSORBOARD, Ablation, AblationError, load_ablation
+from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
 from midus.ablation.table import collect_rows, write_tables
-from midus.run_files import ARM_CONFIG, SUMMARY_FILE
+from midus.run_files import ARM_CONFIG
 
 CONFIG_FLAGS = ("--config", "-c")
 ARM_FLAG = "--arm"
+CKPT_FLAG = "--ckpt_path"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -70,11 +97,13 @@ class CommandLine:
     ablation: Ablation
     subcommand: str | None
     before: list[str]
-    """Arguments before the ablation's ``--config`` (the subcommand among them), ``--arm`` removed."""
+    """Arguments before the ablation's ``--config`` (the subcommand among them), ``--arm``/``--fresh`` removed."""
     after: list[str]
-    """Arguments after it, ``--arm`` removed: passed to every arm after the arm's config."""
+    """Arguments after it, ``--arm``/``--fresh`` removed: passed to every arm after the arm's config."""
     arms: list[str]
     """The arms to run: the ``--arm`` selection, or all arms in YAML order."""
+    fresh: bool = False
+    """``--fresh``: start the arms from step 0, deleting what their earlier runs left."""
 
     def for_arm(self, config: str) -> list[str]:
         """The arm's command line: the ablation's ``--config`` replaced by the arm's `config`."""
@@ -95,21 +124,27 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine | None:
         except yaml.YAMLError:
             ablation = None  # LightningCLI reports unreadable configs
         if ablation is not None:
-            before, after = _without_arm_flags(argv[:index]), _without_arm_flags(argv[index + width :])
+            before, after = _without_runner_flags(argv[:index]), _without_runner_flags(argv[index + width :])
             selection = before[1] + after[1]
             subcommand = next((a for a in argv if a in SUBCOMMANDS), None)
-            return CommandLine(ablation, subcommand, before[0], after[0], _select(ablation, selection))
-    if any(arg.partition("=")[0] == ARM_FLAG for arg in argv):
-        raise AblationError(
-            f"{ARM_FLAG} selects arms of an ablation YAML (one with an 'ablation:' section); none was given"
-        )
+            fresh = FRESH_FLAG in argv
+            return CommandLine(ablation, subcommand, before[0], after[0], _select(ablation, selection), fresh)
+    for flag, what in ((ARM_FLAG, "selects arms"), (FRESH_FLAG, "starts arms afresh")):
+        if any(arg.partition("=")[0] == flag for arg in argv):
+            raise AblationError(f"{flag} {what} of an ablation YAML (one with an 'ablation:' section); none was given")
     return None
 
 
-def _without_arm_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+def _without_runner_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(`argv` without ``--arm`` and ``--fresh``, the arms ``--arm`` selects)."""
     kept, selected, index = [], [], 0
     while index < len(argv):
         flag, equals, inline = argv[index].partition("=")
+        if flag == FRESH_FLAG:
+            if equals:
+                raise AblationError(f"{FRESH_FLAG} takes no value")
+            index += 1
+            continue
         if flag != ARM_FLAG:
             kept.append(argv[index])
             index += 1
@@ -225,6 +260,11 @@ def run_ablation(argv: Sequence[str]) -> int:
             f"{command.subcommand or 'validate'} one arm, give the config its fit saved: "
             f"--config <save_dir>/{ablation.name}/<arm>/config.yaml"
         )
+    if any(arg.partition("=")[0] == CKPT_FLAG for arg in [*command.before, *command.after]):
+        raise AblationError(
+            f"{ablation.path}: the runner chooses each arm's {CKPT_FLAG} (it resumes an interrupted arm from its "
+            f"newest checkpoint); to start every arm from one trained model, set model.upscale.base_checkpoint"
+        )
     printing = any(str(arg).startswith("--print_config") for arg in argv)
     plans = []
     for arm in command.arms:
@@ -240,23 +280,32 @@ def run_ablation(argv: Sequence[str]) -> int:
     experiment_dirs = {plan.run_dir.parent for plan in plans}
     if len(experiment_dirs) > 1:
         raise AblationError(f"{ablation.path}: arms log under different save_dirs: {sorted(map(str, experiment_dirs))}")
-    # Every selected arm is valid: from here on files are written.
-    for plan in plans:
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
-        header = f"# Arm {plan.arm!r} of {ablation.path} (ablation {ablation.name!r}).\n"
-        (plan.run_dir / ARM_CONFIG).write_text(header + yaml.safe_dump(plan.config, sort_keys=False), encoding="utf-8")
-        (plan.run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a crash must not leave an old row
+    starts = plan_starts(command, plans)
+    # Every selected arm is valid and its start decided: from here on files are written.
     exit_codes: dict[str, int] = {}
     try:
-        for number, plan in enumerate(plans, 1):
+        for number, (plan, start) in enumerate(zip(plans, starts), 1):
             print(
-                f"\n=== ablation {ablation.name}: arm {plan.arm} ({number}/{len(plans)}) -> {plan.run_dir}", flush=True
+                f"\n=== ablation {ablation.name}: arm {plan.arm} ({number}/{len(plans)}) -> {plan.run_dir}: "
+                f"{start.describe()}",
+                flush=True,
             )
-            # A process per arm: peak memory is the arm's own, and a crash ends only that arm.
+            for warning in start.warnings:
+                print(f"=== arm {plan.arm}: not resuming from unreadable {warning}", file=sys.stderr, flush=True)
+            if start.action == SKIP:
+                continue
             arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
-            exit_codes[plan.arm] = run_arm_process(arm_command)
+            header = f"# Arm {plan.arm!r} of {ablation.path} (ablation {ablation.name!r}).\n"
+            start.prepare(header, plan.config, arm_command)
+            # A process per arm: peak memory is the arm's own, and a crash ends only that arm.
+            exit_codes[plan.arm] = run_arm_process(start.arm_command(arm_command))
             if exit_codes[plan.arm]:
-                print(f"=== arm {plan.arm} failed with exit code {exit_codes[plan.arm]}", file=sys.stderr, flush=True)
+                print(
+                    f"=== arm {plan.arm} failed with exit code {exit_codes[plan.arm]}; rerunning this command "
+                    "resumes it from its newest checkpoint, if it wrote one",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:  # an interrupted ablation still gets the table of what finished
         experiment_dir = experiment_dirs.pop()
         rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes)
@@ -265,18 +314,40 @@ def run_ablation(argv: Sequence[str]) -> int:
     return 1 if any(exit_codes.values()) else 0
 
 
+def plan_starts(command: CommandLine, plans: list[ArmPlan]) -> list[ArmStart]:
+    """How each arm starts (skip, resume, fresh), decided before anything is written.
+
+    Raises:
+        AblationError: naming every arm whose run directory holds a run of another
+            configuration (or one that cannot be resumed); the message says to pass ``--fresh``.
+    """
+    starts, refused = [], {}
+    for plan in plans:
+        arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
+        try:
+            starts.append(plan_start(plan.run_dir, plan.config, arm_command, command.fresh))
+        except AblationError as error:
+            refused[plan.arm] = f"{command.ablation.path}: arm {plan.arm!r}: {error}"
+    if refused:  # one error for all of them: the user fixes the command once
+        which = "that arm" if len(refused) == 1 else "those arms"
+        hint = f"({ARM_FLAG} {','.join(refused)} {FRESH_FLAG} restarts only {which})"
+        raise AblationError("\n".join([*refused.values(), hint]))
+    return starts
+
+
 def run_if_ablation(argv: Sequence[str]) -> bool:
     """`midus.cli.main`'s hook: run `argv` as an ablation if it names one; False when it does not.
 
-    Exits (`SystemExit`) with a one-line message on a configuration error and with status 1
-    when an arm failed.
+    Exits (`SystemExit`) with a one-line ``error:`` message and status 2 on a configuration
+    error (like every user error of ``python -m midus``), and with status 1 when an arm failed.
     """
     try:
         if parse_command_line(argv) is None:
             return False
         status = run_ablation(argv)
     except AblationError as error:
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error  # the message stays readable as the exit's cause
     if status:
         raise SystemExit(status)
     return True

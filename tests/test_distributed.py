@@ -81,7 +81,7 @@ def test_two_process_fit_then_validate_matches_one_process(tmp_path: Path) -> No
 
     checkpoint = str(run / "checkpoints" / "last.ckpt")
     evaluate = ["validate", "--config", str(run / "config.yaml"), "--ckpt_path", checkpoint]
-    evaluate += ["--trainer.logger", "false"]
+    evaluate += ["--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
     two, _ = _run(tmp_path, "two", evaluate + DDP)
     cli = main(evaluate + ["--trainer.devices", "1", "--trainer.strategy", "auto"])
     one = {name: float(value) for name, value in cli.trainer.callback_metrics.items()}

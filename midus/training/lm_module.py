@@ -85,6 +85,7 @@ class CausalLM(pl.LightningModule):
         self._fit_started_at = 0.0
         self._tokens_seen = 0
         self._sequences_seen = 0
+        self._batches_seen = 0  # training batches, several per optimizer step under gradient accumulation
 
     @property
     def added_parameters(self) -> int:
@@ -101,13 +102,16 @@ class CausalLM(pl.LightningModule):
         checkpoint.update(kit_entries(self.model.config, tokenizer))
         # Training progress counted since step 0, so a resumed run's train/tokens continue (and
         # Lightning's Throughput, which needs samples >= the restored global step, accepts them).
-        checkpoint[PROGRESS_KEY] = {"tokens": self._tokens_seen, "sequences": self._sequences_seen}
+        checkpoint[PROGRESS_KEY] = {
+            "tokens": self._tokens_seen, "sequences": self._sequences_seen, "batches": self._batches_seen
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         progress = checkpoint.get(PROGRESS_KEY) or {}
         self._tokens_seen = int(progress.get("tokens", 0))
         # Checkpoints from before the count was stored: the step count keeps Throughput valid.
         self._sequences_seen = int(progress.get("sequences", checkpoint.get("global_step", 0)))
+        self._batches_seen = int(progress.get("batches", checkpoint.get("global_step", 0)))
         # validate/test --ckpt_path with other data: a retrained tokenizer would score garbage.
         stored = checkpoint_tokenizer(checkpoint)
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
@@ -164,12 +168,13 @@ class CausalLM(pl.LightningModule):
             self.log("train/lr_memory", rates["memory"])
         self._tokens_seen += tokens
         self._sequences_seen += batch["input_ids"].shape[0]
+        self._batches_seen += 1
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_index: int) -> None:
         self.throughput.update(
             time=time.perf_counter() - self._fit_started_at,
-            batches=self.global_step,
+            batches=self._batches_seen,  # not global_step: it stands still inside an accumulation
             samples=self._sequences_seen,
             lengths=self._tokens_seen,
         )

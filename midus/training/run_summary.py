@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from midus.run_files import SUMMARY_FILE, SUMMARY_SCHEMA_VERSION, SUMMARY_VAL_METRICS
 
@@ -141,7 +142,9 @@ class RunSummary(pl.Callback):
             },
             "wall_time_s": self._earlier_wall_s + time.perf_counter() - self._fit_started_at,
             "peak_memory": peak_memory(pl_module.device),
-            "latency": generation_latency(model, self.latency_prompt_tokens, self.latency_new_tokens),
+            # Under FSDP the weights outside a forward are shards: generate would fail (null = not measured).
+            "latency": None if isinstance(trainer.strategy, FSDPStrategy)
+            else generation_latency(model, self.latency_prompt_tokens, self.latency_new_tokens),
         }
 
 

@@ -182,3 +182,36 @@ def test_fit_resumes_from_last_ckpt_and_train_tokens_continue(tmp_path: Path, ti
     tokens = {event.step: event.value for event in events.Scalars("train/tokens")}
     per_step = 8 * 32  # sequences x predicted positions (blocks hold block_size + 1 tokens)
     assert {step: tokens[step] for step in (0, 5, 6, 11)} == {step: (step + 1) * per_step for step in (0, 5, 6, 11)}
+
+
+@pytest.mark.slow
+def test_a_resume_from_an_earlier_checkpoint_replaces_the_steps_logged_after_it(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    # A preempted run logged steps 3..5 past its step-3 checkpoint; resuming from that checkpoint
+    # logs them again, and TensorBoard must show each step once, with the resumed values.
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from midus.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    common = [
+        "--config", str(root / "experiments" / "quickstart.yaml"), "--trainer.num_sanity_val_steps", "0",
+        "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--model.recall_probe_size", "0", "--model.config.d_model", "32", "--model.config.n_layers", "2",
+        "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
+        "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),
+        "--trainer.max_steps", "6",
+    ]
+    run = tmp_path / "runs" / "quickstart" / "ffn"
+    main(["fit", *common, "--trainer.max_steps", "3"])
+    shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "step3.ckpt")
+    main(["fit", *common, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])  # the run, to step 6
+    main(["fit", *common, "--ckpt_path", str(tmp_path / "step3.ckpt")])  # its resume from step 3
+    events = EventAccumulator(str(run))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/loss")]
+    assert steps == list(range(6))

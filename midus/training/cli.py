@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import set_parsing_settings
@@ -75,6 +76,27 @@ class MidusCLI(LightningCLI):
             self.trainer.callbacks.append(RunSummary(config_paths))
         for summary in summaries:
             summary.config_paths = summary.config_paths or config_paths
+        self._purge_steps_after_the_checkpoint(str(config.get("ckpt_path") or ""))
+
+    def _purge_steps_after_the_checkpoint(self, ckpt_path: str) -> None:
+        """On resume, have TensorBoard drop what the interrupted run logged after its checkpoint.
+
+        A preempted run logged steps past its newest checkpoint; the resumed run logs them again
+        into the same run directory. A SummaryWriter opened with ``purge_step`` tells TensorBoard
+        to discard earlier events from that step on, so every curve shows each step once.
+        """
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from midus.checkpoint.safe_load import load_checkpoint_data
+
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # none, or a special value ("last", a URL) the Trainer resolves itself
+        step = load_checkpoint_data(ckpt_path, "--ckpt_path", mmap=True).get("global_step")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and isinstance(step, int):
+                # Passed on to its SummaryWriter; the CLI fills in the writer's own None default.
+                if logger._kwargs.get("purge_step") is None:
+                    logger._kwargs["purge_step"] = step
 
     def before_predict(self) -> None:
         self.trainer.callbacks.append(CompletionWriter())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 import lightning.pytorch as pl
+from torch.utils.data import DataLoader
 
 from midus.data.text_data import EmbeddedCorpusConfig, TextData
 
@@ -22,6 +23,13 @@ class LanguageModelingData(TextData, pl.LightningDataModule):
         # with weights_only=True), otherwise the constructor's arguments, exactly as if it had
         # been called in the constructor itself.
         self.save_hyperparameters(frame=inspect.currentframe().f_back)
+
+    def train_dataloader(self) -> DataLoader:
+        # overfit_batches makes Lightning rebuild the train loader around a SequentialSampler,
+        # which a ResumableLoader cannot take; an overfitting check needs no resume.
+        if self.trainer is not None and self.trainer.overfit_batches:
+            return DataLoader(self.train_blocks, batch_size=self.settings["batch_size"])
+        return super().train_dataloader()
 
     def processes(self) -> tuple[int, int]:
         trainer = self.trainer

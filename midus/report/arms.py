@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from midus.run_files import SUMMARY_FILE, SUMMARY_VAL_METRICS, value_at
+from midus.run_files import EVENTS_GLOB, SUMMARY_FILE, SUMMARY_VAL_METRICS, value_at
 
-EVENTS_GLOB = "events.out.tfevents.*"
 # Keys of a summary.json record that older or partial records lack and the arm folder can supply.
 FILLABLE = ("params.total", "params.trainable", "params.memory", "params.added", "val.best_loss", "train.tokens")
 

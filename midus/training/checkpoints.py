@@ -33,6 +33,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
         super().__init__(
             dirpath=dirpath, filename="step-{step}", auto_insert_metric_name=False,
             every_n_train_steps=every_n_train_steps, save_top_k=keep, monitor="step", mode="max",
+            enable_version_counter=False,  # a resume that reaches the same step again overwrites its file
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -20,8 +20,10 @@ so commands that only read run folders never import Lightning.
       "params": {"total": 912000, "trainable": 912000, "memory": 0, "added": 0},
       "val": {"loss": 3.49, "ppl": 32.8, "recall_acc": 0.99, "recall_acc_heldout": 0.51,
               "best_loss": 3.49},
-      "train": {"steps": 500, "batches": 500, "tokens": 2032000, "tokens_per_sec": 10500.0,
-                "mean_step_time_s": 0.39},
+      "memory_zeroed_delta": null,
+      "train": {"steps": 500, "batches": 500, "tokens": 2048000, "tokens_per_sec": 10500.0,
+                "mean_step_time_s": 0.39, "processes": 1, "accumulate_grad_batches": 1,
+                "global_batch_tokens": 4096},
       "wall_time_s": 212.0,
       "peak_memory": {"bytes": 734003200, "kind": "cpu_max_rss"},
       "latency": {"prompt_tokens": 128, "new_tokens": 32, "prefill_ms": 4.1, "decode_ms_per_token": 1.9}
@@ -32,8 +34,14 @@ so commands that only read run folders never import Lightning.
 * ``train.tokens_per_sec`` counts training batches only: the time from ``on_train_batch_start``
   to ``on_train_batch_end`` (forward, backward, optimizer step), summed, excluding validation,
   checkpointing and logging between batches. Tokens are the predicted positions
-  (``input_ids[:, 1:]``) of the batches trained in this process; ``mean_step_time_s`` is per
-  training batch; ``steps`` is the trainer's global step (optimizer steps, resumed runs included).
+  (``input_ids[:, 1:]``) of the batches trained, summed over processes; ``mean_step_time_s`` is
+  per training batch; ``steps`` is the trainer's global step (optimizer steps). Counts and times
+  cover the whole run across resumes. ``global_batch_tokens`` = tokens of one optimizer step
+  (micro-batch x ``accumulate_grad_batches`` x ``processes``).
+* ``memory_zeroed_delta`` (models with memory branches; else null): the final validation's
+  ``memory/zeroed/…`` (`midus.training.memory_zeroed`): ``loss`` = validation loss increase in
+  nats when every memory branch outputs zero, ``recall_acc``, ``recall_acc_heldout``, … = the
+  recall lost, and the same per memory block under ``blocks.<block index>``.
 * ``params.added``: parameters an up-scaling added to its base (0 without one).
 * ``latency``: batch-1 greedy `generate` at fit end, best of 3: the prefill of a random prompt
   and the mean time per token decoded one at a time with the KV cache.

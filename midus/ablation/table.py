@@ -58,6 +58,9 @@ COLUMNS: list[Column] = [
     Column("val recall", "val_recall_acc", _key("val.recall_acc"), "{:.3f}"),
     Column("val recall (held-out)", "val_recall_acc_heldout", _key("val.recall_acc_heldout"), "{:.3f}"),
     Column("recall old people (replay)", "val_recall_acc_replay", _key("val.recall_acc_replay"), "{:.3f}"),
+    # What zeroing every memory branch costs (midus.training.memory_zeroed): ~0 = memory unused.
+    Column("memory zeroed: +val loss", "memory_zeroed_loss", _key("memory_zeroed_delta.loss"), "{:+.3f}"),
+    Column("memory zeroed: -recall", "memory_zeroed_recall_acc", _key("memory_zeroed_delta.recall_acc"), "{:+.3f}"),
     Column("train tokens/s", "train_tokens_per_sec", _key("train.tokens_per_sec"), "{:,.0f}"),
     Column("step ms", "train_step_ms", _scaled("train.mean_step_time_s", 1e3), "{:.0f}"),
     Column("prefill ms", "prefill_ms", _key("latency.prefill_ms"), "{:.1f}"),

@@ -12,6 +12,7 @@ import time
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
@@ -22,6 +23,7 @@ from midus.model import ModelConfig
 from midus.model.retrieval.slot_usage import SlotUsageTracker
 from midus.model.transformer import next_token_loss
 from midus.training.divergence import check_finite_loss
+from midus.training.memory_zeroed import zeroed_memory_metrics
 from midus.training.model_source import build_model
 from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
@@ -47,6 +49,12 @@ class CausalLM(pl.LightningModule):
         recall_probe_size: recall questions per prompt phrasing scored at each validation
             (0 turns the probe off); logged as ``val/recall_acc`` (phrasing seen in training)
             and ``val/recall_acc_heldout`` (held-out phrasing).
+        memory_zeroed_eval: at each full validation of a model with memory branches, validate
+            again with every memory branch's output zeroed, then with each memory block's alone,
+            and log what that costs as ``memory/zeroed/loss_delta`` (loss increase, nats) and
+            ``memory/zeroed/<recall>_drop`` (recall lost), per block under
+            ``memory/zeroed/<block>/…``. Costs one more validation per memory block (plus one
+            with several); the summary records the final values as ``memory_zeroed_delta``.
         compile: compile the model with `torch.compile` before training.
         max_new_tokens: tokens generated per prompt by ``predict``.
         temperature: sampling temperature of ``predict`` (0 = greedy).
@@ -65,6 +73,7 @@ class CausalLM(pl.LightningModule):
         memory_lr: float = 0.0,
         memory_lr_keys: bool = False,
         recall_probe_size: int = 600,
+        memory_zeroed_eval: bool = True,
         compile: bool = False,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
@@ -219,6 +228,9 @@ class CausalLM(pl.LightningModule):
         full_pass = self._full_validation()
         if full_pass:
             metrics.update(self._recall_metrics())
+        if full_pass and self.hparams.memory_zeroed_eval and not isinstance(self.trainer.strategy, FSDPStrategy):
+            # (Under FSDP the weights outside a forward are shards, as for the recall probe.)
+            metrics.update(zeroed_memory_metrics(self, metrics))
         if self.trainer.sanity_checking:
             # A full sanity pass (num_sanity_val_steps: -1) measures the untrained model: keep it
             # as the step-0 point of every curve. Lightning discards sanity-check logs otherwise.

@@ -128,6 +128,7 @@ class RunSummary(pl.Callback):
                 "added": getattr(pl_module, "added_parameters", 0),
             },
             "val": val,
+            "memory_zeroed_delta": memory_zeroed_delta(trainer),
             "train": {
                 "steps": trainer.global_step,
                 "batches": self._train_batches,
@@ -146,6 +147,20 @@ class RunSummary(pl.Callback):
             "latency": None if isinstance(trainer.strategy, FSDPStrategy)
             else generation_latency(model, self.latency_prompt_tokens, self.latency_new_tokens),
         }
+
+
+def memory_zeroed_delta(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The final validation's ``memory/zeroed/…`` metrics (`midus.training.memory_zeroed`) as
+    ``{"loss": Δ nats, "<recall>": drop, …, "blocks": {"<block>": {same keys}}}``; None without memory."""
+    record: dict[str, Any] = {}
+    for name, value in trainer.callback_metrics.items():
+        if not name.startswith("memory/zeroed/"):
+            continue
+        *block, stat = name.removeprefix("memory/zeroed/").split("/")
+        key = stat.removesuffix("_delta") if stat == "loss_delta" else stat.removesuffix("_drop")
+        target = record.setdefault("blocks", {}).setdefault(block[0], {}) if block else record
+        target[key] = float(value)
+    return record or None
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:

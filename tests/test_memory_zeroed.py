@@ -1,0 +1,89 @@
+"""``memory_zeroed_delta``: zeroing memory branches is removing them, and validation reports its cost."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from midus.model import MidusLM, ModelConfig
+from midus.model.branches.zeroing import memory_branches, zeroed_memory
+from midus.model.memory_config import MemoryConfig
+from midus.model.transformer import next_token_loss
+from midus.training import CausalLM
+from midus.training.run_summary import memory_zeroed_delta
+
+
+def _config(vocab_size: int, memory_layers: list[int]) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, memory_layers=memory_layers,
+        memory_branch="hml", memory=MemoryConfig(n_subkeys=16, topk=4, latent_dim=8, zero_init_values=False),
+    )
+
+
+def _without_blocks(model: MidusLM, dropped: set[int]) -> MidusLM:
+    # A memory block is x + branch(...): with the branch zeroed it is the identity, i.e. absent.
+    reference = copy.deepcopy(model)
+    reference.blocks = torch.nn.ModuleList(b for i, b in enumerate(reference.blocks) if i not in dropped)
+    return reference
+
+
+def test_zeroing_memory_equals_removing_the_memory_blocks_and_the_hooks_go_away() -> None:
+    torch.manual_seed(0)
+    model = MidusLM(_config(50, [1, 3])).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    intact = model(ids)
+    assert sorted(memory_branches(model)) == ["1", "3"]
+    with torch.no_grad():
+        with zeroed_memory(model) as blocks:
+            assert blocks == ["1", "3"]
+            torch.testing.assert_close(model(ids), _without_blocks(model, {1, 3})(ids), rtol=0, atol=0)
+        with zeroed_memory(model, ["3"]):
+            torch.testing.assert_close(model(ids), _without_blocks(model, {3})(ids), rtol=0, atol=0)
+        assert not torch.allclose(_without_blocks(model, {3})(ids), intact)  # the memory does something
+        torch.testing.assert_close(model(ids), intact, rtol=0, atol=0)  # hooks removed
+    with pytest.raises(ValueError, match=r"blocks \['2'\] have no memory branch"):
+        with zeroed_memory(model, ["2"]):
+            pass
+
+
+def test_validation_reports_what_zeroing_costs_in_total_and_per_block(tiny_data) -> None:
+    torch.manual_seed(0)
+    module = CausalLM(_config(tiny_data.vocab_size, [1, 3]), recall_probe_size=20)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=tiny_data)
+    metrics = trainer.callback_metrics
+
+    def loss_without(dropped: set[int]) -> float:
+        reference, total, tokens = _without_blocks(module.model, dropped).eval(), 0.0, 0
+        with torch.no_grad():
+            for batch in tiny_data.val_dataloader():
+                ids = batch["input_ids"]
+                total += float(next_token_loss(reference(ids[:, :-1]), ids[:, 1:])) * ids[:, 1:].numel()
+                tokens += ids[:, 1:].numel()
+        return total / tokens
+
+    intact = float(metrics["val/loss"])
+    for prefix, dropped in (("", {1, 3}), ("1/", {1}), ("3/", {3})):
+        delta = float(metrics[f"memory/zeroed/{prefix}loss_delta"])
+        assert delta == pytest.approx(loss_without(dropped) - intact, abs=1e-5)
+        assert f"memory/zeroed/{prefix}recall_acc_drop" in metrics
+        assert f"memory/zeroed/{prefix}recall_acc_heldout_drop" in metrics
+    assert abs(float(metrics["memory/zeroed/loss_delta"])) > 1e-3  # random memory values do change the loss
+
+    record = memory_zeroed_delta(trainer)
+    assert record["loss"] == pytest.approx(float(metrics["memory/zeroed/loss_delta"]))
+    assert set(record["blocks"]) == {"1", "3"} and set(record["blocks"]["1"]) == {
+        "loss", "recall_acc", "recall_acc_heldout"
+    }
+
+
+def test_a_model_without_memory_records_none(tiny_data) -> None:
+    module = CausalLM(ModelConfig(vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
+                      recall_probe_size=0)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=tiny_data)
+    assert not any(name.startswith("memory/zeroed") for name in trainer.callback_metrics)
+    assert memory_zeroed_delta(trainer) is None

@@ -102,3 +102,32 @@ def test_top_subkey_scores_backward_matches_dense_autograd() -> None:
     reference_top, reference_index = subkey_scores(halves, subkeys).topk(4, dim=-1)
     assert torch.equal(index, reference_index)
     torch.testing.assert_close(top, reference_top)
+
+
+def test_score_scale_sharpens_the_weights_of_the_same_slots() -> None:
+    # memory.score_scale: softmax(scale x score) over the same k slots; above 1 lowers the entropy.
+    from midus.model.retrieval.subkey_scores import subkey_scores
+
+    torch.manual_seed(0)
+    queries = torch.randn(2, 30, 3, 12)
+    keys = {scale: ProductKeys(3, 12, 20, 8, "none", score_scale=scale) for scale in (0.5, 1.0, 4.0)}
+    for key in keys.values():
+        key.load_state_dict(keys[1.0].state_dict())
+    scores = subkey_scores(keys[1.0].query_halves(queries), keys[1.0].subkeys)  # (..., H, 2, n)
+    full = (scores[..., 0, :, None] + scores[..., 1, None, :]).flatten(-2)  # every slot's raw score
+    entropies = {}
+    for scale, key in keys.items():
+        weights, slots = in_slot_order(*key(queries))
+        assert torch.equal(slots, in_slot_order(*keys[1.0](queries))[1])  # the same slots are read
+        expected = torch.softmax(scale * full.gather(-1, slots), dim=-1)
+        torch.testing.assert_close(weights, expected)
+        entropies[scale] = float(-(weights * weights.log()).sum(-1).mean())
+    assert entropies[4.0] < entropies[1.0] < entropies[0.5] <= math.log(8)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_a_non_positive_score_scale_is_refused_naming_the_field(scale) -> None:
+    from midus.model.memory_config import MemoryConfig
+
+    with pytest.raises(ValueError, match="memory.score_scale must be a positive number"):
+        MemoryConfig(score_scale=scale).validate(d_model=32, n_heads=4)

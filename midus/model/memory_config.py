@@ -7,6 +7,7 @@ decide it instead of the code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +30,11 @@ class MemoryConfig:
     query_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
     """[pkm, multihead_pkm, hml] Normalisation of each query half before scoring it against the
     sub-keys. Per token, so it is causal; batch norm (original PKM) is deliberately not offered."""
+    score_scale: float = 1.0
+    """[pkm, multihead_pkm, hml] Factor on the k retrieval scores before their softmax (an inverse
+    temperature): above 1 sharpens the retrieval weights (lower entropy), below 1 flattens them.
+    Which k slots are read does not change. Flat weights (entropy near log k) are what an unused
+    memory shows; 1 is the original PKM."""
     zero_init_values: bool = True
     """[pkm, multihead_pkm, hml] Start memory values (HIVE bank, value tables) at zero: a memory
     block is then an exact identity until training moves them."""
@@ -65,6 +71,10 @@ class MemoryConfig:
             self.topk <= self.n_subkeys,
             f"topk={self.topk} is larger than memory.n_subkeys={self.n_subkeys}: each half-key "
             "shortlist keeps topk of n_subkeys scores",
+        )
+        need(
+            math.isfinite(self.score_scale) and self.score_scale > 0,
+            f"score_scale must be a positive number, got {self.score_scale}",
         )
         need(self.latent_dim > 0, f"latent_dim must be positive, got {self.latent_dim}")
         need(self.pkm_query_dim >= 0, f"pkm_query_dim must be 0 (= d_model) or positive, got {self.pkm_query_dim}")

@@ -32,7 +32,9 @@ class MultiHeadProductKeyMemory(MemoryBranch):
         self.n_heads = n_heads or memory.query_heads(config.n_heads)
         query_dim = memory.query_dim(config.d_model)
         self.query_proj = nn.Linear(config.d_model, self.n_heads * query_dim, bias=False)
-        self.keys = ProductKeys(self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm)
+        self.keys = ProductKeys(
+            self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale
+        )
         self.values = MemoryValues(memory.n_slots, config.d_model, memory.zero_init_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,15 +58,20 @@ class ProductKeys(nn.Module):
         n_subkeys: rows n of each half-key table; slots per head N = n².
         topk: slots read per query (k ≤ n).
         query_norm: ``none``, ``layernorm`` or ``rmsnorm`` on each query half.
+        score_scale: factor on the k best scores before their softmax (inverse temperature).
     """
 
-    def __init__(self, n_heads: int, query_dim: int, n_subkeys: int, topk: int, query_norm: str = "none") -> None:
+    def __init__(
+        self, n_heads: int, query_dim: int, n_subkeys: int, topk: int, query_norm: str = "none",
+        score_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         if query_dim % 2:
             raise ValueError(f"product keys: query width {query_dim} cannot be split into two halves")
         if not 0 < topk <= n_subkeys:
             raise ValueError(f"product keys: topk={topk} must be between 1 and n_subkeys={n_subkeys}")
         self.n_heads, self.n_subkeys, self.topk = n_heads, n_subkeys, topk
+        self.score_scale = score_scale
         half = query_dim // 2
         # subkeys[h, 0] is K1_h and subkeys[h, 1] is K2_h, each n × c/2.
         self.subkeys = nn.Parameter(torch.empty(n_heads, 2, n_subkeys, half))
@@ -100,7 +105,7 @@ class ProductKeys(nn.Module):
         b = sub_index[..., 1, :].gather(-1, self.pair_j[pair])  # row of K2
         slots = a * self.n_subkeys + b
         # Softmax in float32: under bf16 the k scores are often close enough to round together.
-        return torch.softmax(best.float(), dim=-1), slots
+        return torch.softmax(best.float() * self.score_scale, dim=-1), slots
 
 
 def brute_force_retrieval(keys: ProductKeys, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,4 +113,4 @@ def brute_force_retrieval(keys: ProductKeys, queries: torch.Tensor) -> tuple[tor
     scores = subkey_scores(keys.query_halves(queries), keys.subkeys)  # (..., H, 2, n)
     full = scores[..., 0, :, None] + scores[..., 1, None, :]  # (..., H, n, n): slot a·n + b
     best, slots = full.flatten(-2).topk(keys.topk, dim=-1)
-    return torch.softmax(best.float(), dim=-1), slots
+    return torch.softmax(best.float() * keys.score_scale, dim=-1), slots

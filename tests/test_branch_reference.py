@@ -274,3 +274,34 @@ def test_memory_block_queries_its_branch_as_documented(branch: str, internal_res
     torch.testing.assert_close(captured["out"], expected_out)
     # The two wirings give different outputs here, so the check above tells them apart.
     assert (x + block.branch(other_query) - expected_out).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_memory_block_with_output_projection_queries_its_branch_with_projected_heads() -> None:
+    """memory.attn_output_projection: the branch reads W_O(Attn'(norm x)) (full attention)."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=16, d_model=D_MODEL, n_layers=2, n_heads=HEADS, n_kv_heads=2, init_std=0.2,
+        memory_layers=[1], memory_branch="hml", memory=memory_settings(attn_output_projection=True),
+    )
+    model = MidusLM(config).eval()
+    block = model.blocks[1]
+    assert isinstance(block.attn.o_proj, torch.nn.Linear)
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0])),
+        block.register_forward_hook(lambda _m, _args, out: captured.__setitem__("out", out)),
+    ]
+    try:
+        model(torch.randint(0, 16, (BATCH, 5), generator=torch.Generator().manual_seed(1)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    x = captured["x"]
+    rope = model.rotary(torch.arange(x.shape[1]), x.dtype)
+    projection, block.attn.o_proj = block.attn.o_proj, None  # the unprojected heads, then W_O by hand
+    heads = block.attn(block.attn_norm(x), rope, None, 0)
+    block.attn.o_proj = projection
+    expected = x + block.branch(heads @ projection.weight.T + (0 if projection.bias is None else projection.bias))
+    torch.testing.assert_close(captured["out"], expected)
+    assert (x + block.branch(heads) - expected).abs().max() > 1e-3  # W_O makes a difference here

@@ -34,6 +34,7 @@ IDENTITY_SETTINGS = {
     "midus-hml-hive": {"method": "midus", "every": 1, "memory": MEMORY},
     "midus-hml-per_head": {"method": "midus", "positions": [1], "memory": {**MEMORY, "values": "per_head"}},
     "midus-pkm": {"method": "midus", "every": 2, "branch": "pkm", "memory": MEMORY},
+    "midus-hml-full-attention": {"method": "midus", "every": 2, "memory": {**MEMORY, "attn_output_projection": True}},
     "midus-multihead_pkm-random-attn": {
         "method": "midus", "every": 2, "branch": "multihead_pkm", "attn_init": "random", "memory": MEMORY,
     },
@@ -83,6 +84,9 @@ def test_midus_attention_is_copied_from_the_block_it_follows_or_random() -> None
     assert torch.equal(copied.blocks[3].attn_norm.weight, base.blocks[2].attn_norm.weight)
     assert not torch.equal(random.blocks[3].attn.v_proj.weight, base.blocks[2].attn.v_proj.weight)
     assert not copied.blocks[3].branch.values.weight.any()  # zero values: the identity
+    full_attention = {**MEMORY, "attn_output_projection": True}
+    full, _ = upscale(base, UpscaleConfig(method="midus", positions=[2], memory=full_attention))
+    assert torch.equal(full.blocks[3].attn.o_proj.weight, base.blocks[2].attn.o_proj.weight)  # W_O copied too
 
 
 @pytest.mark.parametrize("policy", ["new", "new_and_norms"])

@@ -26,7 +26,8 @@ class MemoryBlock(nn.Module):
         spec = config.stack[layer_index]
         # Same names as TransformerBlock, so attention weights copy across by key.
         self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.attn = CausalSelfAttention(config, layer_index, output_projection=False)
+        # Attn' (no W_O) unless memory.attn_output_projection asks for full attention.
+        self.attn = CausalSelfAttention(config, layer_index, output_projection=config.memory.attn_output_projection)
         self.branch = build_branch(spec.branch, config, layer_index)
         self.internal_residual = config.memory.internal_residual
 
@@ -38,6 +39,6 @@ class MemoryBlock(nn.Module):
         start: int = 0,
     ) -> torch.Tensor:
         # x: (batch, time, d_model) -> same shape
-        heads = self.attn(self.attn_norm(x), rope, cache, start)  # (batch, time, H·d_h), unprojected
+        heads = self.attn(self.attn_norm(x), rope, cache, start)  # (batch, time, H·d_h), W_O only if kept
         query = x + heads if self.internal_residual else heads
         return x + self.branch(query)

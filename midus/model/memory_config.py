@@ -58,6 +58,10 @@ class MemoryConfig:
     internal_residual: bool = False
     """[memory block] Query the branch with x + Attn'(norm x) instead of the attention heads
     alone (the paper reports this weakens retrieval; kept for the ablation)."""
+    attn_output_projection: bool = False
+    """[memory block] Keep the attention's output projection W_O and query the branch with the
+    projected heads (full attention) instead of the paper's Attn′ without W_O: separates the
+    effect of Attn′ from that of the memory. Up-scaling with ``attn_init: copy`` copies W_O too."""
 
     def validate(self, d_model: int, n_heads: int) -> None:
         """Raise ValueError naming the first ``memory.*`` field that is out of range."""

@@ -131,3 +131,32 @@ def test_a_non_positive_score_scale_is_refused_naming_the_field(scale) -> None:
 
     with pytest.raises(ValueError, match="memory.score_scale must be a positive number"):
         MemoryConfig(score_scale=scale).validate(d_model=32, n_heads=4)
+
+
+@pytest.mark.parametrize("key_norm", ["layernorm", "rmsnorm"])
+def test_key_norm_scores_against_normalised_sub_key_rows(key_norm) -> None:
+    # memory.key_norm: each sub-key row normalised (no gain) before scoring; computed by hand here.
+    torch.manual_seed(0)
+    keys = ProductKeys(2, 12, 10, 4, "none", key_norm=key_norm)
+    with torch.no_grad():
+        keys.subkeys.mul_(torch.linspace(0.1, 5.0, 10)[:, None])  # rows of very different lengths
+    queries = torch.randn(3, 20, 2, 12)
+    rows = keys.subkeys.detach()
+    if key_norm == "layernorm":
+        rows = rows - rows.mean(-1, keepdim=True)
+        rows = rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    else:
+        rows = rows / (rows.pow(2).mean(-1, keepdim=True) + torch.finfo(rows.dtype).eps).sqrt()
+    halves = queries.unflatten(-1, (2, -1))  # (..., H, 2, 6)
+    scores = torch.einsum("...hpc,hpnc->...hpn", halves, rows)
+    full = (scores[..., 0, :, None] + scores[..., 1, None, :]).flatten(-2)
+    best, expected_slots = full.topk(4, dim=-1)
+    weights, slots = in_slot_order(*keys(queries))
+    expected_weights, expected_slots = in_slot_order(torch.softmax(best, -1), expected_slots)
+    assert torch.equal(slots, expected_slots)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    plain = ProductKeys(2, 12, 10, 4, "none")
+    plain.load_state_dict(keys.state_dict())
+    assert not torch.equal(in_slot_order(*plain(queries))[1], slots)  # the long rows no longer win
+    keys(queries)[0].pow(2).sum().backward()
+    assert keys.subkeys.grad is not None and keys.subkeys.grad.abs().sum() > 0  # the keys still train

@@ -30,6 +30,10 @@ class MemoryConfig:
     query_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
     """[pkm, multihead_pkm, hml] Normalisation of each query half before scoring it against the
     sub-keys. Per token, so it is causal; batch norm (original PKM) is deliberately not offered."""
+    key_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+    """[pkm, multihead_pkm, hml] Normalisation of every sub-key row (no gain) before scoring, as
+    later PKM work normalises keys: ``layernorm`` gives each row zero mean and unit variance,
+    ``rmsnorm`` unit root mean square, so no key wins by its length alone."""
     score_scale: float = 1.0
     """[pkm, multihead_pkm, hml] Factor on the k retrieval scores before their softmax (an inverse
     temperature): above 1 sharpens the retrieval weights (lower entropy), below 1 flattens them.
@@ -75,6 +79,10 @@ class MemoryConfig:
             self.topk <= self.n_subkeys,
             f"topk={self.topk} is larger than memory.n_subkeys={self.n_subkeys}: each half-key "
             "shortlist keeps topk of n_subkeys scores",
+        )
+        need(
+            self.key_norm in ("none", "layernorm", "rmsnorm"),
+            f"key_norm={self.key_norm!r}; expected none, layernorm or rmsnorm",
         )
         need(
             math.isfinite(self.score_scale) and self.score_scale > 0,

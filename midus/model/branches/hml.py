@@ -37,7 +37,8 @@ class HeadwiseMemory(MemoryBranch):
         self.n_slots = memory.n_slots
         out_width = self.head_dim if self.combine == "concat" else config.d_model
         self.keys = ProductKeys(
-            self.n_heads, self.head_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale
+            self.n_heads, self.head_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale,
+            memory.key_norm,
         )
         if self.layout == "hive":
             self.values = MemoryValues(self.n_slots, memory.latent_dim, memory.zero_init_values)

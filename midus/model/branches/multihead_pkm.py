@@ -33,7 +33,8 @@ class MultiHeadProductKeyMemory(MemoryBranch):
         query_dim = memory.query_dim(config.d_model)
         self.query_proj = nn.Linear(config.d_model, self.n_heads * query_dim, bias=False)
         self.keys = ProductKeys(
-            self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale
+            self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale,
+            memory.key_norm,
         )
         self.values = MemoryValues(memory.n_slots, config.d_model, memory.zero_init_values)
 

@@ -59,11 +59,12 @@ class ProductKeys(nn.Module):
         topk: slots read per query (k ≤ n).
         query_norm: ``none``, ``layernorm`` or ``rmsnorm`` on each query half.
         score_scale: factor on the k best scores before their softmax (inverse temperature).
+        key_norm: ``none``, ``layernorm`` or ``rmsnorm`` of every sub-key row (no gain).
     """
 
     def __init__(
         self, n_heads: int, query_dim: int, n_subkeys: int, topk: int, query_norm: str = "none",
-        score_scale: float = 1.0,
+        score_scale: float = 1.0, key_norm: str = "none",
     ) -> None:
         super().__init__()
         if query_dim % 2:
@@ -71,7 +72,7 @@ class ProductKeys(nn.Module):
         if not 0 < topk <= n_subkeys:
             raise ValueError(f"product keys: topk={topk} must be between 1 and n_subkeys={n_subkeys}")
         self.n_heads, self.n_subkeys, self.topk = n_heads, n_subkeys, topk
-        self.score_scale = score_scale
+        self.score_scale, self.key_norm = score_scale, key_norm
         half = query_dim // 2
         # subkeys[h, 0] is K1_h and subkeys[h, 1] is K2_h, each n × c/2.
         self.subkeys = nn.Parameter(torch.empty(n_heads, 2, n_subkeys, half))
@@ -90,13 +91,21 @@ class ProductKeys(nn.Module):
         halves = queries.unflatten(-1, (2, -1))
         return halves if self.query_norm is None else self.query_norm(halves)
 
+    def scored_subkeys(self) -> torch.Tensor:
+        """The sub-key tables (H, 2, n, c/2) as scored: normalised per row under `key_norm`."""
+        if self.key_norm == "layernorm":
+            return F.layer_norm(self.subkeys, self.subkeys.shape[-1:])
+        if self.key_norm == "rmsnorm":
+            return F.rms_norm(self.subkeys, self.subkeys.shape[-1:])
+        return self.subkeys
+
     def forward(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (..., H, c) → (weights (..., H, k) summing to 1, slots (..., H, k) in [0, n²)).
 
         The k slots of a query come in no particular order. Analyses observe or steer this
         output through forward hooks (`slot_usage`, `midus.analysis.head_gate`), never here.
         """
-        top, sub_index = TopSubkeyScores.apply(self.query_halves(queries), self.subkeys, self.topk)  # (..., H, 2, k)
+        top, sub_index = TopSubkeyScores.apply(self.query_halves(queries), self.scored_subkeys(), self.topk)
         s1, s2 = top.unbind(-2)  # each shortlist sorted best first
         # index_select rather than advanced indexing: its backward is an index_add, not an index_put.
         pair_scores = s1.index_select(-1, self.pair_i) + s2.index_select(-1, self.pair_j)  # (..., H, P)
@@ -110,7 +119,7 @@ class ProductKeys(nn.Module):
 
 def brute_force_retrieval(keys: ProductKeys, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference search over all n² slots of every head (tests and benchmarks only)."""
-    scores = subkey_scores(keys.query_halves(queries), keys.subkeys)  # (..., H, 2, n)
+    scores = subkey_scores(keys.query_halves(queries), keys.scored_subkeys())  # (..., H, 2, n)
     full = scores[..., 0, :, None] + scores[..., 1, None, :]  # (..., H, n, n): slot a·n + b
     best, slots = full.flatten(-2).topk(keys.topk, dim=-1)
     return torch.softmax(best.float() * keys.score_scale, dim=-1), slots

@@ -242,16 +242,9 @@ def memory_block_model(branch: str, internal_residual: bool) -> MidusLM:
     return MidusLM(config).eval()
 
 
-@pytest.mark.parametrize("branch", ["hml", "multihead_pkm"])
-@pytest.mark.parametrize("internal_residual", [False, True])
-@torch.no_grad()
-def test_memory_block_queries_its_branch_as_documented(branch: str, internal_residual: bool) -> None:
-    """Protects M(x) = x + branch(Attn'(norm x)) (or x + branch(x + Attn'(norm x)) with
-    internal_residual): the branch's input, inside a full forward at positions 0..T-1, and
-    that only the branch output is added to the residual stream."""
-    model = memory_block_model(branch, internal_residual)
-    block = model.blocks[1]
-    assert isinstance(block, MemoryBlock) and block.attn.o_proj is None
+def forward_capturing(model: MidusLM, block: MemoryBlock) -> dict[str, torch.Tensor]:
+    """One forward of `model` on fixed ids; returns the memory block's input ``x``, its output
+    ``out`` and its branch's input ``query``."""
     captured: dict[str, torch.Tensor] = {}
     handles = [
         block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0])),
@@ -263,6 +256,20 @@ def test_memory_block_queries_its_branch_as_documented(branch: str, internal_res
     finally:
         for handle in handles:
             handle.remove()
+    return captured
+
+
+@pytest.mark.parametrize("branch", ["hml", "multihead_pkm"])
+@pytest.mark.parametrize("internal_residual", [False, True])
+@torch.no_grad()
+def test_memory_block_queries_its_branch_as_documented(branch: str, internal_residual: bool) -> None:
+    """Protects M(x) = x + branch(Attn'(norm x)) (or x + branch(x + Attn'(norm x)) with
+    internal_residual): the branch's input, inside a full forward at positions 0..T-1, and
+    that only the branch output is added to the residual stream."""
+    model = memory_block_model(branch, internal_residual)
+    block = model.blocks[1]
+    assert isinstance(block, MemoryBlock) and block.attn.o_proj is None
+    captured = forward_capturing(model, block)
     x = captured["x"]
     time = x.shape[1]
     rope = model.rotary(torch.arange(time), x.dtype)
@@ -287,16 +294,7 @@ def test_memory_block_with_output_projection_queries_its_branch_with_projected_h
     model = MidusLM(config).eval()
     block = model.blocks[1]
     assert isinstance(block.attn.o_proj, torch.nn.Linear)
-    captured: dict[str, torch.Tensor] = {}
-    handles = [
-        block.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0])),
-        block.register_forward_hook(lambda _m, _args, out: captured.__setitem__("out", out)),
-    ]
-    try:
-        model(torch.randint(0, 16, (BATCH, 5), generator=torch.Generator().manual_seed(1)))
-    finally:
-        for handle in handles:
-            handle.remove()
+    captured = forward_capturing(model, block)
     x = captured["x"]
     rope = model.rotary(torch.arange(x.shape[1]), x.dtype)
     projection, block.attn.o_proj = block.attn.o_proj, None  # the unprojected heads, then W_O by hand

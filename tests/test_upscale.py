@@ -34,6 +34,9 @@ IDENTITY_SETTINGS = {
     "midus-hml-hive": {"method": "midus", "every": 1, "memory": MEMORY},
     "midus-hml-per_head": {"method": "midus", "positions": [1], "memory": {**MEMORY, "values": "per_head"}},
     "midus-pkm": {"method": "midus", "every": 2, "branch": "pkm", "memory": MEMORY},
+    "midus-hml-random-bank-zero-projections": {
+        "method": "midus", "every": 2, "memory": {**MEMORY, "zero_init_values": False, "zero_init_head_proj": True},
+    },
     "midus-hml-full-attention": {"method": "midus", "every": 2, "memory": {**MEMORY, "attn_output_projection": True}},
     "midus-multihead_pkm-random-attn": {
         "method": "midus", "every": 2, "branch": "multihead_pkm", "attn_init": "random", "memory": MEMORY,
@@ -198,3 +201,17 @@ def test_a_dus_model_exports_to_hugging_face_with_identical_logits(settings: dic
     hf_model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids()).logits, model.eval()(ids()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_random_bank_with_zero_projections_is_the_identity_whose_projections_train_first() -> None:
+    # memory.zero_init_head_proj with zero_init_values false: P_h starts at 0, the bank random.
+    base = base_model()
+    memory = {**MEMORY, "zero_init_values": False, "zero_init_head_proj": True}
+    model, inserted = upscale(base, UpscaleConfig(method="midus", positions=[1], memory=memory))
+    branch = model.blocks[inserted[0]].branch
+    assert not branch.head_proj.any() and branch.values.weight.any()
+    model.train()(ids()).logsumexp(-1).mean().backward()
+    assert branch.head_proj.grad.abs().sum() > 0  # the projections learn from step one ...
+    assert not branch.values.weight.grad.any()  # ... the bank once they are no longer zero
+    with pytest.raises(ValueError, match="zero_init_head_proj needs memory.values=hive"):
+        upscale(base, UpscaleConfig(method="midus", positions=[1], memory={**memory, "values": "per_head"}))

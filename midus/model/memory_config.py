@@ -47,6 +47,11 @@ class MemoryConfig:
     """[hml] Value layout: ``hive`` = one latent bank (n² × latent_dim) per block plus a
     latent_dim × head_dim projection per head; ``per_head`` = one n² × head_dim table per
     head; ``shared`` = one n² × head_dim table read by every head."""
+    zero_init_head_proj: bool = False
+    """[hml, ``values: hive``] Start the per-head projections P_h at zero instead of random. With
+    ``zero_init_values: false`` (a random bank) this is the other exact identity at insertion:
+    the block adds nothing until P_h moves, and P_h gets gradient from the first step (with a
+    zero bank and random P_h the bank does instead)."""
     latent_dim: int = 32
     """[hml] HIVE latent width d_l: rows of the shared bank, before each head's projection
     (``values: hive`` only)."""
@@ -87,6 +92,10 @@ class MemoryConfig:
         need(
             math.isfinite(self.score_scale) and self.score_scale > 0,
             f"score_scale must be a positive number, got {self.score_scale}",
+        )
+        need(
+            not self.zero_init_head_proj or self.values == "hive",
+            f"zero_init_head_proj needs memory.values=hive (the layout with projections), got {self.values!r}",
         )
         need(self.latent_dim > 0, f"latent_dim must be positive, got {self.latent_dim}")
         need(self.pkm_query_dim >= 0, f"pkm_query_dim must be 0 (= d_model) or positive, got {self.pkm_query_dim}")

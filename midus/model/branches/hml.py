@@ -42,9 +42,8 @@ class HeadwiseMemory(MemoryBranch):
         )
         if self.layout == "hive":
             self.values = MemoryValues(self.n_slots, memory.latent_dim, memory.zero_init_values)
-            self.head_proj = nn.Parameter(
-                torch.randn(self.n_heads, memory.latent_dim, out_width) * memory.latent_dim**-0.5
-            )
+            scale = 0.0 if memory.zero_init_head_proj else memory.latent_dim**-0.5
+            self.head_proj = nn.Parameter(torch.randn(self.n_heads, memory.latent_dim, out_width) * scale)
         else:
             tables = self.n_heads if self.layout == "per_head" else 1
             self.values = MemoryValues(tables * self.n_slots, out_width, memory.zero_init_values)

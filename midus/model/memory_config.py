@@ -48,7 +48,7 @@ class MemoryConfig:
     latent_dim × head_dim projection per head; ``per_head`` = one n² × head_dim table per
     head; ``shared`` = one n² × head_dim table read by every head."""
     zero_init_head_proj: bool = False
-    """[hml, ``values: hive``] Start the per-head projections P_h at zero instead of random. With
+    """[hml] With ``values: hive``, start the per-head projections P_h at zero instead of random. With
     ``zero_init_values: false`` (a random bank) this is the other exact identity at insertion:
     the block adds nothing until P_h moves, and P_h gets gradient from the first step (with a
     zero bank and random P_h the bank does instead)."""

@@ -83,7 +83,7 @@ def _fit(data, root: Path, max_steps: int, upscale=None, stop_before=None, ckpt_
 
 
 def _interrupted_and_resumed(data, tmp_path: Path, max_steps: int, stop_before: int, upscale=None, **options):
-    whole, whole_summary, whole_best, _ = _fit(data, tmp_path / "whole", max_steps, upscale, **options)
+    whole, whole_summary, whole_best, whole_trainer = _fit(data, tmp_path / "whole", max_steps, upscale, **options)
     first, _, _, _ = _fit(data, tmp_path / "resumed", max_steps, upscale, stop_before=stop_before, **options)
     if "accumulate_grad_batches" not in options:
         assert sorted(first.losses) == list(range(stop_before))
@@ -91,7 +91,7 @@ def _interrupted_and_resumed(data, tmp_path: Path, max_steps: int, stop_before: 
     second, summary, best, trainer = _fit(
         data, tmp_path / "resumed", max_steps, upscale, ckpt_path=checkpoint, **options
     )
-    return whole, whole_summary, whole_best, first, second, summary, best, trainer
+    return whole, whole_summary, whole_best, first, second, summary, best, trainer, whole_trainer
 
 
 @pytest.mark.slow
@@ -99,7 +99,7 @@ def _interrupted_and_resumed(data, tmp_path: Path, max_steps: int, stop_before: 
     "stop_before", [3, 4, 5, 8], ids=["mid-epoch", "validation-step", "epoch-boundary", "second-epoch-validation-step"]
 )
 def test_resumed_from_scratch_run_has_the_uninterrupted_loss_at_every_step(data, tmp_path, stop_before) -> None:
-    whole, whole_summary, whole_best, first, second, summary, best, trainer = _interrupted_and_resumed(
+    whole, whole_summary, whole_best, first, second, summary, best, trainer, whole_trainer = _interrupted_and_resumed(
         data, tmp_path, 11, stop_before
     )
     losses = {**first.losses, **second.losses}
@@ -107,8 +107,12 @@ def test_resumed_from_scratch_run_has_the_uninterrupted_loss_at_every_step(data,
     assert losses == whole.losses  # bit for bit: the same batches in the same order on the same weights
     assert {step: second.rates[step] for step in second.rates} == {step: whole.rates[step] for step in second.rates}
     # The summary counts the whole run, not the process that finished it.
-    assert summary.state_dict()["train_batches"] == whole_summary.state_dict()["train_batches"] == 11
-    assert summary.state_dict()["train_tokens"] == whole_summary.state_dict()["train_tokens"] == 11 * 8 * 32
+    counts, whole_counts = (
+        {key: record["train"][key] for key in ("batches", "tokens")}
+        for record in (summary.summary(trainer, trainer.lightning_module),
+                       whole_summary.summary(whole_trainer, whole_trainer.lightning_module))
+    )
+    assert counts == whole_counts == {"batches": 11, "tokens": 11 * 8 * 32}
     # Validation of a step that is also a checkpoint step ran before the save, so exactly once.
     assert first.validated_at + second.validated_at == whole.validated_at
     assert summary._best_val_loss == whole_summary._best_val_loss
@@ -123,7 +127,7 @@ def test_resumed_upscaled_run_has_the_uninterrupted_loss_at_every_step(data, tmp
     upscale = UpscaleConfig(base_checkpoint=str(base), method="midus", every=1, branch="hml")
     # An epoch cut short by limit_train_batches, resumed at its end and mid-way through the next.
     for stop_before in (3, 5):
-        whole, _, _, first, second, _, _, _ = _interrupted_and_resumed(
+        whole, _, _, first, second, _, _, _, _ = _interrupted_and_resumed(
             data, tmp_path / str(stop_before), 7, stop_before, upscale, limit_train_batches=3
         )
         assert sorted(second.losses) == list(range(stop_before, 7))
@@ -134,9 +138,9 @@ def test_resumed_upscaled_run_has_the_uninterrupted_loss_at_every_step(data, tmp
 def test_resumed_run_with_gradient_accumulation_has_the_uninterrupted_losses(data, tmp_path) -> None:
     # 2 batches per optimizer step, and Lightning steps on an epoch's odd last batch: 3 steps per
     # 5-batch epoch; the checkpoint after step 2 is 4 batches into the first.
-    whole, _, _, first, second, summary, _, _ = _interrupted_and_resumed(
+    whole, _, _, first, second, summary, _, trainer, _ = _interrupted_and_resumed(
         data, tmp_path, 6, 2, accumulate_grad_batches=2
     )
     assert len(whole.micro_batch_losses) == 10
     assert first.micro_batch_losses + second.micro_batch_losses == whole.micro_batch_losses
-    assert summary.state_dict()["train_batches"] == 10
+    assert summary.summary(trainer, trainer.lightning_module)["train"]["batches"] == 10

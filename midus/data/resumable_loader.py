@@ -80,12 +80,9 @@ class ResumableLoader(DataLoader):
         # on the sampler. The resume position applies to the checkpoint's own epoch only: from a
         # checkpoint at an epoch's end (natural, or cut by limit_train_batches) Lightning starts
         # the next epoch, from its first batch.
-        sampler = self.sampler
-        resuming = isinstance(sampler, EpochShuffleSampler) and sampler.epoch == self._resume_epoch
-        self._served = 0
-        if isinstance(sampler, EpochShuffleSampler):
-            sampler.start_index = self._resume_at * self.batch_size if resuming else 0
-            self._served = self._resume_at if resuming else 0
+        resuming = self.sampler.epoch == self._resume_epoch
+        self._served = self._resume_at if resuming else 0
+        self.sampler.start_index = self._served * self.batch_size
         self._resume_epoch, self._resume_at = -1, 0
         for batch in super().__iter__():
             self._served += 1
@@ -93,8 +90,6 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         sampler = self.sampler
-        if not isinstance(sampler, EpochShuffleSampler):
-            return {}
         return {
             "epoch": sampler.epoch, "batches_served": self._served, "batch_size": self.batch_size,
             "num_replicas": sampler.num_replicas, "seed": sampler.seed,
@@ -102,8 +97,6 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         sampler = self.sampler
-        if not state or not isinstance(sampler, EpochShuffleSampler):
-            return
         if state["seed"] != sampler.seed:
             log.warning(
                 "data: the checkpoint's shuffle seed is %d, this run's %d; continuing with the checkpoint's "

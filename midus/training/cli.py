@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from jsonargparse import set_parsing_settings
@@ -62,7 +61,8 @@ class MidusCLI(LightningCLI):
         special = ckpt_path.lower() in ("best", "last", "hpc", "registry") or ckpt_path.lower().startswith("registry:")
         if special or "://" in ckpt_path:
             return super()._parse_ckpt_path()  # resolved or fetched by the Trainer, which loads it weights-only
-        read_kit_checkpoint(ckpt_path, "--ckpt_path", mmap=not trusted())
+        # Its step tells TensorBoard what to purge on resume (before_fit).
+        self._checkpoint_step = read_kit_checkpoint(ckpt_path, "--ckpt_path", mmap=not trusted()).get("global_step")
         with torch.serialization.safe_globals(trusted_globals(ckpt_path) if trusted() else []):
             super()._parse_ckpt_path()
 
@@ -76,9 +76,9 @@ class MidusCLI(LightningCLI):
             self.trainer.callbacks.append(RunSummary(config_paths))
         for summary in summaries:
             summary.config_paths = summary.config_paths or config_paths
-        self._purge_steps_after_the_checkpoint(str(config.get("ckpt_path") or ""))
+        self._purge_steps_after_the_checkpoint()
 
-    def _purge_steps_after_the_checkpoint(self, ckpt_path: str) -> None:
+    def _purge_steps_after_the_checkpoint(self) -> None:
         """On resume, have TensorBoard drop what the interrupted run logged after its checkpoint.
 
         A preempted run logged steps past its newest checkpoint; the resumed run logs them again
@@ -87,11 +87,8 @@ class MidusCLI(LightningCLI):
         """
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from midus.checkpoint.safe_load import load_checkpoint_data
-
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return  # none, or a special value ("last", a URL) the Trainer resolves itself
-        step = load_checkpoint_data(ckpt_path, "--ckpt_path", mmap=True).get("global_step")
+        # Set when _parse_ckpt_path read a --ckpt_path file (not for "last", a URL, or no resume).
+        step = getattr(self, "_checkpoint_step", None)
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and isinstance(step, int):
                 # Passed on to its SummaryWriter; the CLI fills in the writer's own None default.

@@ -97,6 +97,16 @@ class CausalLM(pl.LightningModule):
         self._batches_seen = 0  # training batches, several per optimizer step under gradient accumulation
 
     @property
+    def tokens_seen(self) -> int:
+        """Tokens trained on by this process since step 0 (checkpointed: resumes continue it)."""
+        return self._tokens_seen
+
+    @property
+    def batches_seen(self) -> int:
+        """Training batches of this process since step 0, several per step under accumulation."""
+        return self._batches_seen
+
+    @property
     def added_parameters(self) -> int:
         """Parameters the up-scaling added to its base (0 without up-scaling)."""
         return self.model.num_parameters() - self.base_parameters if self.base_parameters else 0
@@ -140,7 +150,7 @@ class CausalLM(pl.LightningModule):
     def configure_model(self) -> None:
         if not self.hparams.compile:
             return
-        if isinstance(getattr(self._trainer, "strategy", None), pl.strategies.FSDPStrategy):
+        if isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
             # Lightning's FSDPStrategy wraps the blocks after this hook and does not compile over its
             # wrappers: compile each block (an FSDP unit) inside them, as torch.compile's docs advise for
             # FSDP. Compiling the whole model breaks its graph at every unit's all-gather (in the block loop).

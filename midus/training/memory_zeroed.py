@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from torchmetrics import MeanMetric
 
 from midus.model.branches.zeroing import memory_branches, zeroed_memory
 
@@ -45,11 +46,9 @@ def zeroed_memory_metrics(module: pl.LightningModule, metrics: dict[str, torch.T
 def validation_loss(module: pl.LightningModule) -> torch.Tensor:
     """Token-weighted loss of the model as it is now on the validation split, over all processes."""
     trainer = module.trainer
-    totals = torch.zeros(2, device=module.device)  # loss x tokens, tokens
+    mean = MeanMetric().to(module.device)  # as validation_step's: token-weighted, synced over processes
     with trainer.precision_plugin.val_step_context():  # the precision validation_step ran in
         for batch in trainer.val_dataloaders:
-            ids = batch["input_ids"].to(module.device)
-            loss, tokens = module._loss({"input_ids": ids})
-            totals += torch.stack([loss.float() * tokens, torch.tensor(float(tokens), device=module.device)])
-    loss_sum, tokens = module._sum_over_processes(totals)
-    return loss_sum / tokens
+            loss, tokens = module._loss({"input_ids": batch["input_ids"].to(module.device)})
+            mean.update(loss, weight=tokens)
+    return mean.compute()

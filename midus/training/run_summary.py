@@ -3,10 +3,10 @@
 The CLI adds it to every ``fit``. At the end of training it writes
 ``<trainer.log_dir>/summary.json`` (``runs/<experiment>/<version>/summary.json``).
 
-Its counters are callback state in every checkpoint, so a run resumed with ``--ckpt_path``
-reports the whole run (batches, tokens, training time, wall time, best validation loss), not
-only the process that finished it. In a multi-process run every process counts its own
-batches; the written tokens are the sum over processes, the time that of process 0.
+A run resumed with ``--ckpt_path`` reports the whole run, not only the process that finished
+it: batches and tokens are `CausalLM`'s own checkpointed counters, and this callback's
+training time, wall time and best validation loss are callback state in every checkpoint. In
+a multi-process run the tokens are world_size times one process's, the time that of process 0.
 """
 
 from __future__ import annotations
@@ -43,23 +43,17 @@ class RunSummary(pl.Callback):
         self._fit_started_at = 0.0
         self._batch_started_at = 0.0
         self._train_seconds = 0.0
-        self._train_batches = 0
-        self._train_tokens = 0
         self._best_val_loss: float | None = None
         self._earlier_wall_s = 0.0  # wall time of the processes before a resume
-        self._tokens_per_batch = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "train_seconds": self._train_seconds, "train_batches": self._train_batches,
-            "train_tokens": self._train_tokens, "best_val_loss": self._best_val_loss,
+            "train_seconds": self._train_seconds, "best_val_loss": self._best_val_loss,
             "wall_time_s": self._earlier_wall_s + time.perf_counter() - self._fit_started_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_seconds = state_dict["train_seconds"]
-        self._train_batches = state_dict["train_batches"]
-        self._train_tokens = state_dict["train_tokens"]
         self._best_val_loss = state_dict["best_val_loss"]
         self._earlier_wall_s = state_dict["wall_time_s"]
 
@@ -79,9 +73,6 @@ class RunSummary(pl.Callback):
     ) -> None:
         _synchronize(pl_module.device)
         self._train_seconds += time.perf_counter() - self._batch_started_at
-        self._train_batches += 1
-        self._tokens_per_batch = batch["input_ids"][:, 1:].numel()
-        self._train_tokens += self._tokens_per_batch
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -91,28 +82,26 @@ class RunSummary(pl.Callback):
             self._best_val_loss = loss
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Collective calls first, on every process: the token sum and the run directory (which
-        # the logger broadcasts from process 0); only then does process 0 alone write.
-        tokens = trainer.strategy.reduce(
-            torch.tensor(float(self._train_tokens), device=pl_module.device), reduce_op="sum"
-        )
+        # A collective call first, on every process: the run directory (the logger broadcasts it
+        # from process 0); only then does process 0 alone write.
         run_dir = trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero:
             return
-        record = self.summary(trainer, pl_module, int(tokens), str(run_dir))
+        record = self.summary(trainer, pl_module, str(run_dir))
         directory = Path(run_dir)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     def summary(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, all_tokens: int | None = None,
-        run_dir: str | None = None,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, run_dir: str | None = None
     ) -> dict[str, Any]:
-        """The record written to ``summary.json``; `all_tokens`: training tokens of every process
-        (default: this process's count times the number of processes); `run_dir`: the run
-        directory (default: the trainer's, which is a collective call in a multi-process run)."""
+        """The record written to ``summary.json``; `run_dir`: the run directory (default: the
+        trainer's, which is a collective call in a multi-process run)."""
         model = pl_module.model
-        all_tokens = self._train_tokens * trainer.world_size if all_tokens is None else all_tokens
+        # The module counts batches and tokens (checkpointed with it); every process trains on
+        # batches of one size, so the run's tokens are world_size times this process's.
+        batches, all_tokens = pl_module.batches_seen, pl_module.tokens_seen * trainer.world_size
+        tokens_per_batch = round(pl_module.tokens_seen / batches) if batches else 0
         val = {name.removeprefix("val/"): _metric(trainer, name) for name in SUMMARY_VAL_METRICS}
         val["best_loss"] = self._best_val_loss
         seconds = self._train_seconds
@@ -131,15 +120,15 @@ class RunSummary(pl.Callback):
             "memory_zeroed_delta": memory_zeroed_delta(trainer),
             "train": {
                 "steps": trainer.global_step,
-                "batches": self._train_batches,
+                "batches": batches,
                 "tokens": all_tokens,
                 "tokens_per_sec": all_tokens / seconds if seconds > 0 else None,
-                "mean_step_time_s": seconds / self._train_batches if self._train_batches else None,
+                "mean_step_time_s": seconds / batches if batches else None,
                 # One optimizer step: micro-batch x accumulation x processes (compare arms run on
                 # different device counts by this, not by data.batch_size).
                 "processes": trainer.world_size,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                "global_batch_tokens": self._tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size,
+                "global_batch_tokens": tokens_per_batch * trainer.accumulate_grad_batches * trainer.world_size,
             },
             "wall_time_s": self._earlier_wall_s + time.perf_counter() - self._fit_started_at,
             "peak_memory": peak_memory(pl_module.device),

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from midus.model import MidusLM, ModelConfig
 from midus.training import CausalLM
-from midus.training.optim import parameter_groups
+from midus.training.optim import parameter_groups, warmup_cosine
 
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
 
@@ -105,3 +105,38 @@ def test_memory_model_trains_under_bf16_mixed_precision(tiny_data) -> None:
         branch = module.model.blocks[block].branch
         assert branch.values.weight.dtype == torch.float32  # master weights stay fp32
         assert not torch.equal(branch.keys.subkeys.detach(), keys)  # gradients reached the sub-keys
+
+
+def test_a_constant_memory_schedule_holds_the_memory_rate_while_the_others_decay() -> None:
+    model = MidusLM(memory_config(50))
+    groups = parameter_groups(model, weight_decay=0.1, memory_lr=0.03)
+    optimizer = torch.optim.AdamW(groups, lr=0.003)
+    schedule = warmup_cosine(optimizer, warmup_steps=10, total_steps=100, min_lr_ratio=0.1, memory_schedule="constant")
+    rates = []
+    for _ in range(100):
+        rates.append({group["name"]: group["lr"] for group in optimizer.param_groups})
+        optimizer.step()
+        schedule.step()
+    assert rates[5]["memory"] == pytest.approx(0.015) and rates[5]["decay"] == pytest.approx(0.0015)  # shared warmup
+    assert all(step["memory"] == pytest.approx(0.03) for step in rates[10:])  # constant after it ...
+    assert rates[99]["decay"] == pytest.approx(0.0003, rel=0.05)  # ... while the rest decays to min_lr_ratio
+    # The per-group multipliers survive a checkpoint: a restored schedule continues the same rates.
+    restored_optimizer = torch.optim.AdamW(parameter_groups(model, 0.1, memory_lr=0.03), lr=0.003)
+    restored = warmup_cosine(restored_optimizer, 10, 100, 0.1, memory_schedule="constant")
+    restored.load_state_dict(schedule.state_dict())
+    restored_optimizer.load_state_dict(optimizer.state_dict())
+    restored.step()
+    schedule.step()
+    assert [g["lr"] for g in restored_optimizer.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    # cosine (the default): the memory group decays with the others, at its own peak.
+    cosine = warmup_cosine(torch.optim.AdamW(parameter_groups(model, 0.1, memory_lr=0.03), lr=0.003), 10, 100, 0.1)
+    for _ in range(99):
+        cosine.optimizer.step()
+        cosine.step()
+    memory_rate = {g["name"]: g["lr"] for g in cosine.optimizer.param_groups}["memory"]
+    assert memory_rate == pytest.approx(0.003, rel=0.05)
+
+
+def test_an_unknown_memory_schedule_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"model.memory_lr_schedule='linear'; expected one of"):
+        CausalLM(memory_config(50), memory_lr_schedule="linear")

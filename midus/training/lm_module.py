@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,7 +26,7 @@ from midus.model.transformer import next_token_loss
 from midus.training.divergence import check_finite_loss
 from midus.training.memory_zeroed import zeroed_memory_metrics
 from midus.training.model_source import build_model
-from midus.training.optim import parameter_groups, warmup_cosine
+from midus.training.optim import MEMORY_LR_SCHEDULES, parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
 
 
@@ -46,6 +47,8 @@ class CausalLM(pl.LightningModule):
         memory_lr: peak learning rate of memory values (HIVE banks, value tables), which
             form their own AdamW group without weight decay; 0 means `learning_rate`.
         memory_lr_keys: put the product-key sub-keys in the memory group too.
+        memory_lr_schedule: the memory group's schedule after the shared warmup: ``cosine``
+            (decays with every other group) or ``constant`` (stays at its peak rate).
         recall_probe_size: recall questions per prompt phrasing scored at each validation
             (0 turns the probe off); logged as ``val/recall_acc`` (phrasing seen in training)
             and ``val/recall_acc_heldout`` (held-out phrasing).
@@ -72,6 +75,7 @@ class CausalLM(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         memory_lr: float = 0.0,
         memory_lr_keys: bool = False,
+        memory_lr_schedule: Literal["cosine", "constant"] = "cosine",
         recall_probe_size: int = 600,
         memory_zeroed_eval: bool = True,
         compile: bool = False,
@@ -85,6 +89,8 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"model.learning_rate must be positive, got {learning_rate}")
         if memory_lr < 0:
             raise ValueError(f"model.memory_lr must be 0 (= learning_rate) or positive, got {memory_lr}")
+        if memory_lr_schedule not in MEMORY_LR_SCHEDULES:
+            raise ValueError(f"model.memory_lr_schedule={memory_lr_schedule!r}; expected one of {MEMORY_LR_SCHEDULES}")
         source = build_model(config, pretrained, upscale)
         self.model = source.model
         self.base_parameters = source.base_parameters
@@ -301,5 +307,6 @@ class CausalLM(pl.LightningModule):
             self.hparams.warmup_steps,
             int(self.trainer.estimated_stepping_batches),
             self.hparams.min_lr_ratio,
+            self.hparams.memory_lr_schedule,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -6,8 +6,10 @@ rows that only a few tokens update at each step; like the PKM literature they ge
 own group, with their own learning rate (`memory_lr`) and no decay. Sub-keys are not
 decayed either (shrinking them only flattens the retrieval softmax) and can join the
 memory group. Which parameters are value tables and sub-keys, each branch says itself
-(`Branch.value_tables`, `Branch.subkey_tables`). Every group follows the same warmup +
-cosine schedule.
+(`Branch.value_tables`, `Branch.subkey_tables`). Every group warms up linearly; then the
+others decay on a cosine, and the memory group either does the same or, with
+``memory_lr_schedule: constant``, stays at its peak (as Memory Layers at Scale trains values
+at a fixed rate).
 """
 
 from __future__ import annotations
@@ -68,13 +70,40 @@ def parameter_groups(
     return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
 
 
+MEMORY_LR_SCHEDULES = ("cosine", "constant")
+
+
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    memory_schedule: str = "cosine",
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup to each group's peak rate, then cosine decay to `min_lr_ratio` of it at `total_steps`."""
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=min(warmup_steps, max(total_steps - 1, 0)),
-        num_training_steps=max(total_steps, 1),
-        min_lr_rate=min_lr_ratio,
+    """Linear warmup to each group's peak rate, then cosine decay to `min_lr_ratio` of it at
+    `total_steps`; with `memory_schedule` ``constant`` the ``memory`` group stays at its peak
+    after the warmup."""
+    if memory_schedule not in MEMORY_LR_SCHEDULES:
+        raise ValueError(f"model.memory_lr_schedule={memory_schedule!r}; expected one of {MEMORY_LR_SCHEDULES}")
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1), min_lr_rate=min_lr_ratio
     )
+    if memory_schedule == "constant":
+        # transformers' schedules put one multiplier on every group; LambdaLR takes one per group.
+        cosine = schedule.lr_lambdas[0]
+        schedule.lr_lambdas = [
+            _constant_after_warmup(warmup) if group.get("name") == "memory" else cosine
+            for group in optimizer.param_groups
+        ]  # both multipliers are equal at step 0, so the rates LambdaLR already set stand
+    return schedule
+
+
+class _constant_after_warmup:  # noqa: N801 (named like the function it stands in for)
+    """Multiplier of a linear warmup over `warmup` steps, then 1 (a class: LambdaLR checkpoints it)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, step / self.warmup) if self.warmup > 0 else 1.0

@@ -38,6 +38,13 @@ IDENTITY_SETTINGS = {
         "method": "midus", "every": 2, "memory": {**MEMORY, "zero_init_values": False, "zero_init_head_proj": True},
     },
     "midus-hml-full-attention": {"method": "midus", "every": 2, "memory": {**MEMORY, "attn_output_projection": True}},
+    "midus-hml-random-values-output-gate": {
+        "method": "midus", "every": 2, "memory": {**MEMORY, "zero_init_values": False, "output_gate": True},
+    },
+    "midus-pkm-random-values-output-gate": {
+        "method": "midus", "positions": [1], "branch": "pkm",
+        "memory": {**MEMORY, "zero_init_values": False, "output_gate": True},
+    },
     "midus-multihead_pkm-random-attn": {
         "method": "midus", "every": 2, "branch": "multihead_pkm", "attn_init": "random", "memory": MEMORY,
     },
@@ -215,3 +222,25 @@ def test_a_random_bank_with_zero_projections_is_the_identity_whose_projections_t
     assert not branch.values.weight.grad.any()  # ... the bank once they are no longer zero
     with pytest.raises(ValueError, match="zero_init_head_proj needs memory.values=hive"):
         upscale(base, UpscaleConfig(method="midus", positions=[1], memory={**memory, "values": "per_head"}))
+
+
+def test_a_zero_output_gate_is_the_identity_whose_gate_trains_first() -> None:
+    # memory.output_gate: M(x) = x + g * branch(...), g = 0 at insertion, the memory random.
+    base = base_model()
+    memory = {**MEMORY, "zero_init_values": False, "output_gate": True}
+    model, inserted = upscale(base, UpscaleConfig(method="midus", positions=[1], memory=memory))
+    block = model.blocks[inserted[0]]
+    assert block.output_gate.shape == (base.config.d_model,) and not block.output_gate.any()
+    assert block.branch.values.weight.any() and block.branch.head_proj.any()
+    model.train()(ids()).logsumexp(-1).mean().backward()
+    assert block.output_gate.grad.abs().sum() > 0  # the gate learns from step one ...
+    assert not block.branch.values.weight.grad.any()  # ... the memory once the gate is open
+    with torch.no_grad():  # an open gate scales the branch's update channel by channel
+        x = torch.randn(2, 12, base.config.d_model)
+        rope = model.rotary(torch.arange(12), x.dtype)
+        gate = torch.rand(base.config.d_model)
+        block.output_gate.copy_(gate)
+        gated = block(x, rope) - x
+        block.output_gate = None  # the ungated block: x + branch(...)
+        torch.testing.assert_close(gated, (block(x, rope) - x) * gate, rtol=1e-6, atol=1e-6)
+    assert gated.abs().sum() > 0

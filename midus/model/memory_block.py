@@ -4,7 +4,8 @@
        └────────────────────────────────────────────────────────────────────────────────── + ─ out
 
 Only the branch output enters the residual stream: the attention heads are the memory's
-queries, not an update. With zero-initialised memory values the block is an exact identity.
+queries, not an update. With zero-initialised memory values, or with ``memory.output_gate``
+(a per-channel gate on the branch output that starts at zero), the block is an exact identity.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class MemoryBlock(nn.Module):
         self.attn = CausalSelfAttention(config, layer_index, output_projection=config.memory.attn_output_projection)
         self.branch = build_branch(spec.branch, config, layer_index)
         self.internal_residual = config.memory.internal_residual
+        # memory.output_gate: g ⊙ branch, g from zero (a 1-D parameter: no weight decay).
+        self.output_gate = nn.Parameter(torch.zeros(config.d_model)) if config.memory.output_gate else None
 
     def forward(
         self,
@@ -41,4 +44,5 @@ class MemoryBlock(nn.Module):
         # x: (batch, time, d_model) -> same shape
         heads = self.attn(self.attn_norm(x), rope, cache, start)  # (batch, time, H·d_h), W_O only if kept
         query = x + heads if self.internal_residual else heads
-        return x + self.branch(query)
+        update = self.branch(query)
+        return x + (update * self.output_gate.to(update.dtype) if self.output_gate is not None else update)

@@ -67,6 +67,11 @@ class MemoryConfig:
     internal_residual: bool = False
     """[memory block] Query the branch with x + Attn'(norm x) instead of the attention heads
     alone (the paper reports this weakens retrieval; kept for the ablation)."""
+    output_gate: bool = False
+    """[memory block] Multiply the branch output by a learned per-channel gate g (d_model) that starts
+    at zero, M(x) = x + g ⊙ branch(·) (LayerScale/ReZero-style): the block is an exact identity at
+    insertion whatever the memory's initialisation (so values can start random), and g learns from
+    the first step while the memory receives gradient once g has moved."""
     attn_output_projection: bool = False
     """[memory block] Keep the attention's output projection W_O and query the branch with the
     projected heads (full attention) instead of the paper's Attn′ without W_O: separates the

@@ -21,6 +21,8 @@ so commands that only read run folders never import Lightning.
       "val": {"loss": 3.49, "ppl": 32.8, "recall_acc": 0.99, "recall_acc_heldout": 0.51,
               "best_loss": 3.49},
       "memory_zeroed_delta": null,
+      "memory_usage": null,
+      "memory_engaged_step": null,
       "train": {"steps": 500, "batches": 500, "tokens": 2048000, "tokens_per_sec": 10500.0,
                 "mean_step_time_s": 0.39, "processes": 1, "accumulate_grad_batches": 1,
                 "global_batch_tokens": 4096},
@@ -42,6 +44,12 @@ so commands that only read run folders never import Lightning.
   ``memory/zeroed/…`` (`midus.training.memory_zeroed`): ``loss`` = validation loss increase in
   nats when every memory branch outputs zero, ``recall_acc``, ``recall_acc_heldout``, … = the
   recall lost, and the same per memory block under ``blocks.<block index>``.
+* ``memory_usage`` (models with product-key memory; else null): the final validation's slot
+  diagnostics, ``usage`` (share of slots read), ``kl_uniform`` (nats), ``entropy`` (of one
+  query's k retrieval weights) and ``entropy_over_log_k``, as means over memory blocks and
+  under ``blocks.<block index>`` (`midus.training.memory_health`).
+* ``memory_engaged_step``: the first validation step at which zeroing the memory cost at least
+  0.01 nats or 0.05 recall (`midus.training.memory_health`); null when it never did.
 * ``params.added``: parameters an up-scaling added to its base (0 without one).
 * ``latency``: batch-1 greedy `generate` at fit end, best of 3: the prefill of a random prompt
   and the mean time per token decoded one at a time with the KV cache.

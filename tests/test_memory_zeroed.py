@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -13,7 +15,8 @@ from midus.model.branches.zeroing import memory_branches, zeroed_memory
 from midus.model.memory_config import MemoryConfig
 from midus.model.transformer import next_token_loss
 from midus.training import CausalLM
-from midus.training.run_summary import memory_zeroed_delta
+from midus.training.memory_health import ENGAGED_LOSS_NATS, ENGAGED_RECALL_DROP, memory_usage, memory_zeroed_delta
+from midus.training.run_summary import RunSummary
 
 
 def _config(vocab_size: int, memory_layers: list[int]) -> ModelConfig:
@@ -78,6 +81,17 @@ def test_validation_reports_what_zeroing_costs_in_total_and_per_block(tiny_data)
     assert set(record["blocks"]) == {"1", "3"} and set(record["blocks"]["1"]) == {
         "loss", "recall_acc", "recall_acc_heldout"
     }
+    # The slot diagnostics of the same validation, per block and as the mean of the blocks.
+    usage = memory_usage(trainer, module.model)
+    assert set(usage["blocks"]) == {"1", "3"}
+    for block in ("1", "3"):
+        stats = usage["blocks"][block]
+        assert stats["usage"] == pytest.approx(float(metrics[f"memory/{block}/usage"]))
+        assert stats["entropy_over_log_k"] == pytest.approx(float(metrics[f"memory/{block}/entropy"]) / math.log(4))
+        assert 0 < stats["usage"] <= 1 and 0 < stats["entropy_over_log_k"] <= 1 + 1e-6
+    assert usage["kl_uniform"] == pytest.approx(
+        (float(metrics["memory/1/kl_uniform"]) + float(metrics["memory/3/kl_uniform"])) / 2
+    )
 
 
 def test_a_model_without_memory_records_none(tiny_data) -> None:
@@ -87,3 +101,28 @@ def test_a_model_without_memory_records_none(tiny_data) -> None:
     trainer.validate(module, datamodule=tiny_data)
     assert not any(name.startswith("memory/zeroed") for name in trainer.callback_metrics)
     assert memory_zeroed_delta(trainer) is None
+    assert memory_usage(trainer, module.model) is None
+
+
+def test_the_engaged_step_is_the_first_validation_where_zeroing_costs_enough() -> None:
+    summary = RunSummary()
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, global_step=0)
+    history = [  # (step, loss delta, recall drop) of successive validations
+        (50, ENGAGED_LOSS_NATS / 2, 0.0), (100, -0.02, ENGAGED_RECALL_DROP / 2),
+        (150, 0.0, ENGAGED_RECALL_DROP), (200, 0.5, 0.5),
+    ]
+    for step, loss_delta, recall_drop in history:
+        trainer.global_step = step
+        trainer.callback_metrics = {
+            "val/loss": torch.tensor(3.0), "memory/zeroed/loss_delta": torch.tensor(loss_delta),
+            "memory/zeroed/recall_acc_drop": torch.tensor(recall_drop),
+        }
+        summary.on_validation_end(trainer, None)
+    assert summary.state_dict()["memory_engaged_step"] == 150
+    resumed = RunSummary()  # callback state: a resumed run keeps the step its first part found
+    resumed.load_state_dict(summary.state_dict())
+    assert resumed.state_dict()["memory_engaged_step"] == 150
+    never = RunSummary()
+    trainer.callback_metrics = {"val/loss": torch.tensor(3.0), "memory/zeroed/loss_delta": torch.tensor(0.001)}
+    never.on_validation_end(trainer, None)
+    assert never.state_dict()["memory_engaged_step"] is None

@@ -61,6 +61,11 @@ COLUMNS: list[Column] = [
     # What zeroing every memory branch costs (midus.training.memory_zeroed): ~0 = memory unused.
     Column("memory zeroed: +val loss", "memory_zeroed_loss", _key("memory_zeroed_delta.loss"), "{:+.3f}"),
     Column("memory zeroed: -recall", "memory_zeroed_recall_acc", _key("memory_zeroed_delta.recall_acc"), "{:+.3f}"),
+    # Slot health at the end (midus.training.memory_health): usage ≥ 50 %, entropy well under log k.
+    Column("slot usage", "memory_usage", _key("memory_usage.usage"), "{:.1%}"),
+    Column("KL from uniform", "memory_kl_uniform", _key("memory_usage.kl_uniform"), "{:.2f}"),
+    Column("entropy / log k", "memory_entropy_over_log_k", _key("memory_usage.entropy_over_log_k"), "{:.2f}"),
+    Column("memory engaged at step", "memory_engaged_step", _key("memory_engaged_step"), "{}"),
     Column("train tokens/s", "train_tokens_per_sec", _key("train.tokens_per_sec"), "{:,.0f}"),
     Column("step ms", "train_step_ms", _scaled("train.mean_step_time_s", 1e3), "{:.0f}"),
     Column("prefill ms", "prefill_ms", _key("latency.prefill_ms"), "{:.1f}"),

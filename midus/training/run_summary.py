@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from midus.run_files import SUMMARY_FILE, SUMMARY_SCHEMA_VERSION, SUMMARY_VAL_METRICS
+from midus.training.memory_health import memory_engaged, memory_usage, memory_zeroed_delta
 
 
 class RunSummary(pl.Callback):
@@ -44,17 +45,20 @@ class RunSummary(pl.Callback):
         self._batch_started_at = 0.0
         self._train_seconds = 0.0
         self._best_val_loss: float | None = None
+        self._memory_engaged_step: int | None = None
         self._earlier_wall_s = 0.0  # wall time of the processes before a resume
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "train_seconds": self._train_seconds, "best_val_loss": self._best_val_loss,
+            "memory_engaged_step": self._memory_engaged_step,
             "wall_time_s": self._earlier_wall_s + time.perf_counter() - self._fit_started_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_seconds = state_dict["train_seconds"]
         self._best_val_loss = state_dict["best_val_loss"]
+        self._memory_engaged_step = state_dict.get("memory_engaged_step")  # absent before it existed
         self._earlier_wall_s = state_dict["wall_time_s"]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -80,6 +84,8 @@ class RunSummary(pl.Callback):
         loss = _metric(trainer, "val/loss")
         if loss is not None and (self._best_val_loss is None or loss < self._best_val_loss):
             self._best_val_loss = loss
+        if self._memory_engaged_step is None and memory_engaged(trainer):
+            self._memory_engaged_step = trainer.global_step
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A collective call first, on every process: the run directory (the logger broadcasts it
@@ -118,6 +124,8 @@ class RunSummary(pl.Callback):
             },
             "val": val,
             "memory_zeroed_delta": memory_zeroed_delta(trainer),
+            "memory_usage": memory_usage(trainer, model),
+            "memory_engaged_step": self._memory_engaged_step,
             "train": {
                 "steps": trainer.global_step,
                 "batches": batches,
@@ -136,20 +144,6 @@ class RunSummary(pl.Callback):
             "latency": None if isinstance(trainer.strategy, FSDPStrategy)
             else generation_latency(model, self.latency_prompt_tokens, self.latency_new_tokens),
         }
-
-
-def memory_zeroed_delta(trainer: pl.Trainer) -> dict[str, Any] | None:
-    """The final validation's ``memory/zeroed/…`` metrics (`midus.training.memory_zeroed`) as
-    ``{"loss": Δ nats, "<recall>": drop, …, "blocks": {"<block>": {same keys}}}``; None without memory."""
-    record: dict[str, Any] = {}
-    for name, value in trainer.callback_metrics.items():
-        if not name.startswith("memory/zeroed/"):
-            continue
-        *block, stat = name.removeprefix("memory/zeroed/").split("/")
-        key = stat.removesuffix("_delta") if stat == "loss_delta" else stat.removesuffix("_drop")
-        target = record.setdefault("blocks", {}).setdefault(block[0], {}) if block else record
-        target[key] = float(value)
-    return record or None
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:

@@ -140,3 +140,12 @@ def test_a_constant_memory_schedule_holds_the_memory_rate_while_the_others_decay
 def test_an_unknown_memory_schedule_is_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match=r"model.memory_lr_schedule='linear'; expected one of"):
         CausalLM(memory_config(50), memory_lr_schedule="linear")
+
+
+def test_query_norm_gains_are_not_weight_decayed() -> None:
+    # Decaying the gain shrinks every query and so flattens the retrieval softmax.
+    model = MidusLM(memory_config(50, memory={**MEMORY, "query_norm": "layernorm"}))
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in parameter_groups(model, 0.1)}
+    assert {"blocks.1.branch.keys.query_norm.weight", "blocks.1.branch.keys.query_norm.bias"} <= groups["no_decay"]
+    assert not any("query_norm" in name for name in groups["decay"])

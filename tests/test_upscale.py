@@ -244,3 +244,10 @@ def test_a_zero_output_gate_is_the_identity_whose_gate_trains_first() -> None:
         block.output_gate = None  # the ungated block: x + branch(...)
         torch.testing.assert_close(gated, (block(x, rope) - x) * gate, rtol=1e-6, atol=1e-6)
     assert gated.abs().sum() > 0
+
+
+@pytest.mark.parametrize("knob", ["zero_init_head_proj", "output_gate"])
+def test_an_init_whose_two_factors_are_zero_is_refused_before_anything_is_built(knob: str) -> None:
+    expected = rf"memory.{knob} with memory.zero_init_values=true .* neither ever gets a gradient"
+    with pytest.raises(ValueError, match=expected):
+        upscale(base_model(), UpscaleConfig(method="midus", positions=[1], memory={**MEMORY, knob: True}))

@@ -102,6 +102,17 @@ class MemoryConfig:
             not self.zero_init_head_proj or self.values == "hive",
             f"zero_init_head_proj needs memory.values=hive (the layout with projections), got {self.values!r}",
         )
+        # Two zero factors in a product: neither gets a gradient, so the memory never trains.
+        need(
+            not (self.zero_init_head_proj and self.zero_init_values),
+            "zero_init_head_proj with memory.zero_init_values=true starts both the bank and its projections at "
+            "zero, so neither ever gets a gradient; set memory.zero_init_values: false (a random bank)",
+        )
+        need(
+            not (self.output_gate and self.zero_init_values),
+            "output_gate with memory.zero_init_values=true starts the gate and the values at zero, so neither "
+            "ever gets a gradient; set memory.zero_init_values: false (the gate alone keeps the identity)",
+        )
         need(self.latent_dim > 0, f"latent_dim must be positive, got {self.latent_dim}")
         need(self.pkm_query_dim >= 0, f"pkm_query_dim must be 0 (= d_model) or positive, got {self.pkm_query_dim}")
         need(

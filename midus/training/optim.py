@@ -19,6 +19,7 @@ from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from midus.model.branches import Branch
+from midus.model.retrieval.product_keys import QueryNorm
 
 
 def memory_roles(model: nn.Module) -> dict[int, str]:
@@ -36,7 +37,7 @@ def group_of(parameter_name: str, parameter: nn.Parameter, module: nn.Module, ro
     """Optimizer group of a parameter: ``decay``, ``no_decay`` or ``memory``."""
     if role == "values" or (memory_keys and role == "subkeys"):
         return "memory"
-    if role == "subkeys" or isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
+    if role == "subkeys" or isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm, QueryNorm)):
         return "no_decay"
     if parameter_name == "bias" or parameter.ndim < 2:
         return "no_decay"

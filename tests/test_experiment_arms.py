@@ -66,12 +66,16 @@ def swiglu(hidden: int = FFN_HIDDEN) -> int:
     return 3 * D * hidden
 
 
-def product_keys(spaces: int, query_width: int, n_subkeys: int) -> int:
-    """Per space two half-key tables of n rows × query_width/2."""
-    return spaces * 2 * n_subkeys * (query_width // 2)
+QUERY_NORM_VECTORS = {"none": 0, "rmsnorm": 1, "layernorm": 2}  # gain; layernorm also a bias
 
 
-def hml(values: str, n_subkeys: int, latent: int = 32) -> int:
+def product_keys(spaces: int, query_width: int, n_subkeys: int, query_norm: str = "none") -> int:
+    """Per space two half-key tables of n rows × query_width/2, and the query norm's gain (and bias)
+    per space and half. `key_norm` (no gain) and `score_scale` (a constant) add nothing."""
+    return spaces * 2 * n_subkeys * (query_width // 2) + QUERY_NORM_VECTORS[query_norm] * spaces * query_width
+
+
+def hml(values: str, n_subkeys: int, latent: int = 32, query_norm: str = "none") -> int:
     """HML over the H attention heads (queries of width d_h, no query projection)."""
     slots = n_subkeys**2
     table = {
@@ -79,7 +83,7 @@ def hml(values: str, n_subkeys: int, latent: int = 32) -> int:
         "per_head": H * slots * DH,  # one n² × d_h table per head
         "shared": slots * DH,  # one n² × d_h table read by every head
     }[values]
-    return table + product_keys(H, DH, n_subkeys)
+    return table + product_keys(H, DH, n_subkeys, query_norm)
 
 
 def pkm(n_subkeys: int, heads: int = 1, query_width: int = D) -> int:
@@ -92,9 +96,10 @@ def transformer_block(branch: int) -> int:
     return 2 * D + attention() + branch
 
 
-def memory_block(branch: int) -> int:
-    """x + branch(Attn'(norm x)): one RMSNorm, no attention output projection."""
-    return D + attention(output_projection=False) + branch
+def memory_block(branch: int, attn_output_projection: bool = False, output_gate: bool = False) -> int:
+    """x + [g ⊙] branch(Attn'(norm x)): one RMSNorm, no attention output projection (unless
+    `memory.attn_output_projection` keeps it), and the output gate g of width d if any."""
+    return D + attention(output_projection=attn_output_projection) + branch + (D if output_gate else 0)
 
 
 def language_model(blocks: list[int]) -> int:
@@ -126,6 +131,10 @@ class Layer:
     """Checks of the branch's value layout (shapes, sizes, initialisation)."""
     source: tuple[str, int] | None = None
     """Up-scaled arms: ("copy" | "zeroed" | "memory", base block index) the weights come from."""
+    attn_output_projection: bool = False
+    """Memory blocks: the attention keeps its output projection W_O (full attention)."""
+    output_gate: bool = False
+    """Memory blocks: the branch output is multiplied by a per-channel gate of width d, from zero."""
 
 
 def ffn_layout(hidden: int = FFN_HIDDEN) -> Callable[[torch.nn.Module], None]:
@@ -136,35 +145,78 @@ def ffn_layout(hidden: int = FFN_HIDDEN) -> Callable[[torch.nn.Module], None]:
     return check
 
 
+@dataclass(frozen=True)
+class Retrieval:
+    """The product-key retrieval knobs of `MemoryConfig` (the defaults: the kit before memory_health)."""
+
+    topk: int = 16
+    query_norm: str = "none"
+    key_norm: str = "none"
+    score_scale: float = 1.0
+
+
+def check_product_keys(keys, spaces: int, query_width: int, n_subkeys: int, retrieval: Retrieval) -> None:
+    """A `ProductKeys`: a key space per query, k slots read, query/key normalisation and score scale."""
+    half = query_width // 2
+    assert keys.subkeys.shape == (spaces, 2, n_subkeys, half) and keys.topk == retrieval.topk
+    assert keys.score_scale == retrieval.score_scale  # the softmax's inverse temperature
+    if retrieval.query_norm == "none":
+        assert keys.query_norm is None
+    else:  # a gain (and a layernorm bias) per space and half, from the identity
+        norm = keys.query_norm
+        assert norm is not None and norm.kind == retrieval.query_norm and norm.weight.shape == (spaces, 2, half)
+        assert bool((norm.weight == 1).all())
+        if retrieval.query_norm == "layernorm":
+            assert norm.bias.shape == (spaces, 2, half) and not norm.bias.any()
+        else:
+            assert norm.bias is None
+    # Sub-key rows as scored: as stored, or normalised (no gain) to unit RMS / zero mean and unit variance.
+    assert keys.key_norm == retrieval.key_norm
+    with torch.no_grad():
+        scored = keys.scored_subkeys()
+    if retrieval.key_norm == "none":
+        assert torch.equal(scored, keys.subkeys)
+    else:
+        centred = scored - scored.mean(-1, keepdim=True) if retrieval.key_norm == "layernorm" else scored
+        assert torch.allclose(centred.pow(2).mean(-1), torch.ones(()), atol=1e-2)  # stored rows: ~0.02
+        assert retrieval.key_norm == "rmsnorm" or torch.allclose(scored.mean(-1), torch.zeros(()), atol=1e-5)
+
+
 def hml_layout(
-    values: str, n_subkeys: int, latent: int = 32, zero_values: bool = False
+    values: str,
+    n_subkeys: int,
+    latent: int = 32,
+    zero_values: bool = False,
+    retrieval: Retrieval = Retrieval(),
+    zero_head_proj: bool = False,
 ) -> Callable[[torch.nn.Module], None]:
     slots = n_subkeys**2
 
     def check(branch: torch.nn.Module) -> None:
         assert branch.layout == values and branch.combine == "concat"
         assert (branch.n_heads, branch.head_dim, branch.n_slots) == (H, DH, slots)
-        keys = branch.keys  # one product-key space per head, queried by that head's output (width d_h)
-        assert keys.subkeys.shape == (H, 2, n_subkeys, DH // 2) and keys.topk == 16 and keys.query_norm is None
+        # One product-key space per head, queried by that head's output (width d_h).
+        check_product_keys(branch.keys, H, DH, n_subkeys, retrieval)
         if values == "hive":
             assert branch.values.weight.shape == (slots, latent)  # the latent bank
             assert branch.head_proj.shape == (H, latent, DH)  # a latent × d_h projection per head
+            assert bool((branch.head_proj == 0).all()) == zero_head_proj
         else:
             tables = H if values == "per_head" else 1
             assert branch.values.weight.shape == (tables * slots, DH) and branch.head_proj is None
+            assert not zero_head_proj
         assert bool((branch.values.weight == 0).all()) == zero_values
 
     return check
 
 
 def pkm_layout(
-    n_subkeys: int, heads: int = 1, query_width: int = D, zero_values: bool = False
+    n_subkeys: int, heads: int = 1, query_width: int = D, zero_values: bool = False, retrieval: Retrieval = Retrieval()
 ) -> Callable[[torch.nn.Module], None]:
     def check(branch: torch.nn.Module) -> None:
         assert branch.n_heads == heads
         assert branch.query_proj.weight.shape == (heads * query_width, D)  # `heads` learned queries of width c
-        assert branch.keys.subkeys.shape == (heads, 2, n_subkeys, query_width // 2)  # a key space per query
-        assert branch.keys.topk == 16
+        check_product_keys(branch.keys, heads, query_width, n_subkeys, retrieval)  # a key space per query
         assert branch.values.weight.shape == (n_subkeys**2, D)  # one table of d-wide values, shared by the heads
         assert bool((branch.values.weight == 0).all()) == zero_values
 
@@ -179,26 +231,36 @@ def ffn_layer(**kw) -> Layer:
 class Expected:
     layers: list[Layer]
     memory: int = 0
-    """params/memory: product-key memory branches (keys, values, query and value projections)."""
+    """params/memory: product-key memory branches (keys, query norms, values, query and value projections);
+    a memory block's output gate, like its attention, belongs to the block, not the branch, so it is
+    in params/total and params/added but not here (`MidusLM.num_memory_parameters` sums branches)."""
     quoted: dict[str, int] = field(default_factory=dict)
     """Counts the documentation quotes (YAML header, experiments/README.md): must equal the formulas."""
     added: int | None = None
     """params/added of an up-scaled arm (None: not up-scaled)."""
     identity: bool | None = None
     """Up-scaled arms: the logits at insertion equal the base's (True) or differ (False)."""
+    optimizer: dict[str, object] = field(default_factory=dict)
+    """`CausalLM` arguments that only the optimizer reads (memory_lr, …): the arm's values, if given."""
 
     @property
     def total(self) -> int:
         return language_model([layer.params for layer in self.layers])
 
 
-def memory_layer(branch: str, branch_params: int, layout, **kw) -> Layer:
-    return Layer("memory", branch, memory_block(branch_params), layout, **kw)
+def memory_layer(
+    branch: str, branch_params: int, layout, attn_output_projection: bool = False, output_gate: bool = False, **kw
+) -> Layer:
+    params = memory_block(branch_params, attn_output_projection, output_gate)
+    return Layer("memory", branch, params, layout, attn_output_projection=attn_output_projection,
+                 output_gate=output_gate, **kw)
 
 
-def t_m_t_m(branch: str, branch_params: int, layout, quoted: dict[str, int], memory: bool = True) -> Expected:
-    """A from-scratch T M T M model: memory blocks at layers 1 and 3."""
-    m = memory_layer(branch, branch_params, layout)
+def t_m_t_m(
+    branch: str, branch_params: int, layout, quoted: dict[str, int], memory: bool = True, **block: bool
+) -> Expected:
+    """A from-scratch T M T M model: memory blocks at layers 1 and 3 (`block`: `memory_layer`'s flags)."""
+    m = memory_layer(branch, branch_params, layout, **block)
     return Expected([ffn_layer(), m, ffn_layer(), m], memory=2 * branch_params if memory else 0, quoted=quoted)
 
 
@@ -207,19 +269,89 @@ PKM_64, MHPKM_64 = pkm(64), pkm(64, heads=4)
 HIVE_32, PKM_32 = hml("hive", 32), pkm(32)  # dus_vs_midus: n_subkeys 32, 1024 slots per space
 
 
-def midus(branch: str, branch_params: int, layout, quoted: dict[str, int]) -> Expected:
-    """T T M T T M: a memory block after base blocks 1 and 3, attention copied from the block before."""
+def midus(branch: str, branch_params: int, layout, quoted: dict[str, int], output_gate: bool = False) -> Expected:
+    """T T M T T M: a memory block after base blocks 1 and 3, attention copied from the block before;
+    an identity at insertion (zero values, zero head projections or a zero output gate)."""
     layers = []
     for base_index in range(4):
         layers.append(ffn_layer(source=("copy", base_index)))
         if base_index in (1, 3):
-            layers.append(memory_layer(branch, branch_params, layout, source=("memory", base_index)))
-    return Expected(
-        layers, memory=2 * branch_params, added=2 * memory_block(branch_params), identity=True, quoted=quoted
-    )
+            m = memory_layer(branch, branch_params, layout, output_gate=output_gate, source=("memory", base_index))
+            layers.append(m)
+    added = 2 * memory_block(branch_params, output_gate=output_gate)
+    return Expected(layers, memory=2 * branch_params, added=added, identity=True, quoted=quoted)
 
 
 BASE_4 = [ffn_layer() for _ in range(4)]
+
+
+@dataclass(frozen=True)
+class MemoryKnobs:
+    """A memory_health.yaml arm: its HML memory (`MemoryConfig`'s names; values hive, latent 32 throughout)
+    and the memory's optimizer settings (`CausalLM`'s names)."""
+
+    n_subkeys: int
+    topk: int
+    query_norm: str
+    zero_init_values: bool
+    key_norm: str = "none"
+    score_scale: float = 1.0
+    zero_init_head_proj: bool = False
+    output_gate: bool = False
+    attn_output_projection: bool = False
+    memory_lr: float = 0.0
+    memory_lr_keys: bool = False
+    memory_lr_schedule: str = "cosine"
+
+    def expected(self, inserted: bool) -> Expected:
+        """From scratch (T M T M) or inserted after every 2nd block of the 4-block base (T T M T T M)."""
+        params = hml("hive", self.n_subkeys, query_norm=self.query_norm)
+        retrieval = Retrieval(self.topk, self.query_norm, self.key_norm, self.score_scale)
+        layout = hml_layout("hive", self.n_subkeys, zero_values=self.zero_init_values, retrieval=retrieval,
+                            zero_head_proj=self.zero_init_head_proj)
+        if inserted:
+            assert not self.attn_output_projection, "midus() expects memory blocks without W_O"
+            expected = midus("hml", params, layout, {}, output_gate=self.output_gate)
+        else:
+            expected = t_m_t_m("hml", params, layout, {}, output_gate=self.output_gate,
+                               attn_output_projection=self.attn_output_projection)
+        optimizer = {name: getattr(self, name) for name in ("memory_lr", "memory_lr_keys", "memory_lr_schedule")}
+        return dataclasses.replace(expected, optimizer=optimizer)
+
+
+change = dataclasses.replace
+# memory_health.yaml's base (model.config.memory and model.memory_lr*): scratch_reference; every
+# other scratch_* arm changes one knob of it (scratch_before and _qnorm_layernorm_lr01: several).
+HEALTH_SCRATCH = MemoryKnobs(
+    n_subkeys=64, topk=32, query_norm="rmsnorm", zero_init_values=False, memory_lr=0.03, memory_lr_keys=True
+)
+HEALTH_SCRATCH_ARMS = {
+    "scratch_before": change(HEALTH_SCRATCH, query_norm="none", topk=16, memory_lr=0.0, memory_lr_keys=False),
+    "scratch_qnorm_layernorm_lr01": change(
+        HEALTH_SCRATCH, query_norm="layernorm", topk=16, memory_lr=0.01, memory_lr_keys=False
+    ),
+    "scratch_reference": HEALTH_SCRATCH,
+    "scratch_k16": change(HEALTH_SCRATCH, topk=16),
+    "scratch_n32": change(HEALTH_SCRATCH, n_subkeys=32),
+    "scratch_key_norm": change(HEALTH_SCRATCH, key_norm="rmsnorm"),
+    "scratch_score_scale_2": change(HEALTH_SCRATCH, score_scale=2.0),
+    "scratch_memory_lr_01": change(HEALTH_SCRATCH, memory_lr=0.1),  # the optimizer's only: the base's layout
+    "scratch_memory_lr_constant": change(HEALTH_SCRATCH, memory_lr_schedule="constant"),
+    "scratch_values_only_lr": change(HEALTH_SCRATCH, memory_lr_keys=False),
+    "scratch_zero_proj": change(HEALTH_SCRATCH, zero_init_head_proj=True),  # random bank, P_h = 0
+    "scratch_output_gate": change(HEALTH_SCRATCH, output_gate=True),  # + d per memory block
+    "scratch_full_attention": change(HEALTH_SCRATCH, attn_output_projection=True),  # + d² per memory block
+}
+# Its inserted_before arm (the &inserted anchor): dus_vs_midus's memory (n 32, k 16, zero values), then
+# inserted_reference's knobs with each identity-preserving initialisation.
+HEALTH_INSERTED = MemoryKnobs(n_subkeys=32, topk=16, query_norm="none", zero_init_values=True)
+HEALTH_INSERTED_REFERENCE = change(HEALTH_INSERTED, query_norm="rmsnorm", memory_lr=0.03, memory_lr_keys=True)
+HEALTH_INSERTED_ARMS = {
+    "inserted_before": HEALTH_INSERTED,
+    "inserted_reference": HEALTH_INSERTED_REFERENCE,
+    "inserted_zero_proj": change(HEALTH_INSERTED_REFERENCE, zero_init_values=False, zero_init_head_proj=True),
+    "inserted_output_gate": change(HEALTH_INSERTED_REFERENCE, zero_init_values=False, output_gate=True),
+}
 
 # (YAML stem, arm): an ablation's arm by name; a single-run YAML is one arm, named None.
 EXPECTED: dict[tuple[str, str | None], Expected] = {
@@ -280,6 +412,9 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
         pkm_layout(32, zero_values=True),
         {"total": 1_287_552, "added": 368_896, "memory": 303_104},
     ),
+    # memory_health: no documented counts (yet); layouts and counts from the knobs above.
+    **{("memory_health", arm): knobs.expected(inserted=False) for arm, knobs in HEALTH_SCRATCH_ARMS.items()},
+    **{("memory_health", arm): knobs.expected(inserted=True) for arm, knobs in HEALTH_INSERTED_ARMS.items()},
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -378,12 +513,19 @@ def build_arm(stem: str, arm: str | None, base: Base | None) -> CausalLM:
 
 
 def identity_by_settings(settings: UpscaleConfig) -> bool:
-    """Whether the kit documents the up-scaling as identical at insertion (README's table)."""
+    """Whether the kit documents the up-scaling as identical at insertion (README's table; MIDUS:
+    `MemoryConfig`'s zero_init_values, zero_init_head_proj and output_gate)."""
+    memory = settings.memory
+    midus_identity = (
+        memory.zero_init_values  # every value row zero: the branch returns zero
+        or memory.output_gate  # g = 0 multiplies whatever the branch returns
+        or (settings.branch == "hml" and memory.values == "hive" and memory.zero_init_head_proj)  # P_h = 0
+    )
     return {
         "none": True,
         "dus_interleave": True,
         "dus_top": settings.zero_init_copies,
-        "midus": settings.memory.zero_init_values,
+        "midus": midus_identity,
     }.get(settings.method, False)
 
 
@@ -444,8 +586,12 @@ def test_arm_builds_what_its_comment_claims(key: tuple[str, str | None], base: B
         assert type(block) is BLOCK_CLASSES[layer.block], where
         assert type(block.branch) is BRANCH_CLASSES[layer.branch], where  # exact: PKM subclasses multi-head PKM
         if layer.block == "memory":
-            # M = x + branch(Attn'(norm x)): no output projection, no internal residual.
-            assert block.attn.o_proj is None and not block.internal_residual, where
+            # M = x + [g ⊙] branch(Attn'(norm x)): no output projection (unless kept), no internal residual.
+            assert (block.attn.o_proj is not None) == layer.attn_output_projection, where
+            assert not block.internal_residual, where
+            gate = block.output_gate
+            assert (gate is not None) == layer.output_gate, where
+            assert gate is None or (gate.shape == (D,) and not gate.any()), where  # g starts at zero
         if layer.layout is not None:
             layer.layout(block.branch)
         assert sum(p.numel() for p in block.parameters()) == layer.params, where
@@ -455,6 +601,8 @@ def test_arm_builds_what_its_comment_claims(key: tuple[str, str | None], base: B
     assert model.num_parameters(trainable_only=True) == expected.total  # everything trains (trainable: all)
     assert model.num_memory_parameters() == expected.memory
     assert module.added_parameters == (expected.added or 0)
+    for name, value in expected.optimizer.items():
+        assert module.hparams[name] == value, f"{arm_id(key)}: model.{name} is {module.hparams[name]!r}"
     assert upscaled == (expected.added is not None)
     if upscaled:
         assert module.base_parameters == base.module.model.num_parameters()

@@ -335,11 +335,8 @@ HEALTH_SCRATCH_ARMS = {
     "scratch_n32": change(HEALTH_SCRATCH, n_subkeys=32),
     "scratch_key_norm": change(HEALTH_SCRATCH, key_norm="rmsnorm"),
     "scratch_score_scale_2": change(HEALTH_SCRATCH, score_scale=2.0),
-    "scratch_memory_lr_01": change(HEALTH_SCRATCH, memory_lr=0.1),  # the optimizer's only: the base's layout
+    "scratch_n32_score_scale_2": change(HEALTH_SCRATCH, n_subkeys=32, score_scale=2.0),
     "scratch_memory_lr_constant": change(HEALTH_SCRATCH, memory_lr_schedule="constant"),
-    "scratch_values_only_lr": change(HEALTH_SCRATCH, memory_lr_keys=False),
-    "scratch_zero_proj": change(HEALTH_SCRATCH, zero_init_head_proj=True),  # random bank, P_h = 0
-    "scratch_output_gate": change(HEALTH_SCRATCH, output_gate=True),  # + d per memory block
     "scratch_full_attention": change(HEALTH_SCRATCH, attn_output_projection=True),  # + d² per memory block
 }
 # Its inserted_before arm (the &inserted anchor): dus_vs_midus's memory (n 32, k 16, zero values), then
@@ -349,6 +346,7 @@ HEALTH_INSERTED_REFERENCE = change(HEALTH_INSERTED, query_norm="rmsnorm", memory
 HEALTH_INSERTED_ARMS = {
     "inserted_before": HEALTH_INSERTED,
     "inserted_reference": HEALTH_INSERTED_REFERENCE,
+    "inserted_score_scale_2": change(HEALTH_INSERTED_REFERENCE, score_scale=2.0),
     "inserted_zero_proj": change(HEALTH_INSERTED_REFERENCE, zero_init_values=False, zero_init_head_proj=True),
     "inserted_output_gate": change(HEALTH_INSERTED_REFERENCE, zero_init_values=False, output_gate=True),
 }

@@ -240,6 +240,8 @@ class Expected:
     """params/added of an up-scaled arm (None: not up-scaled)."""
     identity: bool | None = None
     """Up-scaled arms: the logits at insertion equal the base's (True) or differ (False)."""
+    trainable: int | None = None
+    """params/trainable when not everything trains (an up-scaled arm with a frozen base)."""
     optimizer: dict[str, object] = field(default_factory=dict)
     """`CausalLM` arguments that only the optimizer reads (memory_lr, …): the arm's values, if given."""
 
@@ -302,6 +304,8 @@ class MemoryKnobs:
     memory_lr: float = 0.0
     memory_lr_keys: bool = False
     memory_lr_schedule: str = "cosine"
+    frozen_base: bool = False
+    """model.upscale.trainable: new (only the inserted blocks train)."""
 
     def expected(self, inserted: bool) -> Expected:
         """From scratch (T M T M) or inserted after every 2nd block of the 4-block base (T T M T T M)."""
@@ -316,7 +320,8 @@ class MemoryKnobs:
             expected = t_m_t_m("hml", params, layout, {}, output_gate=self.output_gate,
                                attn_output_projection=self.attn_output_projection)
         optimizer = {name: getattr(self, name) for name in ("memory_lr", "memory_lr_keys", "memory_lr_schedule")}
-        return dataclasses.replace(expected, optimizer=optimizer)
+        trainable = expected.added if self.frozen_base else None
+        return dataclasses.replace(expected, optimizer=optimizer, trainable=trainable)
 
 
 change = dataclasses.replace
@@ -347,6 +352,7 @@ HEALTH_INSERTED_ARMS = {
     "inserted_before": HEALTH_INSERTED,
     "inserted_reference": HEALTH_INSERTED_REFERENCE,
     "inserted_score_scale_2": change(HEALTH_INSERTED_REFERENCE, score_scale=2.0),
+    "inserted_frozen_base": change(HEALTH_INSERTED_REFERENCE, frozen_base=True),
     "inserted_zero_proj": change(HEALTH_INSERTED_REFERENCE, zero_init_values=False, zero_init_head_proj=True),
     "inserted_output_gate": change(HEALTH_INSERTED_REFERENCE, zero_init_values=False, output_gate=True),
 }
@@ -596,7 +602,8 @@ def test_arm_builds_what_its_comment_claims(key: tuple[str, str | None], base: B
 
     # Parameter counts, as CausalLM.on_fit_start logs them (params/total, trainable, memory, added).
     assert model.num_parameters() == expected.total
-    assert model.num_parameters(trainable_only=True) == expected.total  # everything trains (trainable: all)
+    # Everything trains (trainable: all) unless the arm freezes its base (trainable: new).
+    assert model.num_parameters(trainable_only=True) == (expected.trainable or expected.total)
     assert model.num_memory_parameters() == expected.memory
     assert module.added_parameters == (expected.added or 0)
     for name, value in expected.optimizer.items():

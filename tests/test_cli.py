@@ -104,9 +104,8 @@ def experiment_param(path: Path):
 def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: Path, tmp_path: Path, tiny_data) -> None:
     assert path.read_text().startswith("# python -m midus ")
     overrides = ["--data.cache_dir", str(tiny_cache)]
-    if "base_checkpoint:" in path.read_text():
-        # Up-scaling YAMLs read a base that pretrain_base.yaml writes: stand in a tiny one and its tokenizer.
-        overrides += tiny_base(tmp_path, tiny_data)
+    # Up-scaling configs read a base that pretrain_base.yaml writes: stand in a tiny one and its tokenizer.
+    base = tiny_base(tmp_path, tiny_data) if "base_checkpoint:" in path.read_text() else []
     ablation = load_ablation(path)
     configs = {path.stem: path}
     if ablation is not None:  # every arm's merged config is a plain single-run config
@@ -114,9 +113,10 @@ def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: P
         for arm, config in configs.items():
             config.write_text(yaml.safe_dump(ablation.arm_config(arm), sort_keys=False))
     for name, config in configs.items():
+        upscaled = "base_checkpoint:" in config.read_text()  # memory_health mixes from-scratch and inserted arms
         cli = MidusCLI(
             CausalLM, LanguageModelingData, run=False, auto_configure_optimizers=False,
-            args=["--config", str(config), *overrides],
+            args=["--config", str(config), *overrides, *(base if upscaled else [])],
         )
         assert cli.model.model.config.vocab_size == cli.datamodule.vocab_size, name  # linked, never typed twice
 

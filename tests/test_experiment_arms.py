@@ -86,9 +86,9 @@ def hml(values: str, n_subkeys: int, latent: int = 32, query_norm: str = "none")
     return table + product_keys(H, DH, n_subkeys, query_norm)
 
 
-def pkm(n_subkeys: int, heads: int = 1, query_width: int = D) -> int:
+def pkm(n_subkeys: int, heads: int = 1, query_width: int = D, query_norm: str = "none") -> int:
     """(Multi-head) PKM: query projection d → heads·c, a key space per head, one n² × d table."""
-    return D * heads * query_width + product_keys(heads, query_width, n_subkeys) + n_subkeys**2 * D
+    return D * heads * query_width + product_keys(heads, query_width, n_subkeys, query_norm) + n_subkeys**2 * D
 
 
 def transformer_block(branch: int) -> int:
@@ -266,9 +266,14 @@ def t_m_t_m(
     return Expected([ffn_layer(), m, ffn_layer(), m], memory=2 * branch_params if memory else 0, quoted=quoted)
 
 
-HIVE_64, PER_HEAD_64, SHARED_64 = hml("hive", 64), hml("per_head", 64), hml("shared", 64)
-PKM_64, MHPKM_64 = pkm(64), pkm(64, heads=4)
-HIVE_32, PKM_32 = hml("hive", 32), pkm(32)  # dus_vs_midus: n_subkeys 32, 1024 slots per space
+# The shipped ablations' retrieval (memory_health's choice): rmsnorm queries, score scale 2; k 32
+# from scratch (ablate_*), k 16 inserted (dus_vs_midus).
+SCRATCH_KEYS = Retrieval(topk=32, query_norm="rmsnorm", score_scale=2.0)
+INSERTED_KEYS = Retrieval(topk=16, query_norm="rmsnorm", score_scale=2.0)
+HIVE_64, PER_HEAD_64, SHARED_64 = (hml(values, 64, query_norm="rmsnorm") for values in ("hive", "per_head", "shared"))
+PKM_64, MHPKM_64 = pkm(64, query_norm="rmsnorm"), pkm(64, heads=4, query_norm="rmsnorm")
+# dus_vs_midus: n_subkeys 32, 1024 slots per space.
+HIVE_32, PKM_32 = hml("hive", 32, query_norm="rmsnorm"), pkm(32, query_norm="rmsnorm")
 
 
 def midus(branch: str, branch_params: int, layout, quoted: dict[str, int], output_gate: bool = False) -> Expected:
@@ -364,22 +369,28 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     ("pretrain_base", None): Expected(BASE_4, quoted={"total": 918_656}),
     # ablate_branches: the branch of the memory blocks at layers 1 and 3 of T M T M.
     ("ablate_branches", "ffn"): t_m_t_m("ffn", swiglu(), ffn_layout(), {"total": 885_632, "memory": 0}, memory=False),
-    ("ablate_branches", "pkm"): t_m_t_m("pkm", PKM_64, pkm_layout(64), {"total": 1_688_448, "memory": 1_097_728}),
+    ("ablate_branches", "pkm"): t_m_t_m(
+        "pkm", PKM_64, pkm_layout(64, retrieval=SCRATCH_KEYS), {"total": 1_688_704, "memory": 1_097_984}
+    ),
     ("ablate_branches", "multihead_pkm"): t_m_t_m(
-        "multihead_pkm", MHPKM_64, pkm_layout(64, heads=4), {"total": 1_835_904, "memory": 1_245_184}
+        "multihead_pkm", MHPKM_64, pkm_layout(64, heads=4, retrieval=SCRATCH_KEYS),
+        {"total": 1_836_928, "memory": 1_246_208},
     ),
     ("ablate_branches", "hml_hive"): t_m_t_m(
-        "hml", HIVE_64, hml_layout("hive", 64), {"total": 877_440, "memory": 286_720}
+        "hml", HIVE_64, hml_layout("hive", 64, retrieval=SCRATCH_KEYS), {"total": 877_696, "memory": 286_976}
     ),
-    # ablate_hive: "Parameter budget per memory block: 143,360 / 532,480 / 139,264".
+    # ablate_hive: "Parameter budget per memory block: 143,488 / 532,608 / 139,392".
     ("ablate_hive", "hive"): t_m_t_m(
-        "hml", HIVE_64, hml_layout("hive", 64), {"total": 877_440, "memory": 286_720, "per_block": 143_360}
+        "hml", HIVE_64, hml_layout("hive", 64, retrieval=SCRATCH_KEYS),
+        {"total": 877_696, "memory": 286_976, "per_block": 143_488}
     ),
     ("ablate_hive", "per_head"): t_m_t_m(
-        "hml", PER_HEAD_64, hml_layout("per_head", 64), {"total": 1_655_680, "memory": 1_064_960, "per_block": 532_480}
+        "hml", PER_HEAD_64, hml_layout("per_head", 64, retrieval=SCRATCH_KEYS),
+        {"total": 1_655_936, "memory": 1_065_216, "per_block": 532_608}
     ),
     ("ablate_hive", "shared"): t_m_t_m(
-        "hml", SHARED_64, hml_layout("shared", 64), {"total": 869_248, "memory": 278_528, "per_block": 139_264}
+        "hml", SHARED_64, hml_layout("shared", 64, retrieval=SCRATCH_KEYS),
+        {"total": 869_504, "memory": 278_784, "per_block": 139_392}
     ),
     # dus_vs_midus: from the 4-block base; totals, added and memory params as experiments/README.md's table.
     ("dus_vs_midus", "base_continued"): Expected(
@@ -407,14 +418,14 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     ("dus_vs_midus", "midus_hml_hive"): midus(
         "hml",
         HIVE_32,
-        hml_layout("hive", 32, zero_values=True),
-        {"total": 1_066_368, "added": 147_712, "memory": 81_920},
+        hml_layout("hive", 32, zero_values=True, retrieval=INSERTED_KEYS),
+        {"total": 1_066_624, "added": 147_968, "memory": 82_176},
     ),
     ("dus_vs_midus", "midus_pkm"): midus(
         "pkm",
         PKM_32,
-        pkm_layout(32, zero_values=True),
-        {"total": 1_287_552, "added": 368_896, "memory": 303_104},
+        pkm_layout(32, zero_values=True, retrieval=INSERTED_KEYS),
+        {"total": 1_287_808, "added": 369_152, "memory": 303_360},
     ),
     # memory_health: no documented counts (yet); layouts and counts from the knobs above.
     **{("memory_health", arm): knobs.expected(inserted=False) for arm, knobs in HEALTH_SCRATCH_ARMS.items()},

@@ -132,10 +132,11 @@ def test_memory_layers_place_memory_blocks_and_state_dict_keys_prove_it() -> Non
 
 def test_hive_parameter_count_follows_the_method() -> None:
     # keys H·n·d_h + bank N·d_l + projections H·d_l·d_h (method notes, HIVE section).
-    model = memory_model("hml", {"values": "hive", "n_subkeys": 8, "latent_dim": 8})
+    # (query_norm none: the method's count; rmsnorm adds a gain per head and half, H·d_h.)
+    model = memory_model("hml", {"values": "hive", "n_subkeys": 8, "latent_dim": 8, "query_norm": "none"})
     heads, head_dim, n, latent = 4, 8, 8, 8
     assert model.num_memory_parameters() == heads * n * head_dim + n * n * latent + heads * latent * head_dim
-    per_head = memory_model("hml", {"values": "per_head"})
+    per_head = memory_model("hml", {"values": "per_head", "query_norm": "none"})
     assert per_head.num_memory_parameters() == heads * n * head_dim + heads * n * n * head_dim
 
 

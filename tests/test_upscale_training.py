@@ -39,8 +39,8 @@ def test_midus_from_a_kit_checkpoint_trains_only_new_blocks_and_reloads_without_
     module = CausalLM(config, upscale=settings, recall_probe_size=0, learning_rate=1e-2, warmup_steps=2)
     assert module.model.config.depth == 4
     # Two memory blocks, each: norm 32 + attention without o_proj (q 32x32, k and v 16x32) and
-    # HML+HIVE memory (sub-keys 4·8·8, bank 64·8, projections 4·8·8).
-    per_block = 32 + 32 * 32 + 2 * 16 * 32 + 4 * 8 * 8 + 8 * 8 * 8 + 4 * 8 * 8
+    # HML+HIVE memory (sub-keys 4·8·8, bank 64·8, projections 4·8·8, rmsnorm query gains 4·8).
+    per_block = 32 + 32 * 32 + 2 * 16 * 32 + 4 * 8 * 8 + 8 * 8 * 8 + 4 * 8 * 8 + 4 * 8
     assert module.added_parameters == module.model.num_parameters() - base.num_parameters() == 2 * per_block
     assert module.model.num_parameters(trainable_only=True) == module.added_parameters  # trainable: new
     with torch.no_grad():  # identical function at insertion

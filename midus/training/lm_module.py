@@ -45,7 +45,9 @@ class CausalLM(pl.LightningModule):
         warmup_steps: linear warmup steps before the cosine decay.
         min_lr_ratio: final learning rate as a fraction of the peak.
         memory_lr: peak learning rate of memory values (HIVE banks, value tables), which
-            form their own AdamW group without weight decay; 0 means `learning_rate`.
+            form their own AdamW group without weight decay; 0 means `learning_rate`. The
+            default 0.03 (10–30× the base rates of the kit's experiments) and `memory_lr_keys`
+            come from the memory_health study: at the base rate the memories were not used.
         memory_lr_keys: put the product-key sub-keys in the memory group too.
         memory_lr_schedule: the memory group's schedule after the shared warmup: ``cosine``
             (decays with every other group) or ``constant`` (stays at its peak rate).
@@ -73,8 +75,8 @@ class CausalLM(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
-        memory_lr: float = 0.0,
-        memory_lr_keys: bool = False,
+        memory_lr: float = 0.03,
+        memory_lr_keys: bool = True,
         memory_lr_schedule: Literal["cosine", "constant"] = "cosine",
         recall_probe_size: int = 600,
         memory_zeroed_eval: bool = True,

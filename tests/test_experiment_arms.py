@@ -347,6 +347,7 @@ HEALTH_SCRATCH_ARMS = {
     "scratch_score_scale_2": change(HEALTH_SCRATCH, score_scale=2.0),
     "scratch_n32_score_scale_2": change(HEALTH_SCRATCH, n_subkeys=32, score_scale=2.0),
     "scratch_memory_lr_constant": change(HEALTH_SCRATCH, memory_lr_schedule="constant"),
+    "scratch_score_scale_2_lr_constant": change(HEALTH_SCRATCH, score_scale=2.0, memory_lr_schedule="constant"),
     "scratch_full_attention": change(HEALTH_SCRATCH, attn_output_projection=True),  # + d² per memory block
 }
 # Its inserted_before arm (the &inserted anchor): dus_vs_midus's memory (n 32, k 16, zero values), then

@@ -266,10 +266,10 @@ def t_m_t_m(
     return Expected([ffn_layer(), m, ffn_layer(), m], memory=2 * branch_params if memory else 0, quoted=quoted)
 
 
-# The shipped ablations' retrieval (memory_health's choices): rmsnorm queries and keys, k 32 from
-# scratch (ablate_*); rmsnorm queries, score scale 2, k 16 inserted (dus_vs_midus).
+# The shipped ablations' retrieval (memory_health's choice): rmsnorm queries and keys; k 32 from
+# scratch (ablate_*), k 16 inserted (dus_vs_midus).
 SCRATCH_KEYS = Retrieval(topk=32, query_norm="rmsnorm", key_norm="rmsnorm")
-INSERTED_KEYS = Retrieval(topk=16, query_norm="rmsnorm", score_scale=2.0)
+INSERTED_KEYS = Retrieval(topk=16, query_norm="rmsnorm", key_norm="rmsnorm")
 HIVE_64, PER_HEAD_64, SHARED_64 = (hml(values, 64, query_norm="rmsnorm") for values in ("hive", "per_head", "shared"))
 PKM_64, MHPKM_64 = pkm(64, query_norm="rmsnorm"), pkm(64, heads=4, query_norm="rmsnorm")
 # dus_vs_midus: n_subkeys 32, 1024 slots per space.

@@ -266,10 +266,13 @@ def t_m_t_m(
     return Expected([ffn_layer(), m, ffn_layer(), m], memory=2 * branch_params if memory else 0, quoted=quoted)
 
 
-# The shipped ablations' retrieval (memory_health's choice): rmsnorm queries and keys; k 32 from
+# The shipped HML arms' retrieval (memory_health's choice): rmsnorm queries and keys; k 32 from
 # scratch (ablate_*), k 16 inserted (dus_vs_midus).
 SCRATCH_KEYS = Retrieval(topk=32, query_norm="rmsnorm", key_norm="rmsnorm")
 INSERTED_KEYS = Retrieval(topk=16, query_norm="rmsnorm", key_norm="rmsnorm")
+# PKM arms: the same without the key norm (chosen for HML; one-hot for PKM's width-128 queries).
+SCRATCH_PKM_KEYS = dataclasses.replace(SCRATCH_KEYS, key_norm="none")
+INSERTED_PKM_KEYS = dataclasses.replace(INSERTED_KEYS, key_norm="none")
 HIVE_64, PER_HEAD_64, SHARED_64 = (hml(values, 64, query_norm="rmsnorm") for values in ("hive", "per_head", "shared"))
 PKM_64, MHPKM_64 = pkm(64, query_norm="rmsnorm"), pkm(64, heads=4, query_norm="rmsnorm")
 # dus_vs_midus: n_subkeys 32, 1024 slots per space.
@@ -372,10 +375,10 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     # ablate_branches: the branch of the memory blocks at layers 1 and 3 of T M T M.
     ("ablate_branches", "ffn"): t_m_t_m("ffn", swiglu(), ffn_layout(), {"total": 885_632, "memory": 0}, memory=False),
     ("ablate_branches", "pkm"): t_m_t_m(
-        "pkm", PKM_64, pkm_layout(64, retrieval=SCRATCH_KEYS), {"total": 1_688_704, "memory": 1_097_984}
+        "pkm", PKM_64, pkm_layout(64, retrieval=SCRATCH_PKM_KEYS), {"total": 1_688_704, "memory": 1_097_984}
     ),
     ("ablate_branches", "multihead_pkm"): t_m_t_m(
-        "multihead_pkm", MHPKM_64, pkm_layout(64, heads=4, retrieval=SCRATCH_KEYS),
+        "multihead_pkm", MHPKM_64, pkm_layout(64, heads=4, retrieval=SCRATCH_PKM_KEYS),
         {"total": 1_836_928, "memory": 1_246_208},
     ),
     ("ablate_branches", "hml_hive"): t_m_t_m(
@@ -426,7 +429,7 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     ("dus_vs_midus", "midus_pkm"): midus(
         "pkm",
         PKM_32,
-        pkm_layout(32, zero_values=True, retrieval=INSERTED_KEYS),
+        pkm_layout(32, zero_values=True, retrieval=INSERTED_PKM_KEYS),
         {"total": 1_287_808, "added": 369_152, "memory": 303_360},
     ),
     # memory_health: no documented counts (yet); layouts and counts from the knobs above.

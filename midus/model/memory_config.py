@@ -32,12 +32,14 @@ class MemoryConfig:
     sub-keys. Per token, so it is causal; batch norm (original PKM) is deliberately not offered.
     ``rmsnorm`` by the memory_health study: without it an inserted memory never engaged and a
     from-scratch one was not read for recall (experiments/README.md)."""
-    key_norm: Literal["none", "layernorm", "rmsnorm"] = "rmsnorm"
+    key_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
     """[pkm, multihead_pkm, hml] Normalisation of every sub-key row (no gain) before scoring, as
     later PKM work normalises keys: ``layernorm`` gives each row zero mean and unit variance,
-    ``rmsnorm`` unit root mean square, so no key wins by its length alone. ``rmsnorm`` by the
-    memory_health study: from scratch it gave the lowest validation loss, sharp retrieval
-    (entropy 0.13 of log k) and a memory whose removal costs 0.15 recall."""
+    ``rmsnorm`` unit root mean square, so no key wins by its length alone. With normalised
+    queries the scores then grow with the query width: for HML (width d_h = 32) ``rmsnorm`` was
+    the memory_health study's best setting (lowest loss, entropy 0.13 of log k) and the shipped
+    HML configs set it; for PKM and multi-head PKM (width 128) it made retrieval one-hot
+    (entropy 0.00) and the memory harmful, so it is not the default (experiments/README.md)."""
     score_scale: float = 1.0
     """[pkm, multihead_pkm, hml] Factor on the k retrieval scores before their softmax (an inverse
     temperature): above 1 sharpens the retrieval weights (lower entropy), below 1 flattens them.

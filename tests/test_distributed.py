@@ -88,6 +88,9 @@ def test_two_process_fit_then_validate_matches_one_process(tmp_path: Path) -> No
     one = {name: float(value) for name, value in cli.trainer.callback_metrics.items()}
     assert one.keys() == two.keys()
     assert {"val/loss", "val/ppl", "val/recall_acc", "val/recall_acc_heldout", "memory/1/usage"} <= one.keys()
+    # Losses: token-weighted means summed in another order (rel 1e-5); a zeroed-memory loss delta is
+    # the difference of two such losses, so it gets their absolute error; recall and counts: exact sums.
+    loss_error = 2e-5 * one["val/loss"]
     for name in one:
-        # Loss: a token-weighted mean summed in another order; recall and memory counts: exact sums.
-        assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-6), name
+        error = loss_error if name.endswith("loss_delta") else 1e-6
+        assert two[name] == pytest.approx(one[name], rel=1e-5, abs=error), name

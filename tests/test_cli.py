@@ -108,10 +108,20 @@ def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: P
     base = tiny_base(tmp_path, tiny_data) if "base_checkpoint:" in path.read_text() else []
     ablation = load_ablation(path)
     configs = {path.stem: path}
-    if ablation is not None:  # every arm's merged config is a plain single-run config
-        configs = {arm: tmp_path / f"{arm}.yaml" for arm in ablation.arms}
-        for arm, config in configs.items():
-            config.write_text(yaml.safe_dump(ablation.arm_config(arm), sort_keys=False))
+    if ablation is not None:  # an arm's merged config is a plain single-run config
+        # Every arm's model is parsed and built in test_experiment_arms; here each distinct data and
+        # trainer setup goes through the CLI once (instantiation, the vocabulary link).
+        configs, setups = {}, set()
+        for arm in ablation.arms:
+            merged = ablation.arm_config(arm)
+            trainer = {key: value for key, value in (merged.get("trainer") or {}).items() if key != "logger"}
+            setup = yaml.safe_dump({"data": merged.get("data"), "trainer": trainer}, sort_keys=True)
+            setup += str(((merged.get("model") or {}).get("upscale") or {}).get("method"))  # how the model is made
+            if setup in setups:
+                continue
+            setups.add(setup)
+            configs[arm] = tmp_path / f"{arm}.yaml"
+            configs[arm].write_text(yaml.safe_dump(merged, sort_keys=False))
     for name, config in configs.items():
         upscaled = "base_checkpoint:" in config.read_text()  # memory_health mixes from-scratch and inserted arms
         cli = MidusCLI(

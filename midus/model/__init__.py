@@ -3,7 +3,8 @@
 `config` (with `memory_config`) describes a model layer by layer; `transformer` builds it
 from Transformer blocks (`block`) and MIDUS memory blocks (`memory_block`) with shared
 `attention`, `rotary` embeddings and a `kv_cache`. Residual branches live in `branches/`
-(one file each, chosen by name), product-key retrieval and value lookup in `retrieval/`.
+(one file each, chosen by name), product-key retrieval and value lookup in `retrieval/`;
+`block_labels` names modules by the block they sit in (the labels of per-layer metrics).
 """
 
 from midus.model.config import LayerSpec, ModelConfig

@@ -8,24 +8,19 @@ attention) on as if the branch were absent. Validation with and without it gives
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from midus.model.block_labels import modules_by_block
 from midus.model.branches.registry import Branch
 
 
 def memory_branches(model: nn.Module) -> dict[str, Branch]:
     """Every product-key memory branch of a model by block index (``"3"`` for ``blocks.3``)."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Branch) and module.is_product_key_memory:
-            match = re.search(r"blocks\.(\d+)\.", name + ".")
-            found[match.group(1) if match else name] = module
-    return found
+    return modules_by_block(model, lambda module: isinstance(module, Branch) and module.is_product_key_memory)
 
 
 def _zero_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

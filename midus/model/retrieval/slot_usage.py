@@ -11,12 +11,12 @@ read and the entropy of its retrieval weights. From the counts come the usual di
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
 from torch import nn
 
+from midus.model.block_labels import modules_by_block
 from midus.model.retrieval.product_keys import ProductKeys
 
 
@@ -59,12 +59,7 @@ class SlotUsage:
 
 def product_key_modules(model: nn.Module) -> dict[str, ProductKeys]:
     """Every `ProductKeys` module by layer label (the block index, e.g. ``"3"``)."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ProductKeys):
-            match = re.search(r"blocks\.(\d+)\.", name)
-            found[match.group(1) if match else name] = module
-    return found
+    return modules_by_block(model, lambda module: isinstance(module, ProductKeys))
 
 
 class SlotUsageTracker:

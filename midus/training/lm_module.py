@@ -26,7 +26,7 @@ from midus.model.transformer import next_token_loss
 from midus.training.divergence import check_finite_loss
 from midus.training.memory_zeroed import zeroed_memory_metrics
 from midus.training.model_source import build_model
-from midus.training.optim import MEMORY_LR_SCHEDULES, parameter_groups, warmup_cosine
+from midus.training.optim import parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
 
 
@@ -91,8 +91,8 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"model.learning_rate must be positive, got {learning_rate}")
         if memory_lr < 0:
             raise ValueError(f"model.memory_lr must be 0 (= learning_rate) or positive, got {memory_lr}")
-        if memory_lr_schedule not in MEMORY_LR_SCHEDULES:
-            raise ValueError(f"model.memory_lr_schedule={memory_lr_schedule!r}; expected one of {MEMORY_LR_SCHEDULES}")
+        if memory_lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"model.memory_lr_schedule={memory_lr_schedule!r}; expected cosine or constant")
         source = build_model(config, pretrained, upscale)
         self.model = source.model
         self.base_parameters = source.base_parameters
@@ -309,6 +309,6 @@ class CausalLM(pl.LightningModule):
             self.hparams.warmup_steps,
             int(self.trainer.estimated_stepping_batches),
             self.hparams.min_lr_ratio,
-            self.hparams.memory_lr_schedule,
+            memory_constant=self.hparams.memory_lr_schedule == "constant",
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

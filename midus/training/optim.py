@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from midus.model.branches import Branch
-from midus.model.retrieval.product_keys import QueryNorm
 
 
 def memory_roles(model: nn.Module) -> dict[int, str]:
@@ -41,8 +40,8 @@ def group_of(parameter_name: str, parameter: nn.Parameter, module: nn.Module, ro
     """Optimizer group of a parameter: ``decay``, ``no_decay`` or ``memory``."""
     if role == "values" or (memory_keys and role == "subkeys"):
         return "memory"
-    if isinstance(module, QueryNorm):  # the gain is the retrieval temperature: decayed (see above)
-        return "decay" if parameter_name == "weight" else "no_decay"
+    # QueryNorm is deliberately not a norm here: its (3-D) gain is the retrieval temperature and is
+    # decayed like a weight matrix, its bias is not (see above).
     if role == "subkeys" or isinstance(module, (nn.Embedding, nn.RMSNorm, nn.LayerNorm)):
         return "no_decay"
     if parameter_name == "bias" or parameter.ndim < 2:
@@ -77,40 +76,24 @@ def parameter_groups(
     return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
 
 
-MEMORY_LR_SCHEDULES = ("cosine", "constant")
-
-
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int,
     total_steps: int,
     min_lr_ratio: float,
-    memory_schedule: str = "cosine",
+    memory_constant: bool = False,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to each group's peak rate, then cosine decay to `min_lr_ratio` of it at
-    `total_steps`; with `memory_schedule` ``constant`` the ``memory`` group stays at its peak
-    after the warmup."""
-    if memory_schedule not in MEMORY_LR_SCHEDULES:
-        raise ValueError(f"model.memory_lr_schedule={memory_schedule!r}; expected one of {MEMORY_LR_SCHEDULES}")
+    `total_steps`; with `memory_constant` the ``memory`` group stays at its peak after the warmup."""
     warmup = min(warmup_steps, max(total_steps - 1, 0))
     schedule = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1), min_lr_rate=min_lr_ratio
     )
-    if memory_schedule == "constant":
+    if memory_constant:
         # transformers' schedules put one multiplier on every group; LambdaLR takes one per group.
+        # Both multipliers are equal at step 0, so the rates each constructor set stand.
         cosine = schedule.lr_lambdas[0]
-        schedule.lr_lambdas = [
-            _constant_after_warmup(warmup) if group.get("name") == "memory" else cosine
-            for group in optimizer.param_groups
-        ]  # both multipliers are equal at step 0, so the rates LambdaLR already set stand
+        constant = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup).lr_lambdas[0]
+        names = [group.get("name") for group in optimizer.param_groups]
+        schedule.lr_lambdas = [constant if name == "memory" else cosine for name in names]
     return schedule
-
-
-class _constant_after_warmup:  # noqa: N801 (named like the function it stands in for)
-    """Multiplier of a linear warmup over `warmup` steps, then 1 (a class: LambdaLR checkpoints it)."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-
-    def __call__(self, step: int) -> float:
-        return min(1.0, step / self.warmup) if self.warmup > 0 else 1.0

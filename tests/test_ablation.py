@@ -177,7 +177,7 @@ def test_arm_flag_runs_only_the_selected_arms(tmp_path: Path, tiny_cache: Path, 
     assert call.index(arm_config) < call.index("--trainer.max_steps")  # command-line args come after the arm's config
     assert yaml.safe_load(Path(arm_config).read_text())["model"]["learning_rate"] == 0.01
     table = (experiment / "summary.md").read_text()
-    assert "| a | not run |" in table and "| c | ok | 1,234 |  |  | 0 | 9.50 |" in table
+    assert "| a | not run |" in table and "| c | ok | 1,234 |  |  | 0 |  | 9.50 |" in table
 
     calls.clear()  # repeated and comma-separated selections run in YAML order
     assert run_ablation(command(path, tmp_path, tiny_cache, "--arm", "c,a", "--arm=b")) == 0

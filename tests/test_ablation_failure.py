@@ -79,7 +79,8 @@ def test_an_arm_whose_fit_crashes_is_reported_failed_and_the_others_still_run(
     table = (experiment / "summary.md").read_text()
     total = f"{summary['params']['total']:,}"
     broken_row = "| " + " | ".join(["broken", "failed (exit 2)", *[""] * len(COLUMNS)]) + " |"
-    small_row = f"| small | ok | {total} | 0 | {total} | 0 | {summary['val']['ppl']:.2f} |"
+    best, ppl = summary["val"]["best_loss"], summary["val"]["ppl"]
+    small_row = f"| small | ok | {total} | 0 | {total} | 0 | {best:.3f} | {ppl:.2f} |"
     assert broken_row + "\n" in table and small_row in table
     # The same table is printed after the arms ran.
     assert "Ablation crash" in out and "| broken | failed (exit 2) |" in out and small_row in out

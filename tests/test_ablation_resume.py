@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from midus.ablation import runner
+from midus.ablation import command_line, runner
 from midus.ablation.resume import newest_checkpoint
 from midus.ablation.runner import AblationError, run_ablation
 from midus.cli import main
@@ -229,7 +229,7 @@ def test_fresh_deletes_what_the_fit_wrote_and_starts_from_step_0(
     with pytest.raises(AblationError, match="--fresh takes no value"):
         run_ablation(command(path, tmp_path, tiny_cache, "--fresh=true"))
     with pytest.raises(AblationError, match="--fresh starts arms afresh of an ablation YAML"):
-        runner.parse_command_line(["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), "--fresh"])
+        command_line.parse_command_line(["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), "--fresh"])
     with pytest.raises(AblationError, match="chooses each arm's --ckpt_path"):
         run_ablation(command(path, tmp_path, tiny_cache, "--ckpt_path", str(run_dir / "x.ckpt")))
 

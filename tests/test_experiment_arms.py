@@ -28,8 +28,9 @@ import pytest
 import torch
 import yaml
 
+from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import load_ablation
-from midus.ablation.runner import parse_command_line, parse_only, plan_arm
+from midus.ablation.runner import parse_only, plan_arm
 from midus.checkpoint import load_kit_checkpoint
 from midus.checkpoint.kit import MODEL_CONFIG_KEY
 from midus.data.sources import embedded_key

@@ -39,18 +39,29 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def run_label(arm: str, seed: int | None) -> str:
+    """The run's folder below the experiment's, and its TensorBoard version: ``arm`` or ``arm/seed<k>``."""
+    return arm if seed is None else f"{arm}/seed{seed}"
+
+
 @dataclass
 class Ablation:
-    """An ablation YAML: its name, the shared base config and each arm's overrides (nested)."""
+    """An ablation YAML: its name, the shared base config, each arm's overrides (nested), its seeds
+    (None: one run per arm, with the base's ``seed_everything``) and its reference arm."""
 
     path: Path
     name: str
     base: dict[str, Any]
     arms: dict[str, dict[str, Any]]
+    seeds: list[int] | None = None
+    reference: str | None = None
 
-    def arm_config(self, arm: str) -> dict[str, Any]:
-        """The arm's full single-run config: base + overrides, logging to ``<save_dir>/<name>/<arm>``."""
+    def arm_config(self, arm: str, seed: int | None = None) -> dict[str, Any]:
+        """The run's full single-run config: base + overrides, logging to ``<save_dir>/<name>/<arm>``;
+        with a `seed`, ``seed_everything: seed`` and logging to ``<save_dir>/<name>/<arm>/seed<seed>``."""
         config = deep_merge(self.base, self.arms[arm])
+        if seed is not None:
+            config["seed_everything"] = seed
         trainer = dict(config.get("trainer") or {})
         logger = trainer.get("logger")
         if logger is None or logger is True:
@@ -63,7 +74,7 @@ class Ablation:
                 f"trainer.logger is {logger!r}"
             )
         init_args.setdefault("save_dir", "runs")
-        init_args.update(name=self.name, version=arm)
+        init_args.update(name=self.name, version=run_label(arm, seed))
         trainer["logger"] = {"class_path": TENSORBOARD, "init_args": init_args}
         config["trainer"] = trainer
         return config
@@ -80,8 +91,10 @@ def load_ablation(path: str | Path) -> Ablation | None:
     def fail(message: str) -> AblationError:
         return AblationError(f"{path}: ablation: {message}")
 
-    if not isinstance(section, dict) or set(section) - {"name", "arms"}:
-        raise fail(f"expected a mapping with the keys 'name' (optional) and 'arms', got {section!r}")
+    if not isinstance(section, dict) or set(section) - {"name", "arms", "seeds", "reference"}:
+        raise fail(
+            f"expected a mapping with the keys 'arms' and optionally 'name', 'seeds', 'reference'; got {section!r}"
+        )
     name = section.get("name") or path.stem
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise fail(f"name={name!r} must be a directory name (letters, digits, '_', '.', '+', '-')")
@@ -95,4 +108,30 @@ def load_ablation(path: str | Path) -> Ablation | None:
         if not isinstance(overrides, (dict, type(None))):
             raise fail(f"arm {arm!r}: overrides must be a mapping, got {overrides!r}")
         nested[arm] = expand_dotted(overrides or {})
-    return Ablation(path, name, document, nested)
+    seeds = section.get("seeds")
+    if seeds is not None:
+        seeds = parse_seeds(seeds, f"{path}: ablation.seeds")
+        if any("seed_everything" in overrides for overrides in nested.values()):
+            raise fail("with seeds, an arm cannot set seed_everything (each run's seed comes from ablation.seeds)")
+    reference = section.get("reference")
+    if reference is not None and reference not in nested:
+        raise fail(f"reference={reference!r} is not an arm; the arms are: {', '.join(nested)}")
+    return Ablation(path, name, document, nested, seeds, reference)
+
+
+def parse_seeds(value: Any, where: str) -> list[int]:
+    """`value` (a list of ints, or a string like ``"0,1,2"``) as distinct non-negative seeds, in order.
+
+    Raises:
+        AblationError: naming `where` when `value` is not such a list.
+    """
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        if not isinstance(items, list) or not items or any(isinstance(i, (bool, float)) for i in items):
+            raise ValueError
+        seeds = [int(str(item).strip()) for item in items]
+    except ValueError:
+        seeds = None
+    if seeds is None or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise AblationError(f"{where}: expected distinct non-negative integer seeds such as [0, 1, 2], got {value!r}")
+    return seeds

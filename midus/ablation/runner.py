@@ -79,105 +79,38 @@ from typing import Any, Sequence
 
 import yaml
 
-from midus.ablation.config import TENSORBOARD, Ablation, AblationError, load_ablation
+from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, SUBCOMMANDS, CommandLine, parse_command_line
+from midus.ablation.config import TENSORBOARD, AblationError, run_label
 from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
 from midus.ablation.table import collect_rows, write_tables
 from midus.run_files import ARM_CONFIG
 
-CONFIG_FLAGS = ("--config", "-c")
-ARM_FLAG = "--arm"
 CKPT_FLAG = "--ckpt_path"
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-@dataclass
-class CommandLine:
-    """A ``python -m midus`` command line around an ablation YAML."""
-
-    ablation: Ablation
-    subcommand: str | None
-    before: list[str]
-    """Arguments before the ablation's ``--config`` (the subcommand among them), ``--arm``/``--fresh`` removed."""
-    after: list[str]
-    """Arguments after it, ``--arm``/``--fresh`` removed: passed to every arm after the arm's config."""
-    arms: list[str]
-    """The arms to run: the ``--arm`` selection, or all arms in YAML order."""
-    fresh: bool = False
-    """``--fresh``: start the arms from step 0, deleting what their earlier runs left."""
-
-    def for_arm(self, config: str) -> list[str]:
-        """The arm's command line: the ablation's ``--config`` replaced by the arm's `config`."""
-        return [*self.before, "--config", config, *self.after]
-
-
-def parse_command_line(argv: Sequence[str]) -> CommandLine | None:
-    """Split `argv`; None when no ``--config`` names an ablation YAML (then it is a plain run)."""
-    argv = [str(arg) for arg in argv]
-    for index, arg in enumerate(argv):
-        flag, _, inline = arg.partition("=")
-        if flag not in CONFIG_FLAGS:
-            continue
-        width = 1 if inline else 2
-        value = inline or (argv[index + 1] if index + 1 < len(argv) else "")
-        try:
-            ablation = load_ablation(value) if Path(value).is_file() else None
-        except yaml.YAMLError:
-            ablation = None  # LightningCLI reports unreadable configs
-        if ablation is not None:
-            before, after = _without_runner_flags(argv[:index]), _without_runner_flags(argv[index + width :])
-            selection = before[1] + after[1]
-            subcommand = next((a for a in argv if a in SUBCOMMANDS), None)
-            fresh = FRESH_FLAG in argv
-            return CommandLine(ablation, subcommand, before[0], after[0], _select(ablation, selection), fresh)
-    for flag, what in ((ARM_FLAG, "selects arms"), (FRESH_FLAG, "starts arms afresh")):
-        if any(arg.partition("=")[0] == flag for arg in argv):
-            raise AblationError(f"{flag} {what} of an ablation YAML (one with an 'ablation:' section); none was given")
-    return None
-
-
-def _without_runner_flags(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(`argv` without ``--arm`` and ``--fresh``, the arms ``--arm`` selects)."""
-    kept, selected, index = [], [], 0
-    while index < len(argv):
-        flag, equals, inline = argv[index].partition("=")
-        if flag == FRESH_FLAG:
-            if equals:
-                raise AblationError(f"{FRESH_FLAG} takes no value")
-            index += 1
-            continue
-        if flag != ARM_FLAG:
-            kept.append(argv[index])
-            index += 1
-            continue
-        if not equals and index + 1 >= len(argv):
-            raise AblationError(f"{ARM_FLAG} needs an arm name")
-        value = inline if equals else argv[index + 1]
-        selected += [name.strip() for name in value.split(",") if name.strip()]
-        index += 1 if equals else 2
-    return kept, selected
-
-
-def _select(ablation: Ablation, selection: list[str]) -> list[str]:
-    unknown = [arm for arm in selection if arm not in ablation.arms]
-    if unknown:
-        raise AblationError(
-            f"{ablation.path}: unknown arm(s) {', '.join(map(repr, unknown))}; the arms are: {', '.join(ablation.arms)}"
-        )
-    chosen = set(selection)
-    return [arm for arm in ablation.arms if arm in chosen] if selection else list(ablation.arms)
 
 
 @dataclass
 class ArmPlan:
-    """A validated arm: its full config and the directory its run logs to."""
+    """A validated run of an arm (with one of the ablation's seeds, or its only run): its full
+    config and the directory it logs to."""
 
     arm: str
     config: dict[str, Any]
     run_dir: Path
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``arm`` or ``arm/seed<k>``: the run's folder below the experiment's."""
+        return run_label(self.arm, self.seed)
+
+    @property
+    def experiment_dir(self) -> Path:
+        """``<save_dir>/<ablation name>``: where the tables go."""
+        return self.run_dir.parent if self.seed is None else self.run_dir.parent.parent
 
 
-def plan_arm(command: CommandLine, arm: str) -> ArmPlan:
-    """Validate one arm without building anything: parse it as its run will and build its `ModelConfig`.
+def plan_arm(command: CommandLine, arm: str, seed: int | None = None) -> ArmPlan:
+    """Validate one run without building anything: parse it as it will run and build its `ModelConfig`.
 
     Raises:
         AblationError: naming the arm and the offending key or value.
@@ -187,7 +120,8 @@ def plan_arm(command: CommandLine, arm: str) -> ArmPlan:
     from midus.model import ModelConfig
 
     ablation = command.ablation
-    config = ablation.arm_config(arm)
+    config = ablation.arm_config(arm, seed)
+    label = run_label(arm, seed)
     # The config goes in as a YAML string (jsonargparse takes those for --config): nothing is written yet.
     args = command.for_arm(yaml.safe_dump(config, sort_keys=False))
     try:
@@ -197,12 +131,12 @@ def plan_arm(command: CommandLine, arm: str) -> ArmPlan:
         raise AblationError(f"{ablation.path}: arm {arm!r}: {error}") from error
     logger = parsed.trainer.logger
     init_args = logger.init_args if getattr(logger, "class_path", "") == TENSORBOARD else None
-    if init_args is None or (init_args.name, str(init_args.version)) != (ablation.name, arm):
+    if init_args is None or (init_args.name, str(init_args.version)) != (ablation.name, label):
         raise AblationError(
             f"{ablation.path}: arm {arm!r}: the runner sets trainer.logger to {TENSORBOARD} with "
-            f"name={ablation.name!r}, version={arm!r}; do not override them on the command line (use ablation.name)"
+            f"name={ablation.name!r}, version={label!r}; do not override them on the command line (use ablation.name)"
         )
-    return ArmPlan(arm, config, Path(init_args.save_dir) / ablation.name / arm)
+    return ArmPlan(arm, config, Path(init_args.save_dir) / ablation.name / label, seed)
 
 
 def parse_only(args: list[str]) -> Any:
@@ -267,17 +201,17 @@ def run_ablation(argv: Sequence[str]) -> int:
         )
     printing = any(str(arg).startswith("--print_config") for arg in argv)
     plans = []
-    for arm in command.arms:
+    for arm, seed in [(arm, seed) for arm in command.arms for seed in command.seeds]:
         if printing:
-            print(f"# Ablation {ablation.name!r}, arm {arm!r}:", flush=True)
+            print(f"# Ablation {ablation.name!r}, run {run_label(arm, seed)!r}:", flush=True)
         try:
-            plans.append(plan_arm(command, arm))
+            plans.append(plan_arm(command, arm, seed))
         except SystemExit as stop:  # the parser exits after --print_config (and --help)
             if not printing or stop.code:
                 raise
     if printing:
         return 0  # every arm's resolved config is printed; run nothing
-    experiment_dirs = {plan.run_dir.parent for plan in plans}
+    experiment_dirs = {plan.experiment_dir for plan in plans}
     if len(experiment_dirs) > 1:
         raise AblationError(f"{ablation.path}: arms log under different save_dirs: {sorted(map(str, experiment_dirs))}")
     starts = plan_starts(command, plans)
@@ -286,31 +220,32 @@ def run_ablation(argv: Sequence[str]) -> int:
     try:
         for number, (plan, start) in enumerate(zip(plans, starts), 1):
             print(
-                f"\n=== ablation {ablation.name}: arm {plan.arm} ({number}/{len(plans)}) -> {plan.run_dir}: "
+                f"\n=== ablation {ablation.name}: arm {plan.label} ({number}/{len(plans)}) -> {plan.run_dir}: "
                 f"{start.describe()}",
                 flush=True,
             )
             for warning in start.warnings:
-                print(f"=== arm {plan.arm}: not resuming from unreadable {warning}", file=sys.stderr, flush=True)
+                print(f"=== arm {plan.label}: not resuming from unreadable {warning}", file=sys.stderr, flush=True)
             if start.action == SKIP:
                 continue
             arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
-            header = f"# Arm {plan.arm!r} of {ablation.path} (ablation {ablation.name!r}).\n"
+            seed_note = "" if plan.seed is None else f", seed {plan.seed}"
+            header = f"# Arm {plan.arm!r}{seed_note} of {ablation.path} (ablation {ablation.name!r}).\n"
             start.prepare(header, plan.config, arm_command)
-            # A process per arm: peak memory is the arm's own, and a crash ends only that arm.
-            exit_codes[plan.arm] = run_arm_process(start.arm_command(arm_command))
-            if exit_codes[plan.arm]:
+            # A process per run: peak memory is the run's own, and a crash ends only that run.
+            exit_codes[plan.label] = run_arm_process(start.arm_command(arm_command))
+            if exit_codes[plan.label]:
                 print(
-                    f"=== arm {plan.arm} failed with exit code {exit_codes[plan.arm]}; rerunning this command "
+                    f"=== arm {plan.label} failed with exit code {exit_codes[plan.label]}; rerunning this command "
                     "resumes it from its newest checkpoint, if it wrote one",
                     file=sys.stderr,
                     flush=True,
                 )
     finally:  # an interrupted ablation still gets the table of what finished
         experiment_dir = experiment_dirs.pop()
-        rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes)
+        rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes, command.seeds)
         print(f"\nAblation {ablation.name} ({experiment_dir}/summary.md):\n")
-        print(write_tables(experiment_dir, ablation.name, rows), flush=True)
+        print(write_tables(experiment_dir, ablation.name, rows, reference=ablation.reference), flush=True)
     return 1 if any(exit_codes.values()) else 0
 
 
@@ -321,16 +256,20 @@ def plan_starts(command: CommandLine, plans: list[ArmPlan]) -> list[ArmStart]:
         AblationError: naming every arm whose run directory holds a run of another
             configuration (or one that cannot be resumed); the message says to pass ``--fresh``.
     """
-    starts, refused = [], {}
+    starts, refused, refused_plans = [], {}, []
     for plan in plans:
         arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
         try:
             starts.append(plan_start(plan.run_dir, plan.config, arm_command, command.fresh))
         except AblationError as error:
-            refused[plan.arm] = f"{command.ablation.path}: arm {plan.arm!r}: {error}"
+            refused[plan.label] = f"{command.ablation.path}: arm {plan.label!r}: {error}"
+            refused_plans.append(plan)
     if refused:  # one error for all of them: the user fixes the command once
         which = "that arm" if len(refused) == 1 else "those arms"
-        hint = f"({ARM_FLAG} {','.join(refused)} {FRESH_FLAG} restarts only {which})"
+        arms = ",".join(dict.fromkeys(plan.arm for plan in refused_plans))
+        seeds = sorted({plan.seed for plan in refused_plans if plan.seed is not None})
+        seed_flag = f" {SEEDS_FLAG} {','.join(map(str, seeds))}" if seeds else ""
+        hint = f"({ARM_FLAG} {arms}{seed_flag} {FRESH_FLAG} restarts only {which})"
         raise AblationError("\n".join([*refused.values(), hint]))
     return starts
 

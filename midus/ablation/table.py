@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from midus.ablation.config import run_label
 from midus.run_files import SUMMARY_FILE, value_at
 
 MIB = 2**20
@@ -47,6 +48,9 @@ class Column:
     """The raw value from an arm's summary record (None where absent); written as is to the CSV."""
     fmt: str = "{}"
     """`str.format` pattern of a value in the Markdown table."""
+    better: str | None = None
+    """"lower" or "higher" when the metric has a good direction: a seeded ablation with a
+    reference arm gives these columns a paired difference and a verdict (`midus.ablation.seed_table`)."""
 
 
 COLUMNS: list[Column] = [
@@ -54,10 +58,11 @@ COLUMNS: list[Column] = [
     Column("added params", "params_added", _key("params.added"), "{:,}"),
     Column("trainable params", "params_trainable", _key("params.trainable"), "{:,}"),
     Column("memory params", "params_memory", _key("params.memory"), "{:,}"),
-    Column("val ppl", "val_ppl", _key("val.ppl"), "{:.2f}"),
-    Column("val recall", "val_recall_acc", _key("val.recall_acc"), "{:.3f}"),
-    Column("val recall (held-out)", "val_recall_acc_heldout", _key("val.recall_acc_heldout"), "{:.3f}"),
-    Column("recall old people (replay)", "val_recall_acc_replay", _key("val.recall_acc_replay"), "{:.3f}"),
+    Column("best val loss", "val_best_loss", _key("val.best_loss"), "{:.3f}", "lower"),
+    Column("val ppl", "val_ppl", _key("val.ppl"), "{:.2f}", "lower"),
+    Column("val recall", "val_recall_acc", _key("val.recall_acc"), "{:.3f}", "higher"),
+    Column("val recall (held-out)", "val_recall_acc_heldout", _key("val.recall_acc_heldout"), "{:.3f}", "higher"),
+    Column("recall old people (replay)", "val_recall_acc_replay", _key("val.recall_acc_replay"), "{:.3f}", "higher"),
     # What zeroing every memory branch costs (midus.training.memory_zeroed): ~0 = memory unused.
     Column("memory zeroed: +val loss", "memory_zeroed_loss", _key("memory_zeroed_delta.loss"), "{:+.3f}"),
     Column("memory zeroed: -recall", "memory_zeroed_recall_acc", _key("memory_zeroed_delta.recall_acc"), "{:+.3f}"),
@@ -67,9 +72,9 @@ COLUMNS: list[Column] = [
     Column("entropy / log k", "memory_entropy_over_log_k", _key("memory_usage.entropy_over_log_k"), "{:.2f}"),
     Column("memory engaged at step", "memory_engaged_step", _key("memory_engaged_step"), "{}"),
     Column("train tokens/s", "train_tokens_per_sec", _key("train.tokens_per_sec"), "{:,.0f}"),
-    Column("step ms", "train_step_ms", _scaled("train.mean_step_time_s", 1e3), "{:.0f}"),
-    Column("prefill ms", "prefill_ms", _key("latency.prefill_ms"), "{:.1f}"),
-    Column("decode ms/token", "decode_ms_per_token", _key("latency.decode_ms_per_token"), "{:.2f}"),
+    Column("step ms", "train_step_ms", _scaled("train.mean_step_time_s", 1e3), "{:.0f}", "lower"),
+    Column("prefill ms", "prefill_ms", _key("latency.prefill_ms"), "{:.1f}", "lower"),
+    Column("decode ms/token", "decode_ms_per_token", _key("latency.decode_ms_per_token"), "{:.2f}", "lower"),
     Column("peak memory (MiB)", "peak_memory_mib", _peak_mib, "{:,.1f}"),
     Column("memory measured as", "peak_memory_kind", _key("peak_memory.kind")),
 ]
@@ -77,33 +82,43 @@ COLUMNS: list[Column] = [
 
 @dataclass
 class ArmRow:
-    """An arm's line of the table: its status and its summary record (None when there is none)."""
+    """A run's line of the table: its status and its summary record (None when there is none)."""
 
     arm: str
     status: str
     record: dict[str, Any] | None
+    seed: int | None = None
+    """The run's seed in a seeded ablation (None: the arm's one run)."""
+
+    @property
+    def label(self) -> str:
+        return run_label(self.arm, self.seed)
 
 
-def collect_rows(experiment_dir: Path, arms: list[str], exit_codes: dict[str, int]) -> list[ArmRow]:
-    """One row per arm, in YAML order, from ``experiment_dir/<arm>/summary.json``.
+def collect_rows(
+    experiment_dir: Path, arms: list[str], exit_codes: dict[str, int], seeds: list[int | None] = (None,)
+) -> list[ArmRow]:
+    """One row per arm and seed, in YAML order, from ``experiment_dir/<arm>[/seed<k>]/summary.json``.
 
-    `exit_codes` holds the arms run by this invocation; a non-zero code marks the arm failed
-    (its summary, if the run got far enough to write one, is still shown).
+    `exit_codes` holds the runs of this invocation by `run_label`; a non-zero code marks the run
+    failed (its summary, if the run got far enough to write one, is still shown).
     """
     rows = []
     for arm in arms:
-        path = experiment_dir / arm / SUMMARY_FILE
-        record = None
-        status = "not run"
-        if path.is_file():
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                status = "ok"
-            except (OSError, ValueError) as error:
-                status = f"unreadable {SUMMARY_FILE}: {error}"
-        if exit_codes.get(arm, 0) != 0:
-            status = f"failed (exit {exit_codes[arm]})"
-        rows.append(ArmRow(arm, status, record))
+        for seed in seeds:
+            label = run_label(arm, seed)
+            path = experiment_dir / label / SUMMARY_FILE
+            record = None
+            status = "not run"
+            if path.is_file():
+                try:
+                    record = json.loads(path.read_text(encoding="utf-8"))
+                    status = "ok"
+                except (OSError, ValueError) as error:
+                    status = f"unreadable {SUMMARY_FILE}: {error}"
+            if exit_codes.get(label, 0) != 0:
+                status = f"failed (exit {exit_codes[label]})"
+            rows.append(ArmRow(arm, status, record, seed))
     return rows
 
 
@@ -114,7 +129,7 @@ def markdown_table(rows: list[ArmRow], columns: list[Column] = COLUMNS) -> str:
         "|" + "---|" * (len(columns) + 2),
     ]
     for row in rows:
-        cells = [row.arm, row.status]
+        cells = [row.label, row.status]
         for column in columns:
             value = column.read(row.record) if row.record is not None else None
             cells.append("" if value is None else column.fmt.format(value))
@@ -122,15 +137,31 @@ def markdown_table(rows: list[ArmRow], columns: list[Column] = COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(experiment_dir: Path, experiment: str, rows: list[ArmRow], columns: list[Column] = COLUMNS) -> str:
-    """Write ``summary.md`` and ``summary.csv`` into `experiment_dir`; returns the Markdown table."""
+def write_tables(
+    experiment_dir: Path,
+    experiment: str,
+    rows: list[ArmRow],
+    columns: list[Column] = COLUMNS,
+    reference: str | None = None,
+) -> str:
+    """Write ``summary.md`` and ``summary.csv`` (one line per run) into `experiment_dir`; returns the
+    Markdown. Rows with seeds add the means and intervals over seeds, the paired differences to
+    `reference`, and ``summary_seeds.csv`` (`midus.ablation.seed_table`)."""
+    from midus.ablation.seed_table import seed_sections, write_seed_csv
+
     table = markdown_table(rows, columns)
+    seeded = any(row.seed is not None for row in rows)
+    if seeded:
+        table = seed_sections(rows, columns, reference) + "\n## Every run\n\n" + table
     experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / "summary.md").write_text(f"# Ablation: {experiment}\n\n{table}", encoding="utf-8")
     with open(experiment_dir / "summary.csv", "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
-        writer.writerow(["arm", "status", *(c.name for c in columns)])
+        writer.writerow(["arm", "seed", "status", *(c.name for c in columns)])
         for row in rows:
             values = [c.read(row.record) if row.record is not None else None for c in columns]
-            writer.writerow([row.arm, row.status, *("" if v is None else v for v in values)])
+            seed = "" if row.seed is None else row.seed
+            writer.writerow([row.arm, seed, row.status, *("" if v is None else v for v in values)])
+    if seeded:
+        write_seed_csv(experiment_dir / "summary_seeds.csv", rows, columns)
     return table

@@ -134,8 +134,9 @@ def test_arms_run_end_to_end_and_are_tabulated(tmp_path: Path, tiny_cache: Path,
     table = (experiment / "summary.md").read_text()
     for arm, summary in summaries.items():
         total = f"{summary['params']['total']:,}"
-        # total, added (0: no up-scaling), trainable (= total), memory (0), val ppl
-        assert f"| {arm} | ok | {total} | 0 | {total} | 0 | {summary['val']['ppl']:.2f} |" in table
+        # total, added (0: no up-scaling), trainable (= total), memory (0), best val loss, val ppl
+        best, ppl = summary["val"]["best_loss"], summary["val"]["ppl"]
+        assert f"| {arm} | ok | {total} | 0 | {total} | 0 | {best:.3f} | {ppl:.2f} |" in table
         latency, wall = summary["latency"], summary["wall_time_s"]
         assert (latency["prompt_tokens"], latency["new_tokens"]) == (128, 32)
         # Milliseconds, measured: a forward of the tiny model takes more than 10 µs and (best of

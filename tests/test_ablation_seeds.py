@@ -13,6 +13,7 @@ from test_ablation import command, tiny_base, write_ablation
 
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
+from midus.ablation.hparams import HPARAMS_EVENTS_GLOB
 from midus.ablation.intervals import BETTER, UNDECIDED, WORSE, mean_interval, paired_difference, t_quantile, verdict
 from midus.ablation.runner import run_ablation
 
@@ -123,6 +124,10 @@ def test_a_seeded_ablation_runs_every_arm_per_seed_and_tabulates_intervals(
     difference = paired_difference({0: -0.2, 1: -0.19, 2: -0.21}, {0: 0.0, 1: 0.0, 2: 0.0})
     assert f"| new | 3 | {difference.mean:.3f} [{difference.low:.3f}, {difference.high:.3f}] better |" in table
     assert "Student-t" in table and "## Every run" in table and "| new/seed2 | ok |" in table
+    # Every run is a TensorBoard HParams session with its seed and overridden field.
+    for label in ("ref/seed0", "new/seed2"):
+        [session] = (experiment / label).glob(HPARAMS_EVENTS_GLOB)
+        assert session.stat().st_size > 0
 
     # A rerun skips every finished seed; a seed added later runs alone.
     started.clear()

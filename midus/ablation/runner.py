@@ -37,7 +37,18 @@ arm ``wide`` lands in ``runs/ablate_width/wide``.
    at the end if one did;
 6. reads ``runs/<name>/<arm>/summary.json`` of every arm in the YAML (ones run earlier or on
    other machines included), prints a Markdown table and writes ``runs/<name>/summary.md`` and
-   ``summary.csv`` (`midus.ablation.table`).
+   ``summary.csv`` (`midus.ablation.table`), and gives every selected run with a summary a
+   TensorBoard HParams session (`midus.ablation.hparams`): ``tensorboard --logdir runs/<name>``
+   shows the ablation as one HParams table, filterable by arm and seed.
+
+Seeds: ``ablation.seeds: [0, 1, 2]`` (or ``--seeds 0,1,2``, which replaces it) runs every arm once
+per seed, with ``seed_everything: <seed>`` (initialisation and data order; the embedded corpus
+keeps its own ``data.embedded.seed``, so every seed trains on the same people), in
+``runs/<name>/<arm>/seed<seed>``; each seed is its own run for skipping and resuming. The table
+then gives per arm and metric the mean over seeds with a 95 % Student-t interval
+(`midus.ablation.intervals`), and with ``ablation.reference: <arm>`` every other arm's paired
+difference to the reference over the seeds both ran, with a verdict: better, worse, or not
+distinguishable (`midus.ablation.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
 
 Rerunning (`midus.ablation.resume`): the command that started an ablation also continues it
 after a preemption, a crash or Ctrl-C. A fresh start records the arm's config
@@ -81,9 +92,10 @@ import yaml
 
 from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, SUBCOMMANDS, CommandLine, parse_command_line
 from midus.ablation.config import TENSORBOARD, AblationError, run_label
+from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
 from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
-from midus.ablation.table import collect_rows, write_tables
-from midus.run_files import ARM_CONFIG
+from midus.ablation.table import ArmRow, collect_rows, write_tables
+from midus.run_files import ARM_CONFIG, value_at
 
 CKPT_FLAG = "--ckpt_path"
 
@@ -244,9 +256,22 @@ def run_ablation(argv: Sequence[str]) -> int:
     finally:  # an interrupted ablation still gets the table of what finished
         experiment_dir = experiment_dirs.pop()
         rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes, command.seeds)
+        write_run_hparams(command, plans, rows)
         print(f"\nAblation {ablation.name} ({experiment_dir}/summary.md):\n")
         print(write_tables(experiment_dir, ablation.name, rows, reference=ablation.reference), flush=True)
     return 1 if any(exit_codes.values()) else 0
+
+
+def write_run_hparams(command: CommandLine, plans: list[ArmPlan], rows: list[ArmRow]) -> None:
+    """Give every selected run with a summary its TensorBoard HParams session (`midus.ablation.hparams`):
+    the arm's overridden fields, its seed and key config values, against its final metrics."""
+    records = {row.label: row.record for row in rows if row.record is not None}
+    for plan in plans:
+        record = records.get(plan.label)
+        if record is None:
+            continue
+        hparams = hparams_of_arm(plan.arm, plan.seed, command.ablation.arms[plan.arm], plan.config)
+        write_hparams(plan.run_dir, hparams, metrics_of_record(record), int(value_at(record, "train.steps") or 0))
 
 
 def plan_starts(command: CommandLine, plans: list[ArmPlan]) -> list[ArmStart]:

@@ -23,6 +23,8 @@ so commands that only read run folders never import Lightning.
       "memory_zeroed_delta": null,
       "memory_usage": null,
       "memory_engaged_step": null,
+      "knowledge_bits": {"bits": 2100.0, "bits_replay": null, "bits_per_param": 0.0023,
+                         "bits_per_added_param": null},
       "train": {"steps": 500, "batches": 500, "tokens": 2048000, "tokens_per_sec": 10500.0,
                 "mean_step_time_s": 0.39, "processes": 1, "accumulate_grad_batches": 1,
                 "global_batch_tokens": 4096},
@@ -51,6 +53,12 @@ so commands that only read run folders never import Lightning.
 * ``memory_engaged_step``: the first validation step at which zeroing the memory cost at least
   0.01 nats or 0.05 recall (`midus.training.memory_health`); null when it never did.
 * ``params.added``: parameters an up-scaling added to its base (0 without one).
+* ``knowledge_bits`` (embedded corpus with ``model.knowledge_bits_people`` > 0; else null): the
+  final validation's ``val/knowledge_bits``, bits of the main population's facts the model stores
+  (`midus.data.knowledge_bits`: scaled from the people scored to the whole population), as
+  ``bits``; ``bits_replay`` the same for the replay population (null without replay);
+  ``bits_per_param`` = ``bits`` / ``params.total``; ``bits_per_added_param`` = ``bits`` /
+  ``params.added`` (null when nothing was added).
 * ``latency``: batch-1 greedy `generate` at fit end, best of 3: the prefill of a random prompt
   and the mean time per token decoded one at a time with the KV cache.
 * ``wall_time_s`` spans ``on_fit_start`` to ``on_fit_end``, validation included.
@@ -74,6 +82,8 @@ CHECKPOINT_DIR = "checkpoints"
 HPARAMS_FILE = "hparams.yaml"
 EVENTS_GLOB = "events.out.tfevents.*"
 SUMMARY_FILE = "summary.json"
+ABLATION_RECORD = "ablation.json"
+"""In ``runs/<experiment>/``: the ablation's arms, seeds and reference arm, written with its tables."""
 SUMMARY_SCHEMA_VERSION = 1
 SUMMARY_VAL_METRICS = (
     "val/loss", "val/ppl", "val/recall_acc", "val/recall_acc_heldout", "val/recall_acc_replay",

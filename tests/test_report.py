@@ -11,9 +11,10 @@ import pytest
 from matplotlib.image import imread
 
 from midus.cli import main
-from midus.report.arms import collect_arms
+from midus.report.arms import NoRunError, collect_arms
 from midus.report.build import LOSS_PNG, PPL_PNG, write_report
 from midus.report.plots import loss_curves, ppl_points
+from midus.report.seed_bands import seed_bands
 
 ROOT = Path(__file__).resolve().parents[1]
 # (arm, n_layers, batch size): the arms differ in depth and in tokens per step.
@@ -212,3 +213,36 @@ def test_tokens_fall_back_to_summary_json_then_to_steps(tmp_path: Path) -> None:
     assert xlabel == "training tokens" and list(curves) == ["counted"]
     assert list(curves["counted"][0]) == [0, 300, 600]  # a value logged at step s follows s + 1 steps
     assert notes == ["`uncounted` left off the loss plot: no train/tokens logged and no summary.json train.tokens."]
+
+
+def test_seeded_runs_are_drawn_as_bands_and_tabulated_with_intervals(tmp_path: Path) -> None:
+    experiment = tmp_path / "exp"
+    final = {("ref", 0): 5.0, ("ref", 1): 5.4, ("ref", 2): 4.6, ("new", 0): 4.8, ("new", 1): 5.3, ("new", 2): 4.35}
+    for (arm, seed), loss in final.items():
+        run = experiment / arm / f"seed{seed}"
+        write_events(run, {"val/loss": [(0, 7.0, 1.0), (9, loss, 2.0)], "train/tokens": [(9, 1000.0, 2.0)]})
+        record = {"params": {"total": 100, "added": 10}, "val": {"ppl": float(np.exp(loss)), "best_loss": loss},
+                  "train": {"tokens": 1000, "steps": 10}}
+        (run / "summary.json").write_text(json.dumps(record))
+    layout = {"arms": ["ref", "new"], "seeds": [0, 1, 2], "reference": "ref"}
+    (experiment / "ablation.json").write_text(json.dumps(layout))
+    runs = collect_arms(experiment)
+    assert [(run.name, run.arm, run.seed) for run in runs] == [
+        ("new/seed0", "new", 0), ("new/seed1", "new", 1), ("new/seed2", "new", 2),
+        ("ref/seed0", "ref", 0), ("ref/seed1", "ref", 1), ("ref/seed2", "ref", 2),
+    ]
+    curves, _, _ = loss_curves(runs)
+    bands, _ = seed_bands(curves, runs)
+    assert bands["new"].seeds == 3 and list(bands["new"].x) == [0, 1000]
+    assert bands["new"].mean[1] == pytest.approx((4.8 + 5.3 + 4.35) / 3)
+    assert (bands["new"].low[1], bands["new"].high[1]) == pytest.approx((4.35, 5.3))
+
+    report = write_report(experiment).read_text()
+    assert "## Mean over seeds 0, 1, 2" in report and "## Paired differences to ref" in report  # from ablation.json
+    # new - ref = -0.2, -0.1, -0.25: lower in every seed, yet 3 seeds' t-interval still reaches 0.
+    assert "| new | 3 | -0.183 [-0.373, 0.006] not distinguishable |" in report
+    assert "| new/seed1 | ok |" in report
+    for png in (LOSS_PNG, PPL_PNG):
+        assert_png(experiment / png)
+    with pytest.raises(NoRunError, match="--reference 'nope'"):
+        write_report(experiment, reference="nope")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from midus.ablation.config import run_label
-from midus.run_files import SUMMARY_FILE, value_at
+from midus.run_files import ABLATION_RECORD, SUMMARY_FILE, value_at
 
 MIB = 2**20
 
@@ -164,4 +164,10 @@ def write_tables(
             writer.writerow([row.arm, seed, row.status, *("" if v is None else v for v in values)])
     if seeded:
         write_seed_csv(experiment_dir / "summary_seeds.csv", rows, columns)
+    layout = {
+        "arms": list(dict.fromkeys(row.arm for row in rows)),
+        "seeds": sorted({row.seed for row in rows if row.seed is not None}) if seeded else None,
+        "reference": reference,
+    }
+    (experiment_dir / ABLATION_RECORD).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
     return table

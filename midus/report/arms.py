@@ -2,7 +2,9 @@
 
 An arm is every direct subfolder holding ``events.out.tfevents.*`` files
 (``runs/<experiment>/<arm>/``, or ``version_0/`` of a plain run); the folder itself counts as
-one arm, named after it, when it holds event files directly. Several event files of one arm (a
+one arm, named after it, when it holds event files directly. A seeded ablation's runs are the
+``<arm>/seed<k>/`` folders of a subfolder without event files of its own: one run each,
+named ``<arm>/seed<k>``. Several event files of one arm (a
 resumed run, a later ``validate``) are merged by step, the later one winning a step logged
 twice. An arm without ``summary.json`` (crashed, still running) gets its record from its event
 files.
@@ -26,6 +28,7 @@ from midus.run_files import EVENTS_GLOB, SUMMARY_FILE, SUMMARY_VAL_METRICS, valu
 FILLABLE = ("params.total", "params.trainable", "params.memory", "params.added", "val.best_loss", "train.tokens")
 
 Series = list[tuple[int, float]]
+SEED_FOLDER = re.compile(r"seed\d+")
 
 
 class NoRunError(ValueError):
@@ -43,6 +46,10 @@ class Arm:
     status: str
     sources: list[str] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+    arm: str = ""
+    """The ablation arm this run belongs to: `name` without ``/seed<k>`` (set by `collect_arms`)."""
+    seed: int | None = None
+    """The run's seed when it is one of a seeded ablation's ``<arm>/seed<k>`` folders."""
 
 
 def read_scalars(arm_dir: Path) -> dict[str, Series]:
@@ -135,7 +142,14 @@ def find_arm_dirs(experiment_dir: Path) -> list[tuple[str, Path]]:
     if not experiment_dir.is_dir():
         raise FileNotFoundError(f"{experiment_dir} is not a folder: expected an experiment folder such as "
                                 "runs/<experiment> (written by fit)")
-    dirs = [(d.name, d) for d in sorted(experiment_dir.iterdir()) if d.is_dir() and any(d.glob(EVENTS_GLOB))]
+    dirs = []
+    for folder in sorted(path for path in experiment_dir.iterdir() if path.is_dir()):
+        if any(folder.glob(EVENTS_GLOB)):
+            dirs.append((folder.name, folder))
+            continue
+        seeds = [s for s in folder.iterdir() if SEED_FOLDER.fullmatch(s.name) and any(s.glob(EVENTS_GLOB))]
+        for seed_dir in sorted(seeds, key=lambda s: int(s.name.removeprefix("seed"))):
+            dirs.append((f"{folder.name}/{seed_dir.name}", seed_dir))  # a seeded ablation's run
     if any(experiment_dir.glob(EVENTS_GLOB)):
         dirs.insert(0, (experiment_dir.resolve().name, experiment_dir))
     if not dirs:
@@ -145,12 +159,27 @@ def find_arm_dirs(experiment_dir: Path) -> list[tuple[str, Path]]:
     if table.is_file():
         with open(table, newline="", encoding="utf-8") as rows:
             order = [row.get("arm", "") for row in csv.DictReader(rows)]
-    return sorted(dirs, key=lambda arm: (order.index(arm[0]) if arm[0] in order else len(order), arm[0]))
+    def position(run: tuple[str, Path]) -> tuple[int, str, int]:
+        arm, seed = split_label(run[0])
+        return (order.index(arm) if arm in order else len(order), arm, -1 if seed is None else seed)
+
+    return sorted(dirs, key=position)
+
+
+def split_label(label: str) -> tuple[str, int | None]:
+    """(arm, seed) of a run label: ``"hive/seed2"`` -> ``("hive", 2)``, ``"hive"`` -> ``("hive", None)``."""
+    arm, _, last = label.rpartition("/")
+    return (arm, int(last.removeprefix("seed"))) if arm and SEED_FOLDER.fullmatch(last) else (label, None)
 
 
 def collect_arms(experiment_dir: Path) -> list[Arm]:
-    """Every arm of the experiment folder (see `find_arm_dirs` for the errors)."""
-    return [load_arm(name, path) for name, path in find_arm_dirs(experiment_dir)]
+    """Every run of the experiment folder (see `find_arm_dirs` for the errors)."""
+    runs = []
+    for name, path in find_arm_dirs(experiment_dir):
+        run = load_arm(name, path)
+        run.arm, run.seed = split_label(name)
+        runs.append(run)
+    return runs
 
 
 def tokens_at(arm: Arm, steps: list[int]) -> tuple[np.ndarray | None, str]:

@@ -14,39 +14,50 @@ tokens trained, the plots, and where each arm's numbers came from) and two PNGs 
 steps, since arms can differ in batch size) and ``val_ppl_vs_added_params.png`` (final
 validation perplexity against parameters added by the up-scaling, one labelled point per arm).
 An arm without ``summary.json`` (crashed, still running) gets its row from its event files.
+
+A seeded ablation's ``<arm>/seed<k>/`` runs are drawn per arm: the mean over seeds with a band
+from the lowest to the highest seed (loss curve) or an error bar (perplexity point); the table
+adds each metric's mean and 95 % t-interval over seeds and, against the reference arm, the
+paired differences with their verdicts (`midus.ablation.seed_table`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from midus.ablation.seed_table import seed_sections
 from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table
 from midus.report.arms import Arm, NoRunError, collect_arms, tokens_at
 from midus.report.plots import loss_curves, plot_val_loss, plot_val_ppl, ppl_points
-from midus.run_files import value_at
+from midus.report.seed_bands import arms_of, seed_bands
+from midus.run_files import ABLATION_RECORD, value_at
 
 LOSS_PNG = "val_loss_vs_tokens.png"
 PPL_PNG = "val_ppl_vs_added_params.png"
 
 
 def report_columns() -> list[Column]:
-    """`COLUMNS` with best val loss (after val ppl) and tokens trained (before tokens/s)."""
-    best = Column("best val loss", "val_best_loss", lambda r: value_at(r, "val.best_loss"), "{:.3f}")
+    """`COLUMNS` with tokens trained (before tokens/s)."""
     tokens = Column("tokens trained", "train_tokens", lambda r: value_at(r, "train.tokens"), "{:,.0f}")
     columns: list[Column] = []
     for column in COLUMNS:
         columns += [tokens] if column.name == "train_tokens_per_sec" else []
-        columns += [column] + ([best] if column.name == "val_ppl" else [])
-    return columns + [c for c in (best, tokens) if c not in columns]
+        columns += [column]
+    return columns + [c for c in (tokens,) if c not in columns]
 
 
 def render_markdown(experiment: str, arms: list[Arm], curve_notes: list[str], ppl_notes: list[str],
-                    loss_png: str = LOSS_PNG, ppl_png: str = PPL_PNG) -> str:
-    """The text of report.md (images linked relative to it)."""
-    rows = [ArmRow(arm.name, arm.status, arm.record) for arm in arms]
-    lines = [f"# Report: {experiment}", "", markdown_table(rows, report_columns()),
+                    loss_png: str = LOSS_PNG, ppl_png: str = PPL_PNG, reference: str | None = None) -> str:
+    """The text of report.md (images linked relative to it); seeded runs get the means over seeds
+    with their intervals and, with a `reference` arm, the paired verdicts."""
+    rows = [ArmRow(arm.arm or arm.name, arm.status, arm.record, arm.seed) for arm in arms]
+    table = markdown_table(rows, report_columns())
+    if any(row.seed is not None for row in rows):
+        table = seed_sections(rows, report_columns(), reference) + "\n## Every run\n\n" + table
+    lines = [f"# Report: {experiment}", "", table,
              "## Validation loss against training tokens", "",
              f"![validation loss against training tokens]({loss_png})", ""]
     lines += [f"- {note}" for note in curve_notes] + ([""] if curve_notes else [])
@@ -62,22 +73,56 @@ def render_markdown(experiment: str, arms: list[Arm], curve_notes: list[str], pp
     return "\n".join(lines) + "\n"
 
 
-def write_report(experiment_dir: Path, out: Path | None = None) -> Path:
+def write_report(experiment_dir: Path, out: Path | None = None, reference: str | None = None) -> Path:
     """Write report.md (default ``experiment_dir/report.md``) and its two PNGs next to it; returns its path.
 
-    Everything is read before anything is written: bad input raises and leaves no file behind.
+    `reference` (default: the ablation's ``reference``, recorded in ``ablation.json``) is the arm
+    seeded runs are paired against. Everything is read before anything is written: bad input
+    raises and leaves no file behind.
     """
     experiment_dir = Path(experiment_dir)
     arms = collect_arms(experiment_dir)
     experiment = experiment_dir.resolve().name
+    reference = reference or recorded_reference(experiment_dir)
+    if reference is not None and reference not in {arm.arm for arm in arms}:
+        raise NoRunError(f"--reference {reference!r}: no such arm in {experiment_dir}; "
+                         f"the arms are: {', '.join(dict.fromkeys(arm.arm for arm in arms))}")
     curves, xlabel, curve_notes = loss_curves(arms)
+    bands, band_notes = seed_bands(curves, arms)
     points, ppl_label, ppl_notes = ppl_points(arms)
+    points, spread = mean_points(points, arms)
     out = Path(out) if out is not None else experiment_dir / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_val_loss(curves, xlabel, f"{experiment}: validation loss", out.parent / LOSS_PNG)
-    plot_val_ppl(points, ppl_label, f"{experiment}: final validation perplexity", out.parent / PPL_PNG)
-    out.write_text(render_markdown(experiment, arms, curve_notes, ppl_notes), encoding="utf-8")
+    plot_val_loss(bands, xlabel, f"{experiment}: validation loss", out.parent / LOSS_PNG)
+    plot_val_ppl(points, ppl_label, f"{experiment}: final validation perplexity", out.parent / PPL_PNG, spread)
+    text = render_markdown(experiment, arms, curve_notes + band_notes, ppl_notes, reference=reference)
+    out.write_text(text, encoding="utf-8")
     return out
+
+
+def recorded_reference(experiment_dir: Path) -> str | None:
+    """The reference arm the ablation runner recorded in ``ablation.json`` (None without one)."""
+    try:
+        return json.loads((experiment_dir / ABLATION_RECORD).read_text(encoding="utf-8")).get("reference")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mean_points(
+    points: dict[str, tuple[float, float]], runs: list[Arm]
+) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float, int]]]:
+    """Per-run (x, ppl) points folded per arm: an arm of several seeds becomes its mean point,
+    with (lowest, highest, seeds) in the second mapping."""
+    folded, spread = {}, {}
+    for arm, members in arms_of(runs).items():
+        mine = [points[run.name] for run in members if run.name in points]
+        if len(mine) == 1 and members[0].seed is None:
+            folded[arm] = mine[0]
+        elif mine:
+            ppls = [ppl for _, ppl in mine]
+            folded[arm] = (sum(x for x, _ in mine) / len(mine), sum(ppls) / len(ppls))
+            spread[arm] = (min(ppls), max(ppls), len(mine))
+    return folded, spread
 
 
 def main(args: list[str] | None = None) -> None:
@@ -86,9 +131,12 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("experiment_dir", type=Path, help="the experiment folder, e.g. runs/dus_vs_midus")
     parser.add_argument("--out", type=Path, default=None,
                         help="path of the report (default: <experiment_dir>/report.md); the PNGs go next to it")
+    parser.add_argument("--reference", default=None,
+                        help="seeded runs: the arm every other arm is paired against (default: the ablation's "
+                             "reference, from <experiment_dir>/ablation.json)")
     options = parser.parse_args(sys.argv[1:] if args is None else args)
     try:
-        path = write_report(options.experiment_dir, options.out)
+        path = write_report(options.experiment_dir, options.out, options.reference)
     except (FileNotFoundError, NoRunError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

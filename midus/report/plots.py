@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from midus.report.arms import Arm, tokens_at
+from midus.report.seed_bands import Band
 from midus.run_files import value_at
 
 MARKERS = "osD^vP*Xh<>p"
@@ -70,42 +71,59 @@ def _nothing(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_val_loss(curves: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, title: str, path: Path) -> None:
-    """One line per arm: validation loss (y) against `xlabel` (x).
+def plot_val_loss(bands: dict[str, Band], xlabel: str, title: str, path: Path) -> None:
+    """One line per arm: validation loss (y) against `xlabel` (x); an arm of several seeds is its
+    mean over seeds with a shaded band from the lowest to the highest seed.
 
     Left, every validation (the untrained step-0 point included); right, when there is one,
     the same curves without x = 0, on a y-range the untrained loss no longer flattens.
     """
-    trained = {arm: (x[x > 0], loss[x > 0]) for arm, (x, loss) in curves.items() if np.any(x > 0)}
+    trained = {arm: band.x > 0 for arm, band in bands.items() if np.any(band.x > 0)}
     fig = Figure(figsize=(12 if trained else 8, 5), dpi=110, layout="constrained")
     axes = fig.subplots(1, 2 if trained else 1, squeeze=False)[0]
     fig.suptitle(title)
     subtitles = ["every validation", "untrained step-0 point left out (zoom)"]
-    for ax, subtitle, data in zip(axes, subtitles, [curves, trained]):
-        for index, arm in enumerate(curves):
-            if arm in data:
-                x, loss = data[arm]
-                ax.plot(x, loss, marker=MARKERS[index % len(MARKERS)], markersize=4, linewidth=1.5, label=arm,
-                        color=f"C{index % 10}")
+    for ax, subtitle, zoom in zip(axes, subtitles, [False, True]):
+        for index, (arm, band) in enumerate(bands.items()):
+            keep = trained.get(arm) if zoom else np.ones(len(band.x), bool)
+            if keep is None:
+                continue
+            color = f"C{index % 10}"
+            label = arm if band.seeds == 1 else f"{arm} (mean of {band.seeds} seeds, band: min-max)"
+            ax.plot(band.x[keep], band.mean[keep], marker=MARKERS[index % len(MARKERS)], markersize=4,
+                    linewidth=1.5, label=label, color=color)
+            if band.seeds > 1:
+                ax.fill_between(band.x[keep], band.low[keep], band.high[keep], color=color, alpha=0.2, linewidth=0)
         ax.set_title(subtitle if trained else "")
         ax.grid(True, alpha=0.3)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats per token)")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    if curves:
+    if bands:
         axes[0].legend(title="arm", fontsize="small")
     else:
         _nothing(axes[0], "no arm logged val/loss")
     fig.savefig(path)
 
 
-def plot_val_ppl(points: dict[str, tuple[float, float]], xlabel: str, title: str, path: Path) -> None:
-    """One labelled point per arm: final validation perplexity (log y) against a parameter count."""
+def plot_val_ppl(points: dict[str, tuple[float, float]], xlabel: str, title: str, path: Path,
+                 spread: dict[str, tuple[float, float, int]] | None = None) -> None:
+    """One labelled point per arm: final validation perplexity (log y) against a parameter count.
+
+    `spread` gives arms of several seeds (lowest, highest, seeds): their point is the mean over
+    seeds, with an error bar from the lowest to the highest seed.
+    """
     fig, ax = _figure(title)
+    spread = spread or {}
     for index, (arm, (params, ppl)) in enumerate(points.items()):
         color = f"C{index % 10}"
         ax.scatter([params], [ppl], s=50, marker=MARKERS[index % len(MARKERS)], color=color, zorder=3)
-        ax.annotate(arm, (params, ppl), xytext=(6, 4), textcoords="offset points", fontsize="small", color=color)
+        label = arm
+        if arm in spread:
+            low, high, seeds = spread[arm]
+            ax.errorbar([params], [ppl], yerr=[[ppl - low], [high - ppl]], color=color, capsize=4, zorder=2)
+            label = f"{arm} ({seeds} seeds)"
+        ax.annotate(label, (params, ppl), xytext=(6, 4), textcoords="offset points", fontsize="small", color=color)
     if points:
         ppls = [ppl for _, ppl in points.values()]
         if max(ppls) / min(ppls) > 3:  # perplexities of different magnitudes: log scale

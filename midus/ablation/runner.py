@@ -94,7 +94,8 @@ from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, SUBCOMMANDS, Comma
 from midus.ablation.config import TENSORBOARD, AblationError, run_label
 from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
 from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
-from midus.ablation.table import ArmRow, collect_rows, write_tables
+from midus.ablation.summary_files import write_tables
+from midus.ablation.table import ArmRow, collect_rows
 from midus.run_files import ARM_CONFIG, value_at
 
 CKPT_FLAG = "--ckpt_path"

@@ -9,14 +9,13 @@ row, whether it ran now, earlier, or on another machine and was copied into
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from midus.ablation.config import run_label
-from midus.run_files import ABLATION_RECORD, SUMMARY_FILE, value_at
+from midus.run_files import SUMMARY_FILE, value_at
 
 MIB = 2**20
 
@@ -135,39 +134,3 @@ def markdown_table(rows: list[ArmRow], columns: list[Column] = COLUMNS) -> str:
             cells.append("" if value is None else column.fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_tables(
-    experiment_dir: Path,
-    experiment: str,
-    rows: list[ArmRow],
-    columns: list[Column] = COLUMNS,
-    reference: str | None = None,
-) -> str:
-    """Write ``summary.md`` and ``summary.csv`` (one line per run) into `experiment_dir`; returns the
-    Markdown. Rows with seeds add the means and intervals over seeds, the paired differences to
-    `reference`, and ``summary_seeds.csv`` (`midus.ablation.seed_table`)."""
-    from midus.ablation.seed_table import seed_sections, write_seed_csv
-
-    table = markdown_table(rows, columns)
-    seeded = any(row.seed is not None for row in rows)
-    if seeded:
-        table = seed_sections(rows, columns, reference) + "\n## Every run\n\n" + table
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    (experiment_dir / "summary.md").write_text(f"# Ablation: {experiment}\n\n{table}", encoding="utf-8")
-    with open(experiment_dir / "summary.csv", "w", newline="", encoding="utf-8") as out:
-        writer = csv.writer(out)
-        writer.writerow(["arm", "seed", "status", *(c.name for c in columns)])
-        for row in rows:
-            values = [c.read(row.record) if row.record is not None else None for c in columns]
-            seed = "" if row.seed is None else row.seed
-            writer.writerow([row.arm, seed, row.status, *("" if v is None else v for v in values)])
-    if seeded:
-        write_seed_csv(experiment_dir / "summary_seeds.csv", rows, columns)
-    layout = {
-        "arms": list(dict.fromkeys(row.arm for row in rows)),
-        "seeds": sorted({row.seed for row in rows if row.seed is not None}) if seeded else None,
-        "reference": reference,
-    }
-    (experiment_dir / ABLATION_RECORD).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
-    return table

@@ -3,10 +3,10 @@
 * kit checkpoints (`kit`): the Lightning ``.ckpt`` of ``fit`` with the model config and the
   tokenizer stored in it — `load_kit_checkpoint`, `read_kit_checkpoint`, `model_from_checkpoint`,
   `checkpoint_tokenizer`;
-* Hugging Face import (`hf_import`): a local Llama / Mistral / Qwen2 directory → kit model —
+* Hugging Face import (`hf_import`): a local Llama / Mistral / Qwen2 / Qwen3 directory → kit model —
   `load_hf_checkpoint`, `load_hf_tokenizer`, `model_config_from_hf`;
-* Hugging Face export (`hf_export`): a pure-Llama kit model → a directory `transformers` loads —
-  `export_hf_checkpoint`;
+* Hugging Face export (`hf_export`): a pure-Llama (with qk_norm: pure-Qwen3) kit model → a
+  directory `transformers` loads — `export_hf_checkpoint`;
 * either source as the start of a run (`base_model`): `load_base`.
 
 Depends on `midus.model` only; never on Lightning, the data or the training code.

@@ -1,11 +1,13 @@
-"""Export a kit `MidusLM` with a pure Llama architecture to a Hugging Face directory.
+"""Export a kit `MidusLM` with a pure Llama or Qwen3 architecture to a Hugging Face directory.
 
-The inverse of `midus.checkpoint.hf_import`: the directory gets `config.json` (a `LlamaConfig`),
+The inverse of `midus.checkpoint.hf_import`: the directory gets `config.json`,
 `model.safetensors` and, when given, the tokenizer, and loads with
-`transformers.LlamaForCausalLM.from_pretrained` (or back into the kit with
-`load_hf_checkpoint`). Only models that Llama can express export: every block a Transformer
-block with the `ffn` branch, and the same bias setting on q/k/v and o. Every check runs
-before anything is written, and each failure is one error naming the layer or field.
+`transformers.AutoModelForCausalLM.from_pretrained` (or back into the kit with
+`load_hf_checkpoint`). The family follows from the model: with ``qk_norm`` (an imported
+Qwen3, or a DUS result of one) a `Qwen3Config` for `Qwen3ForCausalLM`, otherwise a
+`LlamaConfig` for `LlamaForCausalLM`. Only models the family can express export: every block
+a Transformer block with the `ffn` branch, and the same bias setting on q/k/v and o. Every
+check runs before anything is written, and each failure is one error naming the layer or field.
 
     export_hf_checkpoint(model, "out/llama-dir", tokenizer=tokenizer, dtype=torch.bfloat16)
 """
@@ -24,7 +26,7 @@ from midus.model.config import ModelConfig
 from midus.model.transformer import MidusLM
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig, PreTrainedTokenizerBase
+    from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase, Qwen3Config
 
 DEFAULT_MAX_POSITIONS = 4096
 """`max_position_embeddings` written when neither the caller nor Llama-3 RoPE scaling sets
@@ -36,25 +38,53 @@ _KIT_TOP_NAMES = {kit: hf for hf, kit in TOP_NAMES.items()}
 _OUTSIDE_INNER_MODEL = {"lm_head.weight"}
 
 
-def check_llama_exportable(config: ModelConfig) -> None:
-    """Raise ValueError, naming the layer or field, if Llama cannot express `config`."""
+def export_family(config: ModelConfig) -> str:
+    """The transformers family a kit model exports as: ``qwen3`` with qk_norm, else ``llama``."""
+    return "qwen3" if config.qk_norm else "llama"
+
+
+def check_hf_exportable(config: ModelConfig) -> None:
+    """Raise ValueError, naming the layer or field, if the model's family (`export_family`)
+    cannot express `config`."""
+    family = {"llama": "Llama", "qwen3": "Qwen3"}[export_family(config)]
     for index, spec in enumerate(config.stack):
         if spec.block != "transformer":
             raise ValueError(
-                f"layers[{index}] is a {spec.block} block; only pure Llama models "
+                f"layers[{index}] is a {spec.block} block; only pure {family} models "
                 "(transformer blocks with ffn branches) export to Hugging Face"
             )
         if spec.branch != "ffn":
             raise ValueError(
-                f"layers[{index}].branch={spec.branch!r} is not 'ffn'; only pure Llama models "
+                f"layers[{index}].branch={spec.branch!r} is not 'ffn'; only pure {family} models "
                 "(transformer blocks with ffn branches) export to Hugging Face"
             )
-    # Llama's single `attention_bias` switch puts biases on q, k, v *and* o.
+    # The single `attention_bias` switch of Llama and Qwen3 puts biases on q, k, v *and* o.
     if config.qkv_bias != config.attn_out_bias:
         raise ValueError(
-            f"qkv_bias={config.qkv_bias} differs from attn_out_bias={config.attn_out_bias}; Llama's "
+            f"qkv_bias={config.qkv_bias} differs from attn_out_bias={config.attn_out_bias}; {family}'s "
             "attention_bias sets both, so only models with equal values export to Hugging Face"
         )
+
+
+def check_llama_exportable(config: ModelConfig) -> None:
+    """Raise ValueError, naming the layer or field, if Llama cannot express `config`."""
+    if config.qk_norm:
+        raise ValueError(
+            "qk_norm=True: Llama has no query/key norms; export_hf_checkpoint writes such a model as Qwen3"
+        )
+    check_hf_exportable(config)
+
+
+def _rope_parameters(config: ModelConfig) -> tuple[dict[str, float | int | str], int]:
+    """RoPE settings as transformers 5 writes them, and the context they imply."""
+    rope: dict[str, float | int | str] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    positions = DEFAULT_MAX_POSITIONS
+    if config.rope_scaling:
+        # The kit stores every scaling value as a float; transformers wants this one an int.
+        original = int(config.rope_scaling["original_max_position_embeddings"])
+        rope.update(config.rope_scaling, rope_type="llama3", original_max_position_embeddings=original)
+        positions = int(original * config.rope_scaling["factor"])
+    return rope, positions
 
 
 def llama_config_from_model_config(
@@ -74,13 +104,7 @@ def llama_config_from_model_config(
     from transformers import LlamaConfig
 
     check_llama_exportable(config)
-    rope: dict[str, float | int | str] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    positions = DEFAULT_MAX_POSITIONS
-    if config.rope_scaling:
-        # The kit stores every scaling value as a float; transformers wants this one an int.
-        original = int(config.rope_scaling["original_max_position_embeddings"])
-        rope.update(config.rope_scaling, rope_type="llama3", original_max_position_embeddings=original)
-        positions = int(original * config.rope_scaling["factor"])
+    rope, positions = _rope_parameters(config)
     if max_position_embeddings is None:
         max_position_embeddings = positions
     return LlamaConfig(
@@ -107,6 +131,66 @@ def llama_config_from_model_config(
     )
 
 
+def qwen3_config_from_model_config(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    max_position_embeddings: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Qwen3Config:
+    """The `transformers.Qwen3Config` of a kit model with ``qk_norm`` (defaults as in
+    `llama_config_from_model_config`).
+
+    The kit always attends to the whole context, so the per-layer list ``layer_types`` is
+    written for the model's own depth (up-scaled models included) as full attention only,
+    with the sliding window off: the config describes exactly the function the kit computes.
+    """
+    from transformers import Qwen3Config
+
+    if not config.qk_norm:
+        raise ValueError("qk_norm=False: Qwen3 always normalises queries and keys; export such a model as Llama")
+    check_hf_exportable(config)
+    rope, positions = _rope_parameters(config)
+    if max_position_embeddings is None:
+        max_position_embeddings = positions
+    return Qwen3Config(
+        architectures=["Qwen3ForCausalLM"],
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_width,
+        num_hidden_layers=config.depth,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=config.init_std,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_embeddings,
+        attention_bias=config.qkv_bias,
+        use_sliding_window=False,
+        sliding_window=None,
+        max_window_layers=config.depth,
+        layer_types=["full_attention"] * config.depth,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        dtype=dtype,
+    )
+
+
+def hf_config_from_model_config(
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    max_position_embeddings: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PretrainedConfig:
+    """The transformers config of a kit model in its `export_family` (Llama or Qwen3)."""
+    if export_family(config) == "qwen3":
+        return qwen3_config_from_model_config(config, dtype, max_position_embeddings, tokenizer)
+    return llama_config_from_model_config(config, dtype, max_position_embeddings, tokenizer)
+
+
 def export_hf_checkpoint(
     model: MidusLM,
     directory: str | Path,
@@ -116,13 +200,14 @@ def export_hf_checkpoint(
     overwrite: bool = False,
     max_position_embeddings: int | None = None,
 ) -> Path:
-    """Write `model` (and `tokenizer`) as a Hugging Face Llama checkpoint; return the directory.
+    """Write `model` (and `tokenizer`) as a Hugging Face Llama or, with qk_norm, Qwen3
+    checkpoint (see `export_family`); return the directory.
 
     Writes `config.json`, `model.safetensors` (weights in `dtype`, default the model's own;
     with tied embeddings only `model.embed_tokens.weight`, as transformers itself saves them)
     and the tokenizer's files. The model itself is not changed.
 
-    Raises ValueError before writing anything for a model Llama cannot express (a memory
+    Raises ValueError before writing anything for a model its family cannot express (a memory
     block, a branch other than ffn, qkv_bias != attn_out_bias, a tied config whose head was
     untied), a tokenizer larger than the vocabulary or a non-float dtype; FileExistsError if `directory` already holds a
     config.json and `overwrite` is False. With `overwrite`, old weight files are removed
@@ -130,7 +215,7 @@ def export_hf_checkpoint(
     such as an old tokenizer, are left alone.
     """
     config = model.config
-    check_llama_exportable(config)
+    check_hf_exportable(config)
     dtype = dtype or model.embed.weight.dtype
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
@@ -142,7 +227,7 @@ def export_hf_checkpoint(
     head, embed = model.lm_head.weight, model.embed.weight
     if config.tie_embeddings and head is not embed and not torch.equal(head, embed):
         raise ValueError("tie_embeddings=True but lm_head.weight differs from embed.weight; they were untied")
-    hf_config = llama_config_from_model_config(config, dtype, max_position_embeddings, tokenizer)
+    hf_config = hf_config_from_model_config(config, dtype, max_position_embeddings, tokenizer)
     tensors = _hf_state_dict(model, dtype)
 
     directory = Path(directory)
@@ -169,7 +254,7 @@ def export_hf_checkpoint(
 
 
 def _hf_state_dict(model: MidusLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Kit tensors under LlamaForCausalLM's names, on the CPU in `dtype`, contiguous."""
+    """Kit tensors under LlamaForCausalLM's (and Qwen3ForCausalLM's) names, on the CPU in `dtype`, contiguous."""
     tensors: dict[str, torch.Tensor] = {}
     written: set[int] = set()
     for name, tensor in model.state_dict().items():
@@ -194,10 +279,10 @@ def _hf_name(name: str) -> str:
     index, _, suffix = rest.partition(".")
     if prefix == "blocks" and index.isdigit() and suffix in _KIT_LAYER_NAMES:
         return f"model.layers.{index}.{_KIT_LAYER_NAMES[suffix]}"
-    raise ValueError(f"tensor {name!r} has no Hugging Face Llama counterpart")
+    raise ValueError(f"tensor {name!r} has no Hugging Face Llama/Qwen3 counterpart")
 
 
-def _write_config(hf_config: LlamaConfig, path: Path) -> None:
+def _write_config(hf_config: PretrainedConfig, path: Path) -> None:
     # transformers 4.x reads rope_theta/rope_scaling and ignores rope_parameters, so it would
     # silently build RoPE with theta 10000; the legacy keys (equal values) keep such readers
     # right. transformers 5 reads them back into rope_parameters without a warning.

@@ -1,4 +1,4 @@
-"""Import a local Hugging Face Llama / Mistral / Qwen2 checkpoint into a kit `MidusLM`.
+"""Import a local Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint into a kit `MidusLM`.
 
 Only plain torch, safetensors and transformers' config/tokenizer classes are used: the
 transformers *model* is never instantiated, so importing a checkpoint costs one copy of
@@ -24,19 +24,21 @@ from midus.model.transformer import MidusLM
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 def model_config_from_hf(hf_config: Any, source: str = "Hugging Face config") -> ModelConfig:
-    """Map a transformers `PretrainedConfig` (llama, mistral, qwen2) to the kit's `ModelConfig`.
+    """Map a transformers `PretrainedConfig` (llama, mistral, qwen2, qwen3) to the kit's `ModelConfig`.
 
-    Raises ValueError, naming `source` and the field, for anything the kit would silently
-    compute differently: an unsupported model type, a head_dim other than hidden/heads,
-    MLP biases, an activation other than SiLU, RoPE types other than default/llama3, and
-    sliding-window attention that actually limits the context.
+    Qwen3 maps to ``qk_norm=True`` and keeps its own head_dim (``head_width`` when it is not
+    hidden/heads). Raises ValueError, naming `source` and the field, for anything the kit
+    would silently compute differently: an unsupported model type, a head_dim other than
+    hidden/heads outside Qwen3, MLP biases, an activation other than SiLU, RoPE types other
+    than default/llama3, partial rotary embeddings, and sliding-window attention that
+    actually limits the context.
     """
     def fail(message: str) -> None:
         raise ValueError(f"{source}: {message}")
@@ -46,11 +48,14 @@ def model_config_from_hf(hf_config: Any, source: str = "Hugging Face config") ->
         fail(f"model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
     hidden, heads = hf_config.hidden_size, hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None)
+    head_width = 0  # the kit's "d_model / n_heads"
     if head_dim is not None and head_dim * heads != hidden:
-        fail(
-            f"head_dim={head_dim} differs from hidden_size/num_attention_heads={hidden}/{heads}; "
-            "the kit needs them equal"
-        )
+        if model_type != "qwen3":
+            fail(
+                f"head_dim={head_dim} differs from hidden_size/num_attention_heads={hidden}/{heads}; "
+                "the kit needs them equal"
+            )
+        head_width = head_dim  # Qwen3 decouples them (0.6B: 16 heads of 128 on hidden 1024)
     if getattr(hf_config, "mlp_bias", False):
         fail("mlp_bias=true is not supported; the kit's SwiGLU FFN has no biases")
     act = getattr(hf_config, "hidden_act", "silu")
@@ -73,7 +78,13 @@ def model_config_from_hf(hf_config: Any, source: str = "Hugging Face config") ->
         scaling = {k: float(rope[k]) for k in keys}
     elif rope_type != "default":
         fail(f"rope_type {rope_type!r} is not supported; expected 'default' or 'llama3'")
+    # transformers rotates only the first head_dim · factor channels; the kit rotates all of them.
+    partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
+    if partial is not None and float(partial) != 1.0:
+        fail(f"partial_rotary_factor={partial} is not supported; the kit rotates every channel of a head")
 
+    # Llama, Mistral and Qwen3 put attention_bias on q, k, v and o alike (Qwen3 adds it to
+    # q and k before their norms, as the kit does).
     qkv_bias = out_bias = bool(getattr(hf_config, "attention_bias", False))
     if model_type == "qwen2":  # Qwen2 hard-codes biases on q/k/v and none on o_proj.
         qkv_bias, out_bias = True, False
@@ -83,12 +94,14 @@ def model_config_from_hf(hf_config: Any, source: str = "Hugging Face config") ->
         n_layers=hf_config.num_hidden_layers,
         n_heads=heads,
         n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_width=head_width,
         ffn_hidden=hf_config.intermediate_size,
         rope_theta=float(rope["rope_theta"]),
         rope_scaling=scaling,
         norm_eps=hf_config.rms_norm_eps,
         qkv_bias=qkv_bias,
         attn_out_bias=out_bias,
+        qk_norm=model_type == "qwen3",
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
     )
 
@@ -99,8 +112,8 @@ def _check_sliding_window(hf_config: Any, model_type: str, fail: Any) -> None:
     max_pos = getattr(hf_config, "max_position_embeddings", None)
     if window is None or (max_pos is not None and window >= max_pos):
         return
-    if model_type == "qwen2":
-        # Qwen2 applies the window only with use_sliding_window, and only to layers marked so.
+    if model_type in ("qwen2", "qwen3"):
+        # Qwen2 and Qwen3 apply the window only with use_sliding_window, and only to layers marked so.
         layer_types = getattr(hf_config, "layer_types", None)  # absent in older configs
         if not getattr(hf_config, "use_sliding_window", False) or (
             layer_types and "sliding_attention" not in layer_types

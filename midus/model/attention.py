@@ -1,7 +1,8 @@
 """Causal multi-head self-attention with grouped key/value heads (Llama layout).
 
 `head_outputs` returns the per-head results a_h before the output projection; memory
-blocks read those as queries, Transformer blocks project them with `o_proj`.
+blocks read those as queries, Transformer blocks project them with `o_proj`. With
+`qk_norm` (Qwen3), each head's query and key is RMS-normalised before the rotary embedding.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from midus.model.rotary import apply_rotary
 
 
 class CausalSelfAttention(nn.Module):
-    """Rotary, grouped-query causal attention through `scaled_dot_product_attention`."""
+    """Rotary, grouped-query causal attention through `scaled_dot_product_attention`.
+
+    Heads are ``config.head_dim`` wide, so q/k/v project d_model to heads · head_dim and
+    ``o_proj`` projects n_heads · head_dim back to d_model (equal widths unless `head_width` is set).
+    """
 
     def __init__(self, config: ModelConfig, layer_index: int, output_projection: bool = True) -> None:
         super().__init__()
@@ -25,12 +30,15 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_heads = config.kv_heads
         self.head_dim = config.head_dim
         kv_width = config.kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.qkv_bias)
+        self.q_proj = nn.Linear(config.d_model, config.attention_width, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.d_model, kv_width, bias=config.qkv_bias)
         self.o_proj = (
-            nn.Linear(config.d_model, config.d_model, bias=config.attn_out_bias) if output_projection else None
+            nn.Linear(config.attention_width, config.d_model, bias=config.attn_out_bias) if output_projection else None
         )
+        # Only created with qk_norm, so models without it keep their parameters and state-dict keys.
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
 
     def head_outputs(
         self,
@@ -44,6 +52,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(batch, time, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, time, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, time, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim, per head and position
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:

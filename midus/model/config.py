@@ -36,8 +36,8 @@ class LayerSpec:
 class ModelConfig:
     """A Llama-style decoder, described per layer.
 
-    Derived values (`head_dim`, the per-layer list) are filled in `__post_init__`; every
-    constraint is checked there with an error that names the field.
+    Derived values (`head_dim`, `kv_heads`, `ffn_width`, the per-layer `stack`) are properties;
+    every constraint is checked in `__post_init__` with an error that names the field.
     """
 
     vocab_size: int = 0
@@ -47,9 +47,14 @@ class ModelConfig:
     n_layers: int = 4
     """Number of blocks when `layers` is empty (ignored otherwise: `layers` sets the depth)."""
     n_heads: int = 4
-    """Attention (query) heads; must divide `d_model`."""
+    """Attention (query) heads; must divide `d_model` unless `head_width` is set."""
     n_kv_heads: int = 0
     """Key/value heads for grouped-query attention; must divide `n_heads`. 0 means `n_heads`."""
+    head_width: int = 0
+    """Width of one attention head (Hugging Face's head_dim); 0 means d_model / n_heads. Other
+    values decouple the attention width n_heads · head_width from d_model (Qwen3-0.6B: 16 heads
+    of 128 on d_model 1024). Set by the Hugging Face import. Memory blocks need
+    n_heads · head_width = d_model."""
     ffn_hidden: int = 0
     """Hidden width of the SwiGLU FFN. 0 means Llama's rule: 8/3 · d_model rounded up to 64."""
     branch: str = "ffn"
@@ -74,6 +79,9 @@ class ModelConfig:
     """Bias on the query/key/value projections (Qwen2 has it)."""
     attn_out_bias: bool = False
     """Bias on the attention output projection."""
+    qk_norm: bool = False
+    """RMSNorm (own gain per layer, eps `norm_eps`) over each head's query and key, before the
+    rotary embedding (Qwen3 has it); a memory block's attention gets the norms too."""
     tie_embeddings: bool = False
     """Share the token embedding matrix with the output head."""
     init_std: float = 0.02
@@ -91,8 +99,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        """Width of one attention head (d_model / n_heads)."""
-        return self.d_model // self.n_heads
+        """Resolved width of one attention head (`head_width`, or d_model / n_heads when 0)."""
+        return self.head_width or self.d_model // self.n_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the concatenated query heads, n_heads · head_dim (d_model unless `head_width` is set)."""
+        return self.n_heads * self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -128,11 +141,17 @@ class ModelConfig:
 
         need(self.d_model > 0, f"d_model must be positive, got {self.d_model}")
         need(self.n_heads > 0, f"n_heads must be positive, got {self.n_heads}")
-        need(
-            self.d_model % self.n_heads == 0,
-            f"n_heads={self.n_heads} must divide d_model={self.d_model}",
-        )
-        need(self.head_dim % 2 == 0, f"head_dim=d_model/n_heads={self.head_dim} must be even for rotary embeddings")
+        need(self.head_width >= 0, f"head_width must be 0 (= d_model/n_heads) or positive, got {self.head_width}")
+        if self.head_width:
+            need(self.head_width % 2 == 0, f"head_width={self.head_width} must be even for rotary embeddings")
+        else:
+            need(
+                self.d_model % self.n_heads == 0,
+                f"n_heads={self.n_heads} must divide d_model={self.d_model}",
+            )
+            need(
+                self.head_dim % 2 == 0, f"head_dim=d_model/n_heads={self.head_dim} must be even for rotary embeddings"
+            )
         need(self.n_kv_heads >= 0, f"n_kv_heads must be 0 (= n_heads) or positive, got {self.n_kv_heads}")
         need(
             self.n_heads % self.kv_heads == 0,
@@ -164,6 +183,13 @@ class ModelConfig:
                 spec.block == "memory" or not branch_class.reads_attention_heads,
                 f"layers[{index}].branch={spec.branch!r} queries with the attention heads' outputs, which only a "
                 "memory block provides; use block: memory (or memory_layers) for it",
+            )
+            # A memory block's branch reads the concatenated heads as a d_model-wide input and HML
+            # writes head_dim-wide outputs per head into the residual stream: both need H·d_h = d.
+            need(
+                spec.block != "memory" or self.attention_width == self.d_model,
+                f"layers[{index}] is a memory block, which needs n_heads · head_dim = d_model; got n_heads="
+                f"{self.n_heads} · head_width={self.head_width} = {self.attention_width} != d_model={self.d_model}",
             )
 
     def require_vocab(self) -> None:

@@ -7,9 +7,10 @@ base's. A plan entry is one of
     ("copy", i)      block i of the base, every weight copied
     ("zeroed", i)    a copy of block i whose attention output and FFN down projections are
                      zero, so the block adds nothing to the residual stream (LLaMA Pro)
-    ("memory", i)    a new memory block after base block i; its attention and norm copied
-                     from block i (``attn_init: copy``) or left random, values from the
-                     branch's own initialisation (zero by default: an identity)
+    ("memory", i)    a new memory block after base block i; its attention (q/k/v, and the
+                     per-head q/k norms of a ``qk_norm`` model) and norm copied from block i
+                     (``attn_init: copy``) or left random, values from the branch's own
+                     initialisation (zero by default: an identity)
 
 The functions return the new model and the indices of the inserted blocks (the ones a
 ``trainable: new`` policy trains).
@@ -86,6 +87,8 @@ def build_from_plan(
             if not name.startswith(base_prefix):
                 continue
             target = prefix + name[len(base_prefix) :]
+            # "attn." covers q/k/v/o and, with qk_norm, attn.q_norm/attn.k_norm: a memory block's
+            # attention computes exactly what the block it copies computes.
             if kind != "memory" or (
                 attn_init == "copy" and name[len(base_prefix) :].startswith(("attn_norm.", "attn."))
             ):

@@ -44,6 +44,10 @@ KIT_COMMANDS: dict[str, tuple[str, str]] = {
         "zero-shot evaluation of a checkpoint with the lm-evaluation-harness",
     ),
     "report": ("midus.report.build", "report.md with the summary table and plots of an experiment folder"),
+    "export": (
+        "midus.checkpoint.export_command",
+        "a checkpoint as a transformers directory (custom code for memory models)",
+    ),
 }
 
 

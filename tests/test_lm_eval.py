@@ -279,3 +279,31 @@ def test_without_the_harness_the_command_says_how_to_install_it(
         main(["lm-eval", "--ckpt_path", "x.ckpt", "--tasks", TASK])
     assert exit_.value.code == 2
     assert 'pip install "midus[eval]"' in capsys.readouterr().err
+
+
+@needs_lm_eval
+@pytest.mark.slow
+def test_the_harness_hf_model_on_an_exported_directory_scores_as_the_kit_does(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The README's round trip: export, then the harness's own ``hf`` model on the directory gives
+    the kit's scores, for the family export (LlamaForCausalLM) and for custom code."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import midus.evaluation.lm_eval_adapter  # noqa: F401  registers the harness's "midus" model
+
+    def evaluate(model: str, model_args: str) -> dict:
+        results = lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=[TASK], log_samples=False,
+            task_manager=TaskManager(include_path=str(TASK_DIR), include_defaults=False),
+        )
+        return {k: v for k, v in results["results"][TASK].items() if k.startswith("acc")}
+
+    kit = evaluate("midus", f"checkpoint={trained_checkpoint},batch_size=4")
+    for export_format in ("auto", "custom"):
+        out = tmp_path / export_format
+        main(["export", "--ckpt_path", str(trained_checkpoint), "--out", str(out), "--format", export_format])
+        harness = evaluate("hf", f"pretrained={out},trust_remote_code=True,batch_size=4,device=cpu")
+        assert harness == pytest.approx(kit, abs=1e-9), export_format
+    assert kit["acc,none"] >= 0.8  # a task the model knows: equal scores are not both chance

@@ -32,8 +32,8 @@ LAYOUTS = {
     "hml_shared": {"memory_branch": "hml", "memory": {**MEMORY, "values": "shared", "output_gate": True}},
     "pkm": {"memory_branch": "pkm", "memory": {**MEMORY}},
     "multihead_pkm": {"memory_branch": "multihead_pkm", "memory": {**MEMORY}},
-    "hml_untied_full_attention": {
-        "memory_branch": "hml", "tie_embeddings": False,
+    "hml_untied_full_attention_qk_norm": {
+        "memory_branch": "hml", "tie_embeddings": False, "qk_norm": True,
         "memory": {**MEMORY, "values": "hive", "attn_output_projection": True, "key_norm": "rmsnorm"},
     },
 }

@@ -23,7 +23,7 @@ so commands that only read run folders never import Lightning.
       "memory_zeroed_delta": null,
       "memory_usage": null,
       "memory_engaged_step": null,
-      "knowledge_bits": {"bits": 2100.0, "bits_replay": null, "bits_per_param": 0.0023,
+      "knowledge_bits": {"bits": 7261.0, "bits_replay": null, "bits_per_param": 0.0080,
                          "bits_per_added_param": null},
       "train": {"steps": 500, "batches": 500, "tokens": 2048000, "tokens_per_sec": 10500.0,
                 "mean_step_time_s": 0.39, "processes": 1, "accumulate_grad_batches": 1,

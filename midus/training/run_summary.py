@@ -126,6 +126,9 @@ class RunSummary(pl.Callback):
             "memory_zeroed_delta": memory_zeroed_delta(trainer),
             "memory_usage": memory_usage(trainer, model),
             "memory_engaged_step": self._memory_engaged_step,
+            "knowledge_bits": knowledge_bits_record(
+                trainer, model.num_parameters(), getattr(pl_module, "added_parameters", 0)
+            ),
             "train": {
                 "steps": trainer.global_step,
                 "batches": batches,
@@ -181,6 +184,19 @@ def generation_latency(model: torch.nn.Module, prompt_tokens: int, new_tokens: i
     return {
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "prefill_ms": prefill * 1e3, "decode_ms_per_token": max(full - prefill, 0.0) / new_tokens * 1e3,
+    }
+
+
+def knowledge_bits_record(trainer: pl.Trainer, total_parameters: int, added_parameters: int) -> dict[str, Any] | None:
+    """The final validation's ``val/knowledge_bits[_replay]`` (`midus.data.knowledge_bits`) with bits per
+    parameter and per added parameter (null without up-scaling); None when never measured."""
+    bits = _metric(trainer, "val/knowledge_bits")
+    if bits is None:
+        return None
+    return {
+        "bits": bits, "bits_replay": _metric(trainer, "val/knowledge_bits_replay"),
+        "bits_per_param": bits / total_parameters,
+        "bits_per_added_param": bits / added_parameters if added_parameters else None,
     }
 
 

@@ -25,7 +25,7 @@ so commands that only read run folders never import Lightning.
       "memory_engaged_step": null,
       "knowledge_bits": {"bits": 7261.0, "bits_replay": null, "bits_per_param": 0.0080,
                          "bits_per_added_param": null},
-      "train": {"steps": 500, "batches": 500, "tokens": 2048000, "tokens_per_sec": 10500.0,
+      "train": {"loss": 3.1, "steps": 500, "batches": 500, "tokens": 2048000, "tokens_per_sec": 10500.0,
                 "mean_step_time_s": 0.39, "processes": 1, "accumulate_grad_batches": 1,
                 "global_batch_tokens": 4096},
       "wall_time_s": 212.0,
@@ -35,6 +35,8 @@ so commands that only read run folders never import Lightning.
 
 * ``val.*`` are the last logged values (``None`` when never logged, e.g. the recall probe
   switched off); ``best_loss`` is the lowest ``val/loss`` of any validation after the sanity check.
+* ``train.loss`` is the mean training loss over the batches between the last two validations
+  (process 0's batches); ``val.loss`` minus it is the train/validation gap.
 * ``train.tokens_per_sec`` counts training batches only: the time from ``on_train_batch_start``
   to ``on_train_batch_end`` (forward, backward, optimizer step), summed, excluding validation,
   checkpointing and logging between batches. Tokens are the predicted positions

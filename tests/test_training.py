@@ -42,6 +42,28 @@ def test_loss_goes_down_on_a_short_fit(tiny_data) -> None:
     assert after < before - 1.5
 
 
+def test_summary_train_loss_is_the_mean_over_the_last_validation_interval(tiny_data) -> None:
+    from midus.training.run_summary import RunSummary
+
+    class StepLosses(pl.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    pl.seed_everything(0)
+    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=2, recall_probe_size=0)
+    steps, summary = StepLosses(), RunSummary()
+    # Validations after steps 4 and 8, and none after the last 2 steps: those must not count.
+    trainer = quiet_trainer(max_steps=10, val_check_interval=4, limit_val_batches=2, callbacks=[steps, summary])
+    trainer.fit(module, tiny_data)
+    record = summary.summary(trainer, module, "unused")
+    assert len(steps.losses) == 10
+    assert record["train"]["loss"] == pytest.approx(sum(steps.losses[4:8]) / 4, rel=1e-6)
+    assert record["train"]["loss"] != pytest.approx(sum(steps.losses[:4]) / 4, rel=1e-3)
+
+
 def test_bf16_mixed_precision_trains_on_cpu(tiny_data) -> None:
     module = CausalLM(tiny_config(tiny_data.vocab_size), recall_probe_size=0)
     initial = module.model.embed.weight.detach().clone()

@@ -30,6 +30,11 @@ def _scaled(path: str, factor: float) -> Callable[[dict[str, Any]], Any]:
     return lambda record: None if read(record) is None else read(record) * factor
 
 
+def _train_val_gap(record: dict[str, Any]) -> float | None:
+    val, train = _key("val.loss")(record), _key("train.loss")(record)
+    return None if val is None or train is None else val - train
+
+
 def _peak_mib(record: dict[str, Any]) -> float | None:
     peak = _key("peak_memory.bytes")(record)
     return None if peak is None else peak / MIB
@@ -59,6 +64,9 @@ COLUMNS: list[Column] = [
     Column("memory params", "params_memory", _key("params.memory"), "{:,}"),
     Column("best val loss", "val_best_loss", _key("val.best_loss"), "{:.3f}", "lower"),
     Column("val ppl", "val_ppl", _key("val.ppl"), "{:.2f}", "lower"),
+    # Large when the model memorises its training text (val loss far above train loss).
+    Column("train loss", "train_loss", _key("train.loss"), "{:.3f}"),
+    Column("val - train loss", "train_val_gap", _train_val_gap, "{:+.3f}"),
     Column("val recall", "val_recall_acc", _key("val.recall_acc"), "{:.3f}", "higher"),
     Column("val recall (held-out)", "val_recall_acc_heldout", _key("val.recall_acc_heldout"), "{:.3f}", "higher"),
     Column("recall old people (replay)", "val_recall_acc_replay", _key("val.recall_acc_replay"), "{:.3f}", "higher"),

@@ -47,12 +47,17 @@ class RunSummary(pl.Callback):
         self._best_val_loss: float | None = None
         self._memory_engaged_step: int | None = None
         self._earlier_wall_s = 0.0  # wall time of the processes before a resume
+        # Training loss summed over the batches since the last validation (a tensor: no sync per step).
+        self._interval_loss: torch.Tensor | float = 0.0
+        self._interval_batches = 0
+        self._train_loss: float | None = None  # its mean over the last completed validation interval
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "train_seconds": self._train_seconds, "best_val_loss": self._best_val_loss,
             "memory_engaged_step": self._memory_engaged_step,
             "wall_time_s": self._earlier_wall_s + time.perf_counter() - self._fit_started_at,
+            "train_loss": self._train_loss,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -60,6 +65,7 @@ class RunSummary(pl.Callback):
         self._best_val_loss = state_dict["best_val_loss"]
         self._memory_engaged_step = state_dict.get("memory_engaged_step")  # absent before it existed
         self._earlier_wall_s = state_dict["wall_time_s"]
+        self._train_loss = state_dict.get("train_loss")  # absent before it existed
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -77,10 +83,17 @@ class RunSummary(pl.Callback):
     ) -> None:
         _synchronize(pl_module.device)
         self._train_seconds += time.perf_counter() - self._batch_started_at
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._interval_loss = self._interval_loss + loss.detach().float()
+            self._interval_batches += 1
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return  # the sanity pass is never logged as val/loss and would not be comparable
+        if self._interval_batches:
+            self._train_loss = float(self._interval_loss) / self._interval_batches
+            self._interval_loss, self._interval_batches = 0.0, 0
         loss = _metric(trainer, "val/loss")
         if loss is not None and (self._best_val_loss is None or loss < self._best_val_loss):
             self._best_val_loss = loss
@@ -130,6 +143,9 @@ class RunSummary(pl.Callback):
                 trainer, model.num_parameters(), getattr(pl_module, "added_parameters", 0)
             ),
             "train": {
+                # Mean training loss over the batches between the last two validations (process 0's
+                # shard): beside val.loss, the train/validation gap of the memorising regime.
+                "loss": self._train_loss,
                 "steps": trainer.global_step,
                 "batches": batches,
                 "tokens": all_tokens,

@@ -436,10 +436,9 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     # memory_health: no documented counts (yet); layouts and counts from the knobs above.
     **{("memory_health", arm): knobs.expected(inserted=False) for arm, knobs in HEALTH_SCRATCH_ARMS.items()},
     **{("memory_health", arm): knobs.expected(inserted=True) for arm, knobs in HEALTH_INSERTED_ARMS.items()},
-    # memory_seeds(_inserted): memory_health's arms that its seed-0 run left standing, and one more.
+    # memory_seeds(_inserted): memory_health's arms that its seed-0 run left standing.
     **{("memory_seeds", arm): HEALTH_SCRATCH_ARMS[arm].expected(inserted=False)
        for arm in ("scratch_before", "scratch_reference", "scratch_key_norm")},
-    ("memory_seeds", "scratch_lr01"): change(HEALTH_SCRATCH, memory_lr=0.01, memory_lr_keys=False).expected(False),
     **{("memory_seeds_inserted", arm): HEALTH_INSERTED_ARMS[arm].expected(inserted=True)
        for arm in ("inserted_before", "inserted_reference")},
 }

@@ -42,7 +42,7 @@ def test_loss_goes_down_on_a_short_fit(tiny_data) -> None:
     assert after < before - 1.5
 
 
-def test_summary_train_loss_is_the_mean_over_the_last_validation_interval(tiny_data) -> None:
+def test_summary_train_loss_is_the_mean_over_the_last_validation_interval(tiny_data, tmp_path: Path) -> None:
     from midus.training.run_summary import RunSummary
 
     class StepLosses(pl.Callback):
@@ -56,7 +56,8 @@ def test_summary_train_loss_is_the_mean_over_the_last_validation_interval(tiny_d
     module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=2, recall_probe_size=0)
     steps, summary = StepLosses(), RunSummary()
     # Validations after steps 4 and 8, and none after the last 2 steps: those must not count.
-    trainer = quiet_trainer(max_steps=10, val_check_interval=4, limit_val_batches=2, callbacks=[steps, summary])
+    trainer = quiet_trainer(max_steps=10, val_check_interval=4, limit_val_batches=2, callbacks=[steps, summary],
+                            default_root_dir=tmp_path)  # where the callback writes its summary.json
     trainer.fit(module, tiny_data)
     record = summary.summary(trainer, module, "unused")
     assert len(steps.losses) == 10

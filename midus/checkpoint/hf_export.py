@@ -104,11 +104,19 @@ def llama_config_from_model_config(
     from transformers import LlamaConfig
 
     check_llama_exportable(config)
+    fields = _shared_fields(config, dtype, max_position_embeddings, tokenizer)
+    return LlamaConfig(architectures=["LlamaForCausalLM"], mlp_bias=False, **fields)
+
+
+def _shared_fields(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    max_position_embeddings: int | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> dict:
+    """The config fields Llama and Qwen3 name alike, from the kit's config."""
     rope, positions = _rope_parameters(config)
-    if max_position_embeddings is None:
-        max_position_embeddings = positions
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
+    return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.d_model,
         intermediate_size=config.ffn_width,
@@ -117,13 +125,12 @@ def llama_config_from_model_config(
         num_key_value_heads=config.kv_heads,
         head_dim=config.head_dim,
         hidden_act="silu",
-        max_position_embeddings=max_position_embeddings,
+        max_position_embeddings=positions if max_position_embeddings is None else max_position_embeddings,
         initializer_range=config.init_std,
         rms_norm_eps=config.norm_eps,
         rope_parameters=rope,  # transformers 5 keeps theta and scaling together here
         tie_word_embeddings=config.tie_embeddings,
         attention_bias=config.qkv_bias,
-        mlp_bias=False,
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
         eos_token_id=getattr(tokenizer, "eos_token_id", None),
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
@@ -149,33 +156,13 @@ def qwen3_config_from_model_config(
     if not config.qk_norm:
         raise ValueError("qk_norm=False: Qwen3 always normalises queries and keys; export such a model as Llama")
     check_hf_exportable(config)
-    rope, positions = _rope_parameters(config)
-    if max_position_embeddings is None:
-        max_position_embeddings = positions
     return Qwen3Config(
         architectures=["Qwen3ForCausalLM"],
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.ffn_width,
-        num_hidden_layers=config.depth,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.kv_heads,
-        head_dim=config.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=config.init_std,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters=rope,
-        tie_word_embeddings=config.tie_embeddings,
-        attention_bias=config.qkv_bias,
         use_sliding_window=False,
         sliding_window=None,
         max_window_layers=config.depth,
         layer_types=["full_attention"] * config.depth,
-        bos_token_id=getattr(tokenizer, "bos_token_id", None),
-        eos_token_id=getattr(tokenizer, "eos_token_id", None),
-        pad_token_id=getattr(tokenizer, "pad_token_id", None),
-        dtype=dtype,
+        **_shared_fields(config, dtype, max_position_embeddings, tokenizer),
     )
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +36,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+
+from timing import best_times_ms  # noqa: E402
 
 from midus.model import LayerSpec, ModelConfig  # noqa: E402
 from midus.model.block import TransformerBlock  # noqa: E402
@@ -44,26 +46,6 @@ from midus.model.branches import available_branches, build_branch  # noqa: E402
 from midus.model.kv_cache import KVCache  # noqa: E402
 from midus.model.memory_block import MemoryBlock  # noqa: E402
 from midus.model.rotary import RotaryEmbedding  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_times_ms(arms: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Best wall time of each arm over `repeats` alternating rounds, after one warm-up call each."""
-    for run in arms.values():
-        run()
-    best = {name: float("inf") for name in arms}
-    for _ in range(repeats):
-        for name, run in arms.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def training_bytes(module: nn.Module, step: Callable[[], torch.Tensor]) -> int:

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -58,6 +57,9 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+
+from timing import best_times_ms  # noqa: E402
 
 from midus.analysis import cost_model as cm  # noqa: E402
 from midus.model import LayerSpec, ModelConfig  # noqa: E402
@@ -109,26 +111,6 @@ def block_config(point: Point, arm: str, pkm_heads: int, d_ffn: int = 0, heads: 
         memory={"n_subkeys": point.n_subkeys, "topk": point.topk, "latent_dim": point.latent_dim, "values": values,
                 "zero_init_values": False, "pkm_heads": pkm_heads},
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_times_ms(arms: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Best wall time of each arm over `repeats` alternating rounds, after one warm-up call each."""
-    for run in arms.values():
-        run()
-    best = {name: math.inf for name in arms}
-    for _ in range(repeats):
-        for name, run in arms.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def measure_point(point: Point, arms: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:

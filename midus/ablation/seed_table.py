@@ -1,7 +1,8 @@
 """The tables of a seeded ablation: per arm, each metric's mean and 95 % interval over seeds;
 per arm against the reference arm, the paired difference and a verdict (`midus.ablation.intervals`).
 
-Only runs with a readable ``summary.json`` count; a metric missing from a run (e.g. recall with
+Only finished runs count (status "ok": a readable ``summary.json``; not a failed, running or
+crashed run, which ``report`` would otherwise read from its event files); a metric missing from a run (e.g. recall with
 the probe off) is averaged over the runs that have it, and the cell says how many when that is
 fewer than the arm's runs.
 """
@@ -32,7 +33,7 @@ def values_by_seed(rows: list[ArmRow], arm: str, column: Column) -> dict[int, fl
     """The arm's numeric values of `column`, by seed, from its runs with a summary."""
     found = {}
     for row in rows:
-        if row.arm == arm and row.record is not None and row.seed is not None:
+        if row.arm == arm and row.status == "ok" and row.record is not None and row.seed is not None:
             value = column.read(row.record)
             if _numeric(value):
                 found[row.seed] = float(value)
@@ -63,7 +64,7 @@ def mean_table(rows: list[ArmRow], columns: list[Column]) -> str:
         "|" + "---|" * (len(columns) + 2),
     ]
     for arm in _arms(rows):
-        runs = [row for row in rows if row.arm == arm and row.record is not None]
+        runs = [row for row in rows if row.arm == arm and row.status == "ok" and row.record is not None]
         cells = [arm, str(len(runs))]
         for column in columns:
             values = values_by_seed(rows, arm, column)

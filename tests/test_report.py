@@ -224,15 +224,18 @@ def test_seeded_runs_are_drawn_as_bands_and_tabulated_with_intervals(tmp_path: P
         record = {"params": {"total": 100, "added": 10}, "val": {"ppl": float(np.exp(loss)), "best_loss": loss},
                   "train": {"tokens": 1000, "steps": 10}}
         (run / "summary.json").write_text(json.dumps(record))
+    # A seed still running (events, no summary.json) is listed but enters no mean.
+    write_events(experiment / "new" / "seed3", {"val/loss": [(0, 7.0, 1.0), (4, 1.0, 2.0)]})
     layout = {"arms": ["ref", "new"], "seeds": [0, 1, 2], "reference": "ref"}
     (experiment / "ablation.json").write_text(json.dumps(layout))
     runs = collect_arms(experiment)
     assert [(run.name, run.arm, run.seed) for run in runs] == [
-        ("new/seed0", "new", 0), ("new/seed1", "new", 1), ("new/seed2", "new", 2),
+        ("new/seed0", "new", 0), ("new/seed1", "new", 1), ("new/seed2", "new", 2), ("new/seed3", "new", 3),
         ("ref/seed0", "ref", 0), ("ref/seed1", "ref", 1), ("ref/seed2", "ref", 2),
     ]
     curves, _, _ = loss_curves(runs)
-    bands, _ = seed_bands(curves, runs)
+    finished = [run for run in runs if run.status == "ok"]
+    bands, _ = seed_bands(curves, finished)
     assert bands["new"].seeds == 3 and list(bands["new"].x) == [0, 1000]
     assert bands["new"].mean[1] == pytest.approx((4.8 + 5.3 + 4.35) / 3)
     assert (bands["new"].low[1], bands["new"].high[1]) == pytest.approx((4.35, 5.3))
@@ -241,7 +244,8 @@ def test_seeded_runs_are_drawn_as_bands_and_tabulated_with_intervals(tmp_path: P
     assert "## Mean over seeds 0, 1, 2" in report and "## Paired differences to ref" in report  # from ablation.json
     # new - ref = -0.2, -0.1, -0.25: lower in every seed, yet 3 seeds' t-interval still reaches 0.
     assert "| new | 3 | -0.183 [-0.373, 0.006] not distinguishable |" in report
-    assert "| new/seed1 | ok |" in report
+    assert "| new/seed1 | ok |" in report and "| new/seed3 | no summary.json; from event files |" in report
+    assert "| new | 3 | 100 | 10 | " in report
     for png in (LOSS_PNG, PPL_PNG):
         assert_png(experiment / png)
     with pytest.raises(NoRunError, match="--reference 'nope'"):

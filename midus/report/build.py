@@ -88,7 +88,11 @@ def write_report(experiment_dir: Path, out: Path | None = None, reference: str |
         raise NoRunError(f"--reference {reference!r}: no such arm in {experiment_dir}; "
                          f"the arms are: {', '.join(dict.fromkeys(arm.arm for arm in arms))}")
     curves, xlabel, curve_notes = loss_curves(arms)
-    bands, band_notes = seed_bands(curves, arms)
+    # A seed still running or crashed is listed in the table, but enters no band (as no mean).
+    unfinished = [arm.name for arm in arms if arm.seed is not None and arm.status != "ok"]
+    bands, band_notes = seed_bands(curves, [arm for arm in arms if arm.name not in unfinished])
+    band_notes += [f"`{name}` has no summary.json (running or crashed): not in its arm's band or mean."
+                   for name in unfinished]
     points, ppl_label, ppl_notes = ppl_points(arms)
     points, spread = mean_points(points, arms)
     out = Path(out) if out is not None else experiment_dir / "report.md"

@@ -9,7 +9,7 @@ import torch
 
 from midus.model.retrieval.product_keys import ProductKeys, brute_force_retrieval, sorted_pair_candidates
 from midus.model.retrieval.slot_usage import SlotUsage
-from midus.model.retrieval.value_lookup import WeightedRowSum, weighted_row_sum
+from midus.model.retrieval.value_lookup import flat_weighted_row_sum, weighted_row_sum
 
 
 def in_slot_order(weights: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ def test_weighted_row_sum_gradients_match_autograd_of_a_gather() -> None:
     slots = torch.randint(0, 40, (25, 5))
     slots[0] = 7  # one bag reading the same row five times
     weights = torch.rand(25, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t, w: WeightedRowSum.apply(t, slots, w), (table, weights))
+    assert torch.autograd.gradcheck(lambda t, w: flat_weighted_row_sum(t, slots, w), (table, weights))
     out = weighted_row_sum(table, slots.view(5, 5, 5), weights.view(5, 5, 5))
     reference = (table[slots] * weights[..., None]).sum(1).view(5, 5, 6)
     torch.testing.assert_close(out, reference)
@@ -75,7 +75,7 @@ def test_weight_gradient_handles_repeated_and_unsorted_slots(dtype: torch.dtype)
     grad_out = torch.randn(9, 8).to(dtype)
     expected = torch.einsum("mkd,md->mk", table[slots].float(), grad_out.float())
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-    torch.testing.assert_close(lookup._weight_gradient(table, slots, grad_out).float(), expected, **tolerance)
+    torch.testing.assert_close(lookup.bag_weight_gradient(table, slots, grad_out).float(), expected, **tolerance)
 
 
 def test_slot_usage_statistics_on_known_reads() -> None:
@@ -92,13 +92,13 @@ def test_slot_usage_statistics_on_known_reads() -> None:
 
 
 def test_top_subkey_scores_backward_matches_dense_autograd() -> None:
-    from midus.model.retrieval.subkey_scores import TopSubkeyScores, subkey_scores
+    from midus.model.retrieval.subkey_scores import subkey_scores, top_subkey_scores
 
     torch.manual_seed(0)
     halves = torch.randn(5, 3, 2, 4, dtype=torch.float64, requires_grad=True)
     subkeys = torch.randn(3, 2, 9, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, s: TopSubkeyScores.apply(h, s, 4)[0], (halves, subkeys))
-    top, index = TopSubkeyScores.apply(halves, subkeys, 4)
+    assert torch.autograd.gradcheck(lambda h, s: top_subkey_scores(h, s, 4)[0], (halves, subkeys))
+    top, index = top_subkey_scores(halves, subkeys, 4)
     reference_top, reference_index = subkey_scores(halves, subkeys).topk(4, dim=-1)
     assert torch.equal(index, reference_index)
     torch.testing.assert_close(top, reference_top)

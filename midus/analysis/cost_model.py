@@ -23,7 +23,7 @@ Conventions:
   four products for the forward's two; FlopCounterMode's sdpa rule), without a flash kernel's
   recomputation of the scores. Elementwise parts (norms, rotary, SiLU, residual adds) also
   take 2× forward.
-* Sub-key scoring is a dense matmul forward, but the kit's backward (`TopSubkeyScores`) touches
+* Sub-key scoring is a dense matmul forward, but the kit's backward (`top_subkey_scores`) touches
   only the k kept scores per half: two weighted bags of k sub-key rows (grad query, grad sub-keys),
   4·k·c FLOPs per (token, head), none of them matmuls.
 * Value gather backward = scatter-add of the k read rows into a dense, zero-filled gradient

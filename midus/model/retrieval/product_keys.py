@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from midus.model.retrieval.subkey_scores import TopSubkeyScores, subkey_scores
+from midus.model.retrieval.subkey_scores import subkey_scores, top_subkey_scores
 
 
 def sorted_pair_candidates(k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +105,7 @@ class ProductKeys(nn.Module):
         The k slots of a query come in no particular order. Analyses observe or steer this
         output through forward hooks (`slot_usage`, `midus.analysis.head_gate`), never here.
         """
-        top, sub_index = TopSubkeyScores.apply(self.query_halves(queries), self.scored_subkeys(), self.topk)
+        top, sub_index = top_subkey_scores(self.query_halves(queries), self.scored_subkeys(), self.topk)
         s1, s2 = top.unbind(-2)  # each shortlist sorted best first
         # index_select rather than advanced indexing: its backward is an index_add, not an index_put.
         pair_scores = s1.index_select(-1, self.pair_i) + s2.index_select(-1, self.pair_j)  # (..., H, P)

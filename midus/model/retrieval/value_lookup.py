@@ -3,7 +3,7 @@
 Every memory branch ends with out[m] = Σ_j w[m, j] · table[slot[m, j]]. The forward is one
 `embedding_bag` call (sum mode with per-sample weights), which reduces each bag in place.
 On CPU its stock backward is slow (a per-element loop for the weight gradient; measured in
-benchmarks/branches.py), so `WeightedRowSum` has its own:
+benchmarks/branches.py), so `flat_weighted_row_sum` has its own:
 
 * d table: the transposed problem is again a weighted bag sum. Sorting the flat slots
   groups the (m, j) that read one row; `embedding_bag` over the output gradients with
@@ -13,10 +13,19 @@ benchmarks/branches.py), so `WeightedRowSum` has its own:
   `torch.sparse.sampled_addmm` does without gathering rows.
 
 On other devices the stock `embedding_bag` backward is a fused kernel and is used as is.
+
+Why custom operators (``torch.library.custom_op``) and not a ``torch.autograd.Function``:
+the table gradient groups reads with `unique_consecutive`, whose output length depends on
+the data, and the weight gradient builds a sparse CSR tensor. `torch.compile` traces the
+backward of an autograd.Function at forward time, so both broke the graph (and
+``fullgraph=True`` failed). A custom op is opaque to the compiler: only its output shapes
+must be known (the fake implementations below), and a dense table gradient has the table's
+shape whatever rows were read. The real implementations run the same kernels as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import torch
@@ -24,28 +33,55 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class WeightedRowSum(torch.autograd.Function):
-    """out (M, width) = Σ_j weights[:, j] · table[slots[:, j]], with the backward above."""
+def op_namespace(module_name: str) -> str:
+    """The ``torch.library`` namespace of the custom ops a module defines: ``midus`` for the kit's own.
 
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        weights = weights.to(table.dtype)
-        ctx.save_for_backward(table, slots, weights)
-        return F.embedding_bag(slots, table, per_sample_weights=weights, mode="sum")
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        table, slots, weights = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_table = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            grad_table = bag_table_gradient(table, slots, weights, grad_out)
-        if ctx.needs_input_grad[2]:
-            grad_weights = _weight_gradient(table, slots, grad_out)
-        return grad_table, None, grad_weights
+    A Hugging Face custom-code export ships a copy of this package under another module name
+    (`midus.checkpoint.hf_custom_code`), possibly of another kit version. Defining an op again
+    under the same name replaces the first definition process-wide, so each copy gets its own
+    namespace and runs its own code.
+    """
+    if module_name.startswith("midus."):
+        return "midus"
+    return "midus_" + hashlib.sha256(module_name.encode()).hexdigest()[:16]
 
 
+OP_NAMESPACE = op_namespace(__name__)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::flat_weighted_row_sum", mutates_args=())
+def flat_weighted_row_sum(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out (M, width) = Σ_j weights[:, j] · table[slots[:, j]]; slots and weights (M, k)."""
+    return F.embedding_bag(slots, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+@flat_weighted_row_sum.register_fake
+def _flat_weighted_row_sum_shape(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return table.new_empty(slots.shape[0], table.shape[1])
+
+
+def _save_lookup_inputs(ctx, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    table, slots, weights = inputs
+    # The weights as given: `bag_table_gradient` casts the ones it reads to the table's dtype, as
+    # the forward did (an elementwise cast, so the same values; the softmax keeps these anyway).
+    ctx.save_for_backward(table, slots, weights)
+
+
+def _lookup_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+    table, slots, weights = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    grad_table = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_table = bag_table_gradient(table, slots, weights, grad_out)
+    if ctx.needs_input_grad[2]:
+        grad_weights = bag_weight_gradient(table, slots, grad_out)
+    return grad_table, None, grad_weights
+
+
+flat_weighted_row_sum.register_autograd(_lookup_backward, setup_context=_save_lookup_inputs)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::bag_table_gradient", mutates_args=())
 def bag_table_gradient(
     table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
 ) -> torch.Tensor:
@@ -58,6 +94,8 @@ def bag_table_gradient(
         order         (position m·k + j of each sorted read; its bag m = order // k)
         embedding_bag(order // k, d out, offsets = run starts, per_sample_weights = w[order])
             → per_row (touched rows, width), scattered into a zero table at `rows`
+
+    The number of touched rows depends on the data; the result, a dense table, does not.
     """
     k = slots.shape[1]
     sorted_slots, order = torch.sort(slots.flatten())
@@ -75,7 +113,16 @@ def bag_table_gradient(
     return grad_table
 
 
-def _weight_gradient(table, slots, grad_out) -> torch.Tensor:
+@bag_table_gradient.register_fake
+def _bag_table_gradient_shape(
+    table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    return torch.empty_like(table)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::bag_weight_gradient", mutates_args=())
+def bag_weight_gradient(table: torch.Tensor, slots: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d weights (M, k) of out[m] = Σ_j weights[m, j] · table[slots[m, j]]: ⟨d out[m], table[slots[m, j]]⟩."""
     n_bags, k = slots.shape
     # sampled_addmm has no bfloat16/half kernel on CPU; the k dot products are cheap in float32.
     dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
@@ -94,12 +141,17 @@ def _weight_gradient(table, slots, grad_out) -> torch.Tensor:
     return dots.values().view(n_bags, k).to(grad_out.dtype)
 
 
+@bag_weight_gradient.register_fake
+def _bag_weight_gradient_shape(table: torch.Tensor, slots: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    return grad_out.new_empty(slots.shape)
+
+
 def weighted_row_sum(table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_j weights[..., j] · table[slots[..., j]]: slots and weights (..., k) → (..., width)."""
     lead, k = slots.shape[:-1], slots.shape[-1]
     slots, weights = slots.reshape(-1, k), weights.reshape(-1, k)
     if table.device.type == "cpu":
-        flat = WeightedRowSum.apply(table, slots, weights)
+        flat = flat_weighted_row_sum(table, slots, weights)
     else:
         flat = F.embedding_bag(slots, table, per_sample_weights=weights.to(table.dtype), mode="sum")
     return flat.view(*lead, table.shape[1])

@@ -29,6 +29,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
+
+from timing import best_times_ms, synchronize  # noqa: E402
 
 from midus.model import LayerSpec, ModelConfig  # noqa: E402
 from midus.model.block import TransformerBlock  # noqa: E402
@@ -66,11 +69,6 @@ QUICK = Size(d_model=64, heads=4, kv_heads=2, n_subkeys=32, topk=8, latent_dim=1
 FULL = Size(d_model=256, heads=4, kv_heads=2, n_subkeys=128, topk=32, latent_dim=64, tokens=1024)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def build_blocks(size: Size, device: torch.device) -> dict[str, nn.Module]:
     """One block of every kind at `size` (random memory values: a zero table hides nothing, but reads realistic)."""
     config = ModelConfig(
@@ -94,19 +92,6 @@ def train_step(block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torc
         block(x, rope).square().mean().backward()
 
     return run
-
-
-def best_times_ms(arms: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Best wall time of each arm over `repeats` alternating rounds (arms already warmed up)."""
-    best = {name: float("inf") for name in arms}
-    for _ in range(repeats):
-        for name, run in arms.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-    return best
 
 
 def main() -> None:

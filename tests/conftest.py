@@ -96,3 +96,21 @@ def tiny_memory_run(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) 
     ])
     (checkpoint,) = runs.glob("*/*/checkpoints/last.ckpt")
     return checkpoint
+
+
+@pytest.fixture
+def transformers_warnings() -> list[str]:
+    """Warnings transformers logs while a test runs (load reports, RoPE checks, untied heads, config checks)."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    library_logger = logging.getLogger("transformers")  # transformers does not propagate to root
+    library_logger.addHandler(handler)
+    yield messages
+    library_logger.removeHandler(handler)

@@ -7,7 +7,6 @@ swapped tensor name shows in the logits), exported into `tmp_path`; nothing need
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -54,22 +53,6 @@ def random_model(seed: int = 0, **changes: object) -> MidusLM:
 
 def batch(time: int = 24) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, time), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def transformers_warnings() -> list[str]:
-    """Warnings transformers logs while a test runs (load reports, RoPE checks, untied heads)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    library_logger = logging.getLogger("transformers")  # transformers does not propagate to root
-    library_logger.addHandler(handler)
-    yield messages
-    library_logger.removeHandler(handler)
 
 
 @pytest.mark.parametrize("changes", CASES.values(), ids=CASES.keys())

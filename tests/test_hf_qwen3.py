@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
+from test_hf_import import save_random as save_random_model
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
 from midus.checkpoint.hf_export import export_hf_checkpoint, llama_config_from_model_config
@@ -39,17 +39,8 @@ PARITY_CASES = {
 
 
 def save_random(config: Qwen3Config, directory: Path) -> PreTrainedModel:
-    """Build, randomise every tensor (q/k norm gains and biases too, so a swapped name shows), save."""
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1 + 0.3 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.1)
-    model.save_pretrained(directory)
-    return model
+    """A random Qwen3ForCausalLM saved to `directory` (every tensor randomised, q/k norm gains too)."""
+    return save_random_model(Qwen3ForCausalLM, config, directory)
 
 
 def batch(time: int = 24) -> torch.Tensor:
@@ -239,22 +230,6 @@ def test_midus_on_a_decoupled_head_dim_is_refused_clearly(tmp_path: Path) -> Non
 
 
 # ---- export of DUS results back to Qwen3ForCausalLM ----
-
-
-@pytest.fixture
-def transformers_warnings() -> list[str]:
-    """Warnings transformers logs while a test runs (load reports, config checks)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    library_logger = logging.getLogger("transformers")  # transformers does not propagate to root
-    library_logger.addHandler(handler)
-    yield messages
-    library_logger.removeHandler(handler)
 
 
 def trained_copies(model: MidusLM, inserted: list[int]) -> MidusLM:

@@ -58,7 +58,6 @@ import math
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -66,9 +65,6 @@ from transformers import PreTrainedTokenizerBase
 
 from midus.data.corpus import ATTRIBUTES, value_choices
 from midus.data.recall_probe import TokenizedQuestion
-
-if TYPE_CHECKING:
-    from midus.model.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -164,20 +160,6 @@ def tokenizer_values(tokenizer: PreTrainedTokenizerBase) -> dict[str, CandidateV
     return _VALUES_OF_TOKENIZER[tokenizer]
 
 
-def _copy_prefix(target: KVCache, source: KVCache, rows: torch.Tensor, length: int) -> None:
-    """The first `length` positions of `source`'s `rows` (in order) into all of `target`'s rows."""
-    for layer in range(len(target.keys)):
-        target.keys[layer][:, :, :length] = source.keys[layer][rows, :, :length]
-        target.values[layer][:, :, :length] = source.values[layer][rows, :, :length]
-
-
-def _copy_rows(target: KVCache, source: KVCache, rows: slice) -> None:
-    """All of `source` into `target`'s `rows`."""
-    for layer in range(len(target.keys)):
-        target.keys[layer][rows] = source.keys[layer]
-        target.values[layer][rows] = source.values[layer]
-
-
 def _tree_log_probs(
     model: nn.Module, prompt: list[int], values: CandidateValues, batch_size: int
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -201,12 +183,12 @@ def _tree_log_probs(
             chunk = slice(first, first + batch_size)
             if cached:
                 chunk_cache = model.new_cache(len(parents[chunk]), length)
-                _copy_prefix(chunk_cache, cache, parents[chunk].to(device), length - 1)
+                chunk_cache.copy_prefix_from(cache, parents[chunk].to(device), length - 1)
                 logits = model(prefixes[chunk, -1:].to(device), chunk_cache, length - 1)
                 if level_cache is None:
                     level_cache = chunk_cache
                 else:
-                    _copy_rows(level_cache, chunk_cache, chunk)
+                    level_cache.copy_rows_from(chunk_cache, chunk)
             else:
                 ids = torch.cat((prompt_ids.expand(len(prefixes[chunk]), -1), prefixes[chunk].to(device)), dim=1)
                 logits = model(ids)

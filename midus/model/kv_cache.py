@@ -37,3 +37,16 @@ class KVCache:
         self.keys[layer][:, :, start:end] = keys
         self.values[layer][:, :, start:end] = values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def copy_prefix_from(self, source: KVCache, rows: torch.Tensor, length: int) -> None:
+        """Positions [0, length) of `source`'s batch `rows` (in order) into every row of this cache:
+        many continuations of shared prefixes decoded from one cache."""
+        for layer in range(len(self.keys)):
+            self.keys[layer][:, :, :length] = source.keys[layer][rows, :, :length]
+            self.values[layer][:, :, :length] = source.values[layer][rows, :, :length]
+
+    def copy_rows_from(self, source: KVCache, rows: slice) -> None:
+        """All of `source` into this cache's batch `rows` (a chunk of a larger batch)."""
+        for layer in range(len(self.keys)):
+            self.keys[layer][rows] = source.keys[layer]
+            self.values[layer][rows] = source.values[layer]

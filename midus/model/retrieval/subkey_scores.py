@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from midus.model.retrieval.value_lookup import bag_table_gradient, op_namespace
-
-OP_NAMESPACE = op_namespace(__name__)
+# The ops of one copy of the package share one namespace (`value_lookup.op_namespace`).
+from midus.model.retrieval.value_lookup import OP_NAMESPACE, bag_table_gradient
 
 
 def subkey_scores(halves: torch.Tensor, subkeys: torch.Tensor) -> torch.Tensor:

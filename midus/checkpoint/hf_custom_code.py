@@ -26,6 +26,7 @@ import torch
 
 import midus.model
 from midus.checkpoint import hf_modeling
+from midus.checkpoint.hf_export import cpu_state_dict
 from midus.model.transformer import MidusLM
 
 MODELING_FILE = "modeling_midus.py"
@@ -127,22 +128,9 @@ def export_custom_code(model: MidusLM, directory: str | Path, tokenizer=None, dt
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (directory / name).write_text(text, encoding="utf-8")
-    save_file(_tensors(model, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tensors = cpu_state_dict(model, dtype, lambda name: f"model.{name}")  # MidusForCausalLM.model
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     hf_config.save_pretrained(str(directory))  # config.json last: only a finished export loads
     return directory
-
-
-def _tensors(model: MidusLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The kit's state dict under ``model.``, on the CPU in `dtype`; a tied head is left to transformers."""
-    tensors, written = {}, set()
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        tensor = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
-        if tensor.untyped_storage().data_ptr() in written:  # safetensors refuses shared memory
-            tensor = tensor.clone()
-        written.add(tensor.untyped_storage().data_ptr())
-        tensors[f"model.{name}"] = tensor
-    return tensors

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -242,18 +242,25 @@ def export_hf_checkpoint(
 
 def _hf_state_dict(model: MidusLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Kit tensors under LlamaForCausalLM's (and Qwen3ForCausalLM's) names, on the CPU in `dtype`, contiguous."""
+    return cpu_state_dict(model, dtype, _hf_name)
+
+
+def cpu_state_dict(
+    model: MidusLM, dtype: torch.dtype, rename: Callable[[str], str] = lambda name: name
+) -> dict[str, torch.Tensor]:
+    """`model`'s tensors for a safetensors file: under `rename(kit name)`, on the CPU in `dtype`,
+    contiguous, none sharing memory; a tied head is left out (transformers re-ties it on load)."""
     tensors: dict[str, torch.Tensor] = {}
     written: set[int] = set()
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue  # transformers re-ties it from model.embed_tokens.weight on load
-        hf_name = _hf_name(name)
+            continue
         tensor = tensor.detach().to("cpu", dtype).contiguous()
         # safetensors refuses tensors sharing memory (e.g. one block module placed twice).
         if tensor.untyped_storage().data_ptr() in written:
             tensor = tensor.clone()
         written.add(tensor.untyped_storage().data_ptr())
-        tensors[hf_name] = tensor
+        tensors[rename(name)] = tensor
     return tensors
 
 

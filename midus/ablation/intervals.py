@@ -14,6 +14,7 @@ else "not distinguishable"; with one common seed there is no interval and no ver
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ CONFIDENCE = 0.95
 BETTER, WORSE, UNDECIDED = "better", "worse", "not distinguishable"
 
 
+@functools.cache  # 30 ms a call, and a table asks for the same few (p, df) hundreds of times
 def t_quantile(probability: float, df: int) -> float:
     """The `probability` quantile (0.5 < p < 1) of Student's t with `df` degrees of freedom.
 

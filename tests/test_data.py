@@ -272,6 +272,35 @@ def test_embedded_key_includes_the_replay_settings() -> None:
     assert embedded_key(1, 20, 3, 0, 0, 0.4) == embedded_key(1, 20, 3, 0, 20, 0.4)  # 0 = num_people
 
 
+def test_replay_population_keeps_the_base_runs_documents_and_can_leave_validation() -> None:
+    # A new population with fewer renderings per person than the base's (2 against 4): the replay
+    # population is generated with the base's 4, so what is replayed is the base run's own text.
+    main, replay = BiographyCorpus(1, 20, 2), BiographyCorpus(0, 30, 4)
+    splits = embedded_splits(main, replay, 0.5)
+    replayed = [doc for doc in splits["train"]["text"] if doc not in set(main.train_documents())]
+    assert len(replayed) == 40 and set(replayed) <= set(replay.train_documents())  # the base run's documents
+    assert not set(replayed) <= set(BiographyCorpus(0, 30, 2).train_documents())  # not a 2-rendering draw
+    assert splits["validation"]["text"] == main.validation_documents() + replay.validation_documents()
+    new_only = embedded_splits(main, replay, 0.5, replay_validation=False)
+    assert new_only["validation"]["text"] == main.validation_documents()
+    assert new_only["train"]["text"] == splits["train"]["text"]  # training text is unchanged
+    # Both settings name their text in the cache key; the defaults keep every earlier key.
+    assert embedded_key(1, 20, 3, 0, 30, 0.4, 3, True) == embedded_key(1, 20, 3, 0, 30, 0.4)
+    assert embedded_key(1, 20, 2, 0, 30, 0.4, 4) == "biographies-s1-n20-d2-replay-s0-n30-p0.4-d4"
+    assert embedded_key(1, 20, 2, 0, 30, 0.4, 0, False) == "biographies-s1-n20-d2-replay-s0-n30-p0.4-valnew"
+
+
+def test_replay_docs_per_person_and_replay_validation_reach_the_data(tmp_path: Path) -> None:
+    settings = {**REPLAY, "docs_per_person": 2, "replay_docs_per_person": 4, "replay_validation": False}
+    data = replay_data(tmp_path, embedded=EmbeddedCorpusConfig(**{**settings, "replay_share": 0.5}))
+    assert data.replay_corpus.docs_per_person == 4 and data.corpus.docs_per_person == 2
+    assert data.recall_questions["replay"]  # the replay probe runs without replay validation text
+    blocks = {path.name.split("-bpe")[0] for path in (tmp_path / "tokenizers").iterdir()}
+    assert blocks == {"biographies-s1-n20-d2-replay-s0-n30-p0.5-d4-valnew"}
+    with pytest.raises(ValueError, match=r"data.embedded.replay_docs_per_person must be 0"):
+        replay_data(tmp_path, embedded=EmbeddedCorpusConfig(**{**REPLAY, "replay_docs_per_person": -1}))
+
+
 def test_replay_tokenizer_is_cached_under_the_mix_key(tiny_cache: Path) -> None:
     replay_data(tiny_cache)
     cached = {path.name for path in (tiny_cache / "tokenizers").iterdir()}

@@ -29,14 +29,18 @@ def _short_hash(*parts: object) -> str:
 
 
 def embedded_splits(
-    corpus: BiographyCorpus, replay: BiographyCorpus | None = None, replay_share: float = 0.0
+    corpus: BiographyCorpus,
+    replay: BiographyCorpus | None = None,
+    replay_share: float = 0.0,
+    replay_validation: bool = True,
 ) -> DatasetDict:
     """Training biographies and held-out-template biographies of the same people.
 
     With a `replay` population, training text is every document of `corpus` plus a subset of
     the replay population's documents (see `replay_counts`) making `replay_share` of the mix,
     shuffled together deterministically; validation text is the held-out-template biographies
-    of both populations (main first, then replay, one per person), so ``val/loss`` covers both.
+    of both populations (main first, then replay, one per person), so ``val/loss`` covers both;
+    with ``replay_validation=False`` the main population's alone.
     People of `corpus` whose name also occurs in `replay` are left out of the main population
     (see `shared_names`).
     """
@@ -52,6 +56,8 @@ def embedded_splits(
     replay_train = replay.train_documents(counts)
     train = main_train + replay_train
     mix = (corpus.seed, len(corpus.people), corpus.docs_per_person, replay.seed, len(replay.people), replay_share)
+    if replay.docs_per_person != corpus.docs_per_person:  # only then: every earlier mix keeps its order
+        mix += (replay.docs_per_person,)
     random.Random(f"midus.text.replay_mix:{mix}").shuffle(train)
     validation = [doc for doc, keep in zip(corpus.validation_documents(), kept) if keep]
     log.info(
@@ -60,7 +66,9 @@ def embedded_splits(
     )
     return DatasetDict(
         train=Dataset.from_dict({"text": train}),
-        validation=Dataset.from_dict({"text": validation + replay.validation_documents()}),
+        validation=Dataset.from_dict(
+            {"text": validation + (replay.validation_documents() if replay_validation else [])}
+        ),
     )
 
 
@@ -105,17 +113,25 @@ def embedded_key(
     replay_seed: int = -1,
     replay_num_people: int = 0,
     replay_share: float = 0.0,
+    replay_docs_per_person: int = 0,
+    replay_validation: bool = True,
 ) -> str:
     """Cache key of an embedded corpus (its text is a pure function of these).
 
     Without replay (``replay_seed`` < 0) the replay arguments are ignored and the key is
     ``biographies-s{seed}-n{num_people}-d{docs_per_person}``; with replay it gains
     ``-replay-s{replay_seed}-n{people}-p{share}`` (``replay_num_people`` 0 counts as
-    `num_people`, so both spellings of one mix share a key).
+    `num_people`, so both spellings of one mix share a key), then ``-d{replay_docs_per_person}``
+    when that differs from `docs_per_person` and ``-valnew`` when validation leaves the replay
+    population out (the defaults add nothing: earlier keys stay valid).
     """
     key = f"biographies-s{seed}-n{num_people}-d{docs_per_person}"
     if replay_seed >= 0:
         key += f"-replay-s{replay_seed}-n{replay_num_people or num_people}-p{float(replay_share)!r}"
+        if replay_docs_per_person and replay_docs_per_person != docs_per_person:
+            key += f"-d{replay_docs_per_person}"
+        if not replay_validation:
+            key += "-valnew"
     return key
 
 

@@ -52,6 +52,16 @@ class EmbeddedCorpusConfig:
     validation text holds the held-out biographies of both populations."""
     replay_num_people: int = 0
     """Size of the replay population (0: the same as num_people)."""
+    replay_docs_per_person: int = 0
+    """Training biographies per person the replay population is generated with (0: the same as
+    docs_per_person). Set it to the base run's docs_per_person when the new population has fewer
+    renderings per person than the base's had: the replay documents are then still exactly the
+    base run's (its first renderings of each person, in the order they were drawn)."""
+    replay_validation: bool = True
+    """Whether validation text holds the replay population's held-out biographies after the new
+    population's (val/loss covers both). False scores the new population's alone: a tuning run
+    then never reads the text a reported run's val/loss reads for the replay population. The
+    replay probes (val/recall_acc_replay*) run either way."""
     replay_share: float = 0.25
     """Share of the training documents that come from the replay population, in (0, 1); the rest
     are all documents of population seed. Replay documents are a fixed subset of the replay
@@ -75,6 +85,11 @@ def _replay_people(embedded: EmbeddedCorpusConfig) -> int:
         )
     if not 0.0 < embedded.replay_share < 1.0:
         raise ValueError(f"data.embedded.replay_share must be in (0, 1) with replay, got {embedded.replay_share}")
+    if embedded.replay_docs_per_person < 0:
+        raise ValueError(
+            "data.embedded.replay_docs_per_person must be 0 (= docs_per_person) or >= 1, "
+            f"got {embedded.replay_docs_per_person}"
+        )
     if not 0 <= embedded.replay_num_people <= NAME_SPACE_SIZE:
         raise ValueError(
             f"data.embedded.replay_num_people must be 0 (= num_people) or in [1, {NAME_SPACE_SIZE}], "
@@ -159,7 +174,9 @@ class TextData:
             replay_people = _replay_people(embedded)
             self.corpus = BiographyCorpus(embedded.seed, embedded.num_people, embedded.docs_per_person)
             if replay_people:
-                self.replay_corpus = BiographyCorpus(embedded.replay_seed, replay_people, embedded.docs_per_person)
+                self.replay_corpus = BiographyCorpus(
+                    embedded.replay_seed, replay_people, embedded.replay_docs_per_person or embedded.docs_per_person
+                )
                 self.dropped_people = frozenset(shared_names(self.corpus, self.replay_corpus))
                 if self.dropped_people:
                     log.warning(
@@ -167,10 +184,11 @@ class TextData:
                         "left out of population %d: %s", len(self.dropped_people), embedded.seed,
                         embedded.replay_seed, embedded.seed, sorted(self.dropped_people),
                     )
-            splits = embedded_splits(self.corpus, self.replay_corpus, embedded.replay_share)
+            splits = embedded_splits(self.corpus, self.replay_corpus, embedded.replay_share, embedded.replay_validation)
             corpus_key = embedded_key(
                 embedded.seed, embedded.num_people, embedded.docs_per_person,
                 embedded.replay_seed, replay_people, embedded.replay_share,
+                embedded.replay_docs_per_person, embedded.replay_validation,
             )
         elif source == "files":
             splits, corpus_key = file_splits(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,56 @@ def run_label(arm: str, seed: int | None) -> str:
     return arm if seed is None else f"{arm}/seed{seed}"
 
 
+_TUNE_KEYS = {"seed", "metric", "overrides", "candidates"}
+
+
+@dataclass
+class TuneSpec:
+    """``ablation.tune``: the candidates every arm runs with, on the tuning runs' own data."""
+
+    seed: int
+    metric: str
+    """Dotted key of ``summary.json`` (e.g. ``val.loss``); the candidate with the lowest value wins."""
+    overrides: dict[str, Any]
+    """Flat dotted overrides every tuning run gets after its arm's (nested by `expand_dotted`)."""
+    candidates: dict[str, dict[str, Any]]
+    """Candidate name → flat dotted overrides, applied last."""
+
+
+def parse_tune(section: Any, where: str) -> TuneSpec:
+    """`section` (the YAML's ``ablation.tune``) as a `TuneSpec`; an `AblationError` naming `where` otherwise."""
+    if not isinstance(section, dict) or set(section) - _TUNE_KEYS or "candidates" not in section:
+        raise AblationError(
+            f"{where}: expected a mapping with 'candidates' and optionally 'seed', 'metric', 'overrides'; "
+            f"got {section!r}"
+        )
+    seed = section.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise AblationError(f"{where}.seed: expected a non-negative integer, got {seed!r}")
+    metric = section.get("metric", "val.loss")
+    if not isinstance(metric, str) or not metric:
+        raise AblationError(f"{where}.metric: expected a summary.json key such as 'val.loss', got {metric!r}")
+    overrides = section.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise AblationError(f"{where}.overrides: expected a mapping of dotted keys, got {overrides!r}")
+    candidates = section["candidates"]
+    if not isinstance(candidates, dict) or len(candidates) < 2:
+        raise AblationError(f"{where}.candidates: expected at least two named candidates, got {candidates!r}")
+    for name, values in candidates.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise AblationError(
+                f"{where}.candidates: name {name!r} must be a directory name (letters, digits, '_', '.', '+', '-')"
+            )
+        if not isinstance(values, dict) or not values:
+            raise AblationError(f"{where}.candidates.{name}: expected a non-empty mapping of dotted keys")
+    return TuneSpec(seed, metric, dict(overrides), {str(name): dict(values) for name, values in candidates.items()})
+
+
 @dataclass
 class Ablation:
     """An ablation YAML: its name, the shared base config, each arm's overrides (nested), its seeds
-    (None: one run per arm, with the base's ``seed_everything``) and its reference arm."""
+    (None: one run per arm, with the base's ``seed_everything``), its reference arm, its tuning
+    candidates and how many runs go at a time."""
 
     path: Path
     name: str
@@ -55,6 +101,13 @@ class Ablation:
     arms: dict[str, dict[str, Any]]
     seeds: list[int] | None = None
     reference: str | None = None
+    tune: TuneSpec | None = None
+    """``ablation.tune``: the candidates ``--tune`` runs every arm with (`midus.ablation.tuning`)."""
+    jobs: int = 1
+    """``ablation.jobs``: runs at a time (``--jobs`` replaces it)."""
+    references: list[str] = field(default_factory=list)
+    """Every arm of ``ablation.reference`` (an arm or a list of arms), `reference` first: each gets
+    its own table of paired differences."""
 
     def arm_config(self, arm: str, seed: int | None = None) -> dict[str, Any]:
         """The run's full single-run config: base + overrides, logging to ``<save_dir>/<name>/<arm>``;
@@ -91,9 +144,10 @@ def load_ablation(path: str | Path) -> Ablation | None:
     def fail(message: str) -> AblationError:
         return AblationError(f"{path}: ablation: {message}")
 
-    if not isinstance(section, dict) or set(section) - {"name", "arms", "seeds", "reference"}:
+    if not isinstance(section, dict) or set(section) - {"name", "arms", "seeds", "reference", "tune", "jobs"}:
         raise fail(
-            f"expected a mapping with the keys 'arms' and optionally 'name', 'seeds', 'reference'; got {section!r}"
+            "expected a mapping with the keys 'arms' and optionally 'name', 'seeds', 'reference', 'tune', 'jobs'; "
+            f"got {section!r}"
         )
     name = section.get("name") or path.stem
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -113,10 +167,27 @@ def load_ablation(path: str | Path) -> Ablation | None:
         seeds = parse_seeds(seeds, f"{path}: ablation.seeds")
         if any("seed_everything" in overrides for overrides in nested.values()):
             raise fail("with seeds, an arm cannot set seed_everything (each run's seed comes from ablation.seeds)")
-    reference = section.get("reference")
-    if reference is not None and reference not in nested:
-        raise fail(f"reference={reference!r} is not an arm; the arms are: {', '.join(nested)}")
-    return Ablation(path, name, document, nested, seeds, reference)
+    given = section.get("reference")
+    references = [given] if isinstance(given, str) else given if given is not None else []
+    if not isinstance(references, list) or any(not isinstance(arm, str) or arm not in nested for arm in references):
+        raise fail(f"reference={given!r} is not an arm or a list of arms; the arms are: {', '.join(nested)}")
+    reference = references[0] if references else None
+    tune = parse_tune(section["tune"], f"{path}: ablation.tune") if section.get("tune") is not None else None
+    jobs = parse_jobs(section.get("jobs", 1), f"{path}: ablation.jobs")
+    return Ablation(path, name, document, nested, seeds, reference, tune, jobs, references)
+
+
+def parse_jobs(value: Any, where: str) -> int:
+    """`value` (an int or a numeric string) as a number of runs at a time, at least 1."""
+    try:
+        if isinstance(value, (bool, float)):
+            raise ValueError
+        jobs = int(str(value).strip())
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise AblationError(f"{where}: expected a whole number of runs at a time (1 or more), got {value!r}")
+    return jobs
 
 
 def parse_seeds(value: Any, where: str) -> list[int]:

@@ -80,6 +80,7 @@ Only ``fit`` takes an ablation YAML. To ``validate``/``test``/``predict`` one ar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -93,9 +94,11 @@ import yaml
 from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, SUBCOMMANDS, CommandLine, parse_command_line
 from midus.ablation.config import TENSORBOARD, AblationError, run_label
 from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
+from midus.ablation.parallel import Launch, run_launches
 from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
 from midus.ablation.summary_files import write_tables
 from midus.ablation.table import ArmRow, collect_rows
+from midus.ablation.tuning import TUNING_FILE, tuning_ablation, write_tuning
 from midus.run_files import ARM_CONFIG, value_at
 
 CKPT_FLAG = "--ckpt_path"
@@ -200,6 +203,10 @@ def run_ablation(argv: Sequence[str]) -> int:
     command = parse_command_line(argv)
     if command is None:
         raise AblationError("no --config names an ablation YAML (one with a top-level 'ablation:' section)")
+    tuned, tuned_arms = (command.ablation, command.arms) if command.tune else (None, [])
+    if tuned is not None:  # the tuning runs, as an ablation of their own (`midus.ablation.tuning`)
+        tuning = tuning_ablation(tuned, command.arms)
+        command = dataclasses.replace(command, ablation=tuning, arms=list(tuning.arms))
     ablation = command.ablation
     if command.subcommand != "fit":
         raise AblationError(
@@ -229,37 +236,48 @@ def run_ablation(argv: Sequence[str]) -> int:
         raise AblationError(f"{ablation.path}: arms log under different save_dirs: {sorted(map(str, experiment_dirs))}")
     starts = plan_starts(command, plans)
     # Every selected arm is valid and its start decided: from here on files are written.
+
+    def begin(number: int, plan: ArmPlan, start: ArmStart) -> list[str] | None:
+        print(
+            f"\n=== ablation {ablation.name}: arm {plan.label} ({number}/{len(plans)}) -> {plan.run_dir}: "
+            f"{start.describe()}",
+            flush=True,
+        )
+        for warning in start.warnings:
+            print(f"=== arm {plan.label}: not resuming from unreadable {warning}", file=sys.stderr, flush=True)
+        if start.action == SKIP:
+            return None
+        arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
+        seed_note = "" if plan.seed is None else f", seed {plan.seed}"
+        header = f"# Arm {plan.arm!r}{seed_note} of {ablation.path} (ablation {ablation.name!r}).\n"
+        start.prepare(header, plan.config, arm_command)
+        return start.arm_command(arm_command)
+
+    def report_failure(label: str, status: int) -> None:
+        print(
+            f"=== arm {label} failed with exit code {status}; rerunning this command "
+            "resumes it from its newest checkpoint, if it wrote one",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    launches = [
+        Launch(plan.label, plan.run_dir, functools.partial(begin, number, plan, start))
+        for number, (plan, start) in enumerate(zip(plans, starts), 1)
+    ]
     exit_codes: dict[str, int] = {}
     try:
-        for number, (plan, start) in enumerate(zip(plans, starts), 1):
-            print(
-                f"\n=== ablation {ablation.name}: arm {plan.label} ({number}/{len(plans)}) -> {plan.run_dir}: "
-                f"{start.describe()}",
-                flush=True,
-            )
-            for warning in start.warnings:
-                print(f"=== arm {plan.label}: not resuming from unreadable {warning}", file=sys.stderr, flush=True)
-            if start.action == SKIP:
-                continue
-            arm_command = command.for_arm(str(plan.run_dir / ARM_CONFIG))
-            seed_note = "" if plan.seed is None else f", seed {plan.seed}"
-            header = f"# Arm {plan.arm!r}{seed_note} of {ablation.path} (ablation {ablation.name!r}).\n"
-            start.prepare(header, plan.config, arm_command)
-            # A process per run: peak memory is the run's own, and a crash ends only that run.
-            exit_codes[plan.label] = run_arm_process(start.arm_command(arm_command))
-            if exit_codes[plan.label]:
-                print(
-                    f"=== arm {plan.label} failed with exit code {exit_codes[plan.label]}; rerunning this command "
-                    "resumes it from its newest checkpoint, if it wrote one",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        # A process per run: peak memory is the run's own, and a crash ends only that run.
+        run_launches(launches, command.jobs, lambda arguments: run_arm_process(arguments), report_failure, exit_codes)
     finally:  # an interrupted ablation still gets the table of what finished
         experiment_dir = experiment_dirs.pop()
         rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes, command.seeds)
         write_run_hparams(command, plans, rows)
         print(f"\nAblation {ablation.name} ({experiment_dir}/summary.md):\n")
-        print(write_tables(experiment_dir, ablation.name, rows, reference=ablation.reference), flush=True)
+        print(write_tables(experiment_dir, ablation.name, rows, reference=ablation.references or None), flush=True)
+        if tuned is not None:
+            print(f"\nTuning ({experiment_dir}/{TUNING_FILE}):\n")
+            print(write_tuning(experiment_dir, tuned, tuned_arms, rows), flush=True)
     return 1 if any(exit_codes.values()) else 0
 
 

@@ -106,12 +106,13 @@ def paired_table(rows: list[ArmRow], columns: list[Column], reference: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def seed_sections(rows: list[ArmRow], columns: list[Column], reference: str | None) -> str:
-    """The Markdown sections of a seeded ablation: means over seeds, then (with a reference) paired differences."""
+def seed_sections(rows: list[ArmRow], columns: list[Column], reference: str | list[str] | None) -> str:
+    """The Markdown sections of a seeded ablation: means over seeds, then the paired differences
+    to each reference arm (one, a list, or none)."""
     seeds = sorted({row.seed for row in rows if row.seed is not None})
     text = f"## Mean over seeds {', '.join(map(str, seeds))}\n\n{INTERVAL_NOTE}\n\n{mean_table(rows, columns)}"
-    if reference is not None:
-        text += f"\n## Paired differences to {reference}\n\n{PAIRED_NOTE}\n\n{paired_table(rows, columns, reference)}"
+    for arm in [reference] if isinstance(reference, str) else reference or []:
+        text += f"\n## Paired differences to {arm}\n\n{PAIRED_NOTE}\n\n{paired_table(rows, columns, arm)}"
     return text
 
 

@@ -19,15 +19,16 @@ def write_tables(
     experiment: str,
     rows: list[ArmRow],
     columns: list[Column] = COLUMNS,
-    reference: str | None = None,
+    reference: str | list[str] | None = None,
 ) -> str:
     """Write ``summary.md`` and ``summary.csv`` (one line per run) into `experiment_dir`; returns the
     Markdown. Rows with seeds add the means and intervals over seeds, the paired differences to
-    `reference`, and ``summary_seeds.csv`` (`midus.ablation.seed_table`)."""
+    `reference` (each of them, for a list), and ``summary_seeds.csv`` (`midus.ablation.seed_table`)."""
+    references = [reference] if isinstance(reference, str) else list(reference or [])
     table = markdown_table(rows, columns)
     seeded = any(row.seed is not None for row in rows)
     if seeded:
-        table = seed_sections(rows, columns, reference) + "\n## Every run\n\n" + table
+        table = seed_sections(rows, columns, references) + "\n## Every run\n\n" + table
     experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / "summary.md").write_text(f"# Ablation: {experiment}\n\n{table}", encoding="utf-8")
     with open(experiment_dir / "summary.csv", "w", newline="", encoding="utf-8") as out:
@@ -42,7 +43,8 @@ def write_tables(
     layout = {
         "arms": list(dict.fromkeys(row.arm for row in rows)),
         "seeds": sorted({row.seed for row in rows if row.seed is not None}) if seeded else None,
-        "reference": reference,
+        "reference": references[0] if references else None,
+        "references": references,
     }
     (experiment_dir / ABLATION_RECORD).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
     return table

@@ -372,7 +372,9 @@ HEALTH_INSERTED_ARMS = {
 EXPECTED: dict[tuple[str, str | None], Expected] = {
     # "4 Transformer blocks, d 128, 0.9 M parameters"; experiments/README.md: 918,656.
     ("quickstart", None): Expected(BASE_4, quoted={"total": 918_656}),
-    ("pretrain_base", None): Expected(BASE_4, quoted={"total": 918_656}),
+    ("pretrain_base", "base"): Expected(BASE_4, quoted={"total": 918_656}),
+    # "the same model with 6 blocks": dus_vs_midus's equal-depth control, trained from scratch.
+    ("pretrain_base", "deep"): Expected(BASE_4 + BASE_4[:2], quoted={"total": 1_312_384}),
     # ablate_branches: the branch of the memory blocks at layers 1 and 3 of T M T M.
     ("ablate_branches", "ffn"): t_m_t_m("ffn", swiglu(), ffn_layout(), {"total": 885_632, "memory": 0}, memory=False),
     ("ablate_branches", "pkm"): t_m_t_m(
@@ -413,6 +415,20 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
         added=2 * T_FFN,
         identity=True,
         quoted={"total": 1_312_384, "added": 393_728, "memory": 0},
+    ),
+    # "one zeroed copy after block 4: 5 blocks, adding 1.33x what midus_hml_hive adds".
+    ("dus_vs_midus", "dus_one_copy"): Expected(
+        [ffn_layer(source=(kind, i)) for i, kind in [(0, "copy"), (1, "copy"), (2, "copy"), (3, "copy"), (3, "zeroed")]],
+        added=T_FFN,
+        identity=True,
+        quoted={"total": 1_115_520, "added": 196_864, "memory": 0},
+    ),
+    # "6 blocks trained from scratch": the deep base, continued as it is (nothing added).
+    ("dus_vs_midus", "scratch_deep"): Expected(
+        [ffn_layer(source=("copy", i)) for i in range(6)],
+        added=0,
+        identity=True,
+        quoted={"total": 1_312_384, "added": 0, "memory": 0},
     ),
     # SOLAR with drop 1: blocks 0..2 of the first copy, 1..3 of the second.
     ("dus_vs_midus", "dus_solar"): Expected(
@@ -518,22 +534,38 @@ def input_ids(vocab_size: int = V) -> torch.Tensor:
 class Base:
     checkpoint: Path
     module: CausalLM
+    deep: Base | None = None
+    """The 6-block base (pretrain_base's deep arm), read by arms whose base_checkpoint is that run's."""
+
+
+def random_base(arm: str, directory: Path, deep: Base | None = None) -> Base:
+    """A random-weight pretrain_base.yaml model, saved as `CausalLM.on_save_checkpoint` saves it."""
+    module = build(parse_arm("pretrain_base", arm))
+    with torch.no_grad():  # norms start at one: give every weight a value, so copies are checkable
+        for parameter in module.model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    path = directory / "last.ckpt"
+    torch.save({"state_dict": module.state_dict(), MODEL_CONFIG_KEY: dataclasses.asdict(module.model.config)}, path)
+    return Base(path, module, deep)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
-    """A random-weight pretrain_base.yaml model, saved as `CausalLM.on_save_checkpoint` saves it."""
-    module = build(parse_arm("pretrain_base", None))
-    with torch.no_grad():  # norms start at one: give every weight a value, so copies are checkable
-        for parameter in module.model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    path = tmp_path_factory.mktemp("pretrain_base") / "last.ckpt"
-    torch.save({"state_dict": module.state_dict(), MODEL_CONFIG_KEY: dataclasses.asdict(module.model.config)}, path)
-    return Base(path, module)
+    """The 4-block base, and its 6-block counterpart as `Base.deep`."""
+    deep = random_base("deep", tmp_path_factory.mktemp("pretrain_deep"))
+    return random_base("base", tmp_path_factory.mktemp("pretrain_base"), deep)
+
+
+def base_of(stem: str, arm: str | None, base: Base) -> Base:
+    """The random base an arm reads: the deep one when its base_checkpoint is pretrain_base's deep run."""
+    upscale = (merged_config(stem, arm).get("model") or {}).get("upscale") or {}
+    return base.deep if "/pretrain_base/deep/" in str(upscale.get("base_checkpoint")) else base
 
 
 def build_arm(stem: str, arm: str | None, base: Base | None) -> CausalLM:
     upscale = (merged_config(stem, arm).get("model") or {}).get("upscale") or {}
+    if base is not None:
+        base = base_of(stem, arm, base)
     extra = ["--model.upscale.base_checkpoint", str(base.checkpoint)] if upscale.get("base_checkpoint") else []
     return build(parse_arm(stem, arm, *extra))
 
@@ -581,12 +613,17 @@ def test_quoted_counts_match_the_formulas() -> None:
     # dus_vs_midus.yaml: "1024 slots per head: a memory block adds ~1/3 of what a copied block adds"
     # (the default branch, hml + hive: 73,856 / 196,864 = 0.375).
     assert abs(memory_block(HIVE_32) / T_FFN - 1 / 3) < 0.05
+    # dus_vs_midus.yaml: dus_one_copy adds "1.33x what midus_hml_hive adds", midus_pkm "0.94x what dus_interleave adds".
+    added = {arm: EXPECTED[("dus_vs_midus", arm)].added for arm in ("dus_one_copy", "midus_hml_hive", "dus_interleave")}
+    assert round(added["dus_one_copy"] / added["midus_hml_hive"], 2) == 1.33
+    assert round(EXPECTED[("dus_vs_midus", "midus_pkm")].added / added["dus_interleave"], 2) == 0.94
 
 
 @pytest.mark.parametrize("key", ARMS, ids=map(arm_id, ARMS))
 def test_arm_builds_what_its_comment_claims(key: tuple[str, str | None], base: Base) -> None:
     stem, arm = key
     module = build_arm(stem, arm, base)
+    base = base_of(stem, arm, base)
     model = module.model
     settings = UpscaleConfig(**(merged_config(stem, arm).get("model") or {}).get("upscale", {}))
     upscaled = settings.enabled
@@ -670,31 +707,38 @@ def test_the_base_checkpoint_reads_back_as_the_base(base: Base) -> None:
 
 def test_pretrain_base_is_the_quickstart_model() -> None:
     """pretrain_base.yaml: "the quickstart model (4 Transformer blocks, d 128, 0.9 M parameters)"."""
-    quickstart, pretrain = parse_arm("quickstart", None), parse_arm("pretrain_base", None)
+    quickstart, pretrain = parse_arm("quickstart", None), parse_arm("pretrain_base", "base")
     assert quickstart.model.config.as_dict() == pretrain.model.config.as_dict()
     assert data_vocab_size(quickstart.data) == data_vocab_size(pretrain.data) == V
 
 
-def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
-    """Its base checkpoint and tokenizer are the paths pretrain_base.yaml's run writes, and its
-    data is "population B (200 new people, seed 1) plus a 25 % replay share of population A"."""
-    pretrain = parse_arm("pretrain_base", None)
+def written_checkpoint(arm: str) -> Path:
+    """Where pretrain_base.yaml's `arm` run writes its last.ckpt."""
+    pretrain = parse_arm("pretrain_base", arm)
     logger = pretrain.trainer.logger.init_args
     checkpoints = [cb.init_args for cb in pretrain.trainer.callbacks if cb.class_path.endswith("ModelCheckpoint")]
     assert any(c.save_last and c.dirpath is None for c in checkpoints)  # <log dir>/checkpoints/last.ckpt
-    written = Path(logger.save_dir) / logger.name / str(logger.version) / "checkpoints" / "last.ckpt"
-    data = pretrain.data
+    return Path(logger.save_dir) / logger.name / str(logger.version) / "checkpoints" / "last.ckpt"
+
+
+def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
+    """Its base checkpoints and tokenizer are the paths pretrain_base.yaml's runs write, and its
+    data is "population B (300 new people, seed 1, 32 biographies each) plus a 25 % replay share of
+    population A (the base run's own documents)"."""
+    data = parse_arm("pretrain_base", "base").data
+    assert parse_arm("pretrain_base", "deep").data == data  # both bases read the same text
     corpus_key = embedded_key(data.embedded.seed, data.embedded.num_people, data.embedded.docs_per_person)
     cached = Path(data.cache_dir) / "tokenizers" / f"{corpus_key}-bpe{data.bpe_vocab_size}"
     for arm in load_ablation(EXPERIMENTS / "dus_vs_midus.yaml").arms:
         parsed = parse_arm("dus_vs_midus", arm)
-        assert Path(parsed.model.upscale.base_checkpoint) == written, arm
+        base_arm = "deep" if arm == "scratch_deep" else "base"
+        assert Path(parsed.model.upscale.base_checkpoint) == written_checkpoint(base_arm), arm
         assert parsed.model.upscale.trainable == "all", arm
         assert (parsed.data.tokenizer, Path(parsed.data.tokenizer_path)) == ("hf", cached), arm
         embedded = parsed.data.embedded
-        assert (embedded.seed, embedded.num_people) == (1, 200), arm
+        assert (embedded.seed, embedded.num_people, embedded.docs_per_person) == (1, 300, 32), arm
         assert (embedded.replay_seed, embedded.replay_share) == (data.embedded.seed, 0.25), arm
-        assert (embedded.replay_num_people or embedded.num_people, embedded.docs_per_person) == (
+        assert (embedded.replay_num_people, embedded.replay_docs_per_person) == (
             data.embedded.num_people,
             data.embedded.docs_per_person,
         ), arm  # so the replay documents are exactly the base run's

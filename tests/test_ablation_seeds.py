@@ -129,6 +129,22 @@ def test_a_seeded_ablation_runs_every_arm_per_seed_and_tabulates_intervals(
         [session] = (experiment / label).glob(HPARAMS_EVENTS_GLOB)
         assert session.stat().st_size > 0
 
+    # A list of references: a paired table against each, the first recorded for report.
+    document["ablation"]["reference"] = ["ref", "new"]
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert run_ablation(command(path, tmp_path, tiny_cache, "--seeds", "0,1,2")) == 0
+    table = (experiment / "summary.md").read_text()
+    assert "## Paired differences to ref" in table and "## Paired differences to new" in table
+    assert f"| ref | 3 | {-difference.mean:.3f} [{-difference.high:.3f}, {-difference.low:.3f}] worse |" in table
+    record = json.loads((experiment / "ablation.json").read_text())
+    assert record["reference"] == "ref" and record["references"] == ["ref", "new"]
+    with pytest.raises(AblationError, match=r"reference=\['ref', 'x'\] is not an arm or a list of arms"):
+        document["ablation"]["reference"] = ["ref", "x"]
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        load_ablation(path)
+    document["ablation"]["reference"] = "ref"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
     # A rerun skips every finished seed; a seed added later runs alone.
     started.clear()
     assert run_ablation(command(path, tmp_path, tiny_cache, "--seeds", "0,1,2")) == 0

@@ -50,6 +50,16 @@ then gives per arm and metric the mean over seeds with a 95 % Student-t interval
 difference to the reference over the seeds both ran, with a verdict: better, worse, or not
 distinguishable (`midus.ablation.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
 
+With ``ablation.reference: [a, b]`` (a list) every arm gets a paired table against each of them;
+``ablation.json`` records the first as the reference ``report`` uses.
+
+Several at a time: ``ablation.jobs: 2`` (or ``--jobs 2``) runs two runs at once, each with its
+output in ``<run dir>/fit.log`` and the CPU threads split between them (`midus.ablation.parallel`).
+
+Tuning: ``ablation.tune`` names candidate settings (learning rates, say) and the data the tuning
+runs use; ``--tune`` runs every arm once per candidate as the ablation ``<name>_tune`` and writes
+``tuning.md`` with each arm's choice (`midus.ablation.tuning`).
+
 Rerunning (`midus.ablation.resume`): the command that started an ablation also continues it
 after a preemption, a crash or Ctrl-C. A fresh start records the arm's config
 (``arm_config.yaml``) and its arguments (``arm_command.yaml``: ``args``, ``--arm``/``--fresh``

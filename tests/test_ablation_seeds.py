@@ -14,8 +14,20 @@ from test_ablation import command, tiny_base, write_ablation
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
 from midus.ablation.hparams import HPARAMS_EVENTS_GLOB
-from midus.ablation.intervals import BETTER, UNDECIDED, WORSE, mean_interval, paired_difference, t_quantile, verdict
+from midus.ablation.intervals import (
+    BETTER,
+    UNDECIDED,
+    WORSE,
+    mean_interval,
+    paired_difference,
+    paired_ratio,
+    ratio_verdict,
+    t_quantile,
+    verdict,
+)
 from midus.ablation.runner import run_ablation
+from midus.ablation.seed_table import paired_table
+from midus.ablation.table import COLUMNS, ArmRow
 
 
 @pytest.mark.parametrize(
@@ -46,6 +58,23 @@ def test_paired_differences_use_common_seeds_and_give_verdicts() -> None:
     assert verdict(noisy, "lower") == UNDECIDED
     assert verdict(paired_difference({0: 1.0}, {0: 2.0}), "lower") == UNDECIDED  # one seed: no interval
     assert paired_difference({1: 1.0}, {0: 2.0}) is None
+
+
+def test_costs_pair_as_ratios_judged_against_one() -> None:
+    # Step times that differ by seed (a busier machine in seed 1) but always 1.5x the reference's.
+    reference, arm = {0: 100.0, 1: 200.0, 2: 120.0}, {0: 150.0, 1: 300.0, 2: 180.0}
+    ratio = paired_ratio(arm, reference)
+    assert ratio.mean == pytest.approx(1.5) and ratio.low == pytest.approx(1.5)  # no spread in the ratio
+    assert ratio_verdict(ratio, "lower") == WORSE and ratio_verdict(paired_ratio(reference, arm), "lower") == BETTER
+    assert ratio_verdict(paired_ratio({0: 1.0, 1: 1.2}, {0: 1.1, 1: 1.0}), "lower") == UNDECIDED
+    assert paired_ratio({0: 1.0}, {0: 0.0}) is None  # a zero reference has no ratio
+    rows = [
+        ArmRow(name, "ok", {"train": {"mean_step_time_s": times[seed] / 1e3}}, seed)
+        for name, times in (("ref", reference), ("slow", arm))
+        for seed in times
+    ]
+    table = paired_table(rows, [c for c in COLUMNS if c.name == "train_step_ms"], "ref")
+    assert "| arm | common seeds | × step ms |" in table and "| slow | 3 | 1.50× [1.50, 1.50] worse |" in table
 
 
 def test_seeds_and_reference_are_read_and_checked(tmp_path: Path) -> None:

@@ -418,7 +418,7 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     ),
     # "one zeroed copy after block 4: 5 blocks, adding 1.33x what midus_hml_hive adds".
     ("dus_vs_midus", "dus_one_copy"): Expected(
-        [ffn_layer(source=(kind, i)) for i, kind in [(0, "copy"), (1, "copy"), (2, "copy"), (3, "copy"), (3, "zeroed")]],
+        [ffn_layer(source=(kind, i)) for i, kind in [*((i, "copy") for i in range(4)), (3, "zeroed")]],
         added=T_FFN,
         identity=True,
         quoted={"total": 1_115_520, "added": 196_864, "memory": 0},

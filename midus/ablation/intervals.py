@@ -9,7 +9,8 @@ A paired difference takes, for every seed both arms ran, ``arm - reference`` and
 interval of its mean. Seeds share the data order and initialisation stream between arms (the
 same ``seed_everything``), so pairing removes the seed-to-seed spread both arms share. The
 verdict is "better" or "worse" when the interval excludes 0 (in the metric's good direction),
-else "not distinguishable"; with one common seed there is no interval and no verdict.
+else "not distinguishable"; with one common seed there is no interval and no verdict. Costs
+(step time, latency) pair as ratios ``arm / reference`` per seed instead, judged against 1.
 """
 
 from __future__ import annotations
@@ -90,6 +91,20 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
     """The mean of ``values[s] - reference[s]`` over the seeds both have, with its interval; None if none."""
     common = sorted(set(values) & set(reference))
     return mean_interval([values[s] - reference[s] for s in common]) if common else None
+
+
+def paired_ratio(values: dict[int, float], reference: dict[int, float]) -> Interval | None:
+    """The mean of ``values[s] / reference[s]`` over the seeds both have (reference non-zero), with
+    its interval; None if none. For costs (step time, latency), where a ratio is what carries over."""
+    common = sorted(s for s in set(values) & set(reference) if reference[s] != 0)
+    return mean_interval([values[s] / reference[s] for s in common]) if common else None
+
+
+def ratio_verdict(ratio: Interval | None, better: str) -> str:
+    """`verdict` of an arm-over-reference `ratio`: its interval against 1 instead of 0."""
+    if ratio is None or ratio.low is None:
+        return UNDECIDED
+    return verdict(Interval(ratio.mean - 1, ratio.low - 1, ratio.high - 1, ratio.n), better)
 
 
 def verdict(difference: Interval | None, better: str) -> str:

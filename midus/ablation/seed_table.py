@@ -12,7 +12,15 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from midus.ablation.intervals import CONFIDENCE, Interval, mean_interval, paired_difference, verdict
+from midus.ablation.intervals import (
+    CONFIDENCE,
+    Interval,
+    mean_interval,
+    paired_difference,
+    paired_ratio,
+    ratio_verdict,
+    verdict,
+)
 from midus.ablation.table import ArmRow, Column
 
 INTERVAL_NOTE = (
@@ -21,7 +29,8 @@ INTERVAL_NOTE = (
 )
 PAIRED_NOTE = (
     "Cells: mean of (arm - reference) over the seeds both ran, [its {:.0%} Student-t interval], "
-    "and the verdict: better / worse when the interval excludes 0, else not distinguishable."
+    "and the verdict: better / worse when the interval excludes 0, else not distinguishable. "
+    "Costs (× columns) are the mean of arm / reference per seed, judged against 1."
 ).format(CONFIDENCE)
 
 
@@ -79,11 +88,22 @@ def mean_table(rows: list[ArmRow], columns: list[Column]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _paired_title(column: Column) -> str:
+    return f"× {column.title}" if column.paired == "ratio" else f"Δ {column.title}"
+
+
+def _ratio_cell(ratio: Interval, better: str) -> str:
+    text = f"{ratio.mean:.2f}×"
+    if ratio.low is not None:
+        text += f" [{ratio.low:.2f}, {ratio.high:.2f}]"
+    return f"{text} {ratio_verdict(ratio, better)}"
+
+
 def paired_table(rows: list[ArmRow], columns: list[Column], reference: str) -> str:
     """Markdown: for every arm but `reference`, each directed column's paired difference and verdict."""
     directed = [c for c in columns if c.better is not None]
     lines = [
-        "| " + " | ".join(["arm", "common seeds", *(f"Δ {c.title}" for c in directed)]) + " |",
+        "| " + " | ".join(["arm", "common seeds", *(_paired_title(c) for c in directed)]) + " |",
         "|" + "---|" * (len(directed) + 2),
     ]
     for arm in _arms(rows):
@@ -93,6 +113,10 @@ def paired_table(rows: list[ArmRow], columns: list[Column], reference: str) -> s
         for column in directed:
             mine, theirs = values_by_seed(rows, arm, column), values_by_seed(rows, reference, column)
             common |= set(mine) & set(theirs)
+            if column.paired == "ratio":
+                ratio = paired_ratio(mine, theirs)
+                cells.append("" if ratio is None else _ratio_cell(ratio, column.better))
+                continue
             difference = paired_difference(mine, theirs)
             if difference is None:
                 cells.append("")

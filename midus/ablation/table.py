@@ -55,6 +55,9 @@ class Column:
     better: str | None = None
     """"lower" or "higher" when the metric has a good direction: a seeded ablation with a
     reference arm gives these columns a paired difference and a verdict (`midus.ablation.seed_table`)."""
+    paired: str = "difference"
+    """How a directed column pairs with the reference: ``difference`` (arm - reference) or
+    ``ratio`` (arm / reference, for costs such as step time)."""
 
 
 COLUMNS: list[Column] = [
@@ -85,9 +88,9 @@ COLUMNS: list[Column] = [
     Column("entropy / log k", "memory_entropy_over_log_k", _key("memory_usage.entropy_over_log_k"), "{:.2f}"),
     Column("memory engaged at step", "memory_engaged_step", _key("memory_engaged_step"), "{}"),
     Column("train tokens/s", "train_tokens_per_sec", _key("train.tokens_per_sec"), "{:,.0f}"),
-    Column("step ms", "train_step_ms", _scaled("train.mean_step_time_s", 1e3), "{:.0f}", "lower"),
-    Column("prefill ms", "prefill_ms", _key("latency.prefill_ms"), "{:.1f}", "lower"),
-    Column("decode ms/token", "decode_ms_per_token", _key("latency.decode_ms_per_token"), "{:.2f}", "lower"),
+    Column("step ms", "train_step_ms", _scaled("train.mean_step_time_s", 1e3), "{:.0f}", "lower", "ratio"),
+    Column("prefill ms", "prefill_ms", _key("latency.prefill_ms"), "{:.1f}", "lower", "ratio"),
+    Column("decode ms/token", "decode_ms_per_token", _key("latency.decode_ms_per_token"), "{:.2f}", "lower", "ratio"),
     Column("peak memory (MiB)", "peak_memory_mib", _peak_mib, "{:,.1f}"),
     Column("memory measured as", "peak_memory_kind", _key("peak_memory.kind")),
 ]

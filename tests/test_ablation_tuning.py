@@ -14,6 +14,8 @@ from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
 from midus.ablation.parallel import LOG_FILE, Launch, child_environment, run_launches
 from midus.ablation.runner import run_ablation
+from midus.ablation.table import ArmRow
+from midus.ablation.tuning import choose, tuning_markdown
 
 TUNE = {
     "seed": 5,
@@ -75,12 +77,28 @@ def test_every_arm_runs_every_candidate_on_the_tuning_data_and_the_choice_is_tab
     assert "| deep | 3.3000 | 3.0000 | fast | uses it |" in (experiment / "tuning.md").read_text()
 
 
-def test_a_missing_candidate_leaves_the_arm_unchosen(tmp_path: Path, tiny_cache: Path, monkeypatch) -> None:
+def test_a_failed_candidate_loses_and_a_missing_one_leaves_the_arm_unchosen(
+    tmp_path: Path, tiny_cache: Path, monkeypatch
+) -> None:
+    # ref's slow run diverges (no finite loss): it counts as failed and fast wins.
     fake_tuning_runs(monkeypatch, {(2, 0.001): float("nan"), (2, 0.01): 3.4, (3, 0.001): 3.3, (3, 0.01): 3.0})
     path = tuned_ablation(tmp_path)
     run_ablation(command(path, tmp_path, tiny_cache, "--tune"))
-    table = (tmp_path / "runs" / "tiny_tune" / "tuning.md").read_text()
-    assert "| ref |  | 3.4000 | (not every candidate ran) |" in table  # a NaN loss is no score
+    experiment = tmp_path / "runs" / "tiny_tune"
+    assert "| ref | failed | 3.4000 | fast | set model.learning_rate: 0.01 |" in (experiment / "tuning.md").read_text()
+    # A candidate whose run crashes without a summary loses too; one not run yet leaves no choice.
+    for leftover in (experiment / "deep.fast").iterdir():
+        leftover.unlink()
+    monkeypatch.setattr("midus.ablation.runner.run_arm_process", lambda arm_command: 1)
+    assert run_ablation(command(path, tmp_path, tiny_cache, "--tune", "--arm", "deep")) == 1
+    assert "| deep | 3.3000 | failed | slow | set model.learning_rate: 0.001 |" in (
+        experiment / "tuning.md"
+    ).read_text()
+    ablation = load_ablation(path)
+    rows = [ArmRow("deep.slow", "ok", {"val": {"loss": 3.3}}), ArmRow("deep.fast", "not run", None)]
+    [choice] = choose(ablation.tune, ["deep"], rows)
+    assert choice.scores == {"slow": 3.3, "fast": None} and choice.chosen is None
+    assert "| deep | 3.3000 |  | (not every candidate ran) |" in tuning_markdown(ablation, [choice])
 
 
 @pytest.mark.parametrize(

@@ -723,7 +723,7 @@ def written_checkpoint(arm: str) -> Path:
 
 def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
     """Its base checkpoints and tokenizer are the paths pretrain_base.yaml's runs write, and its
-    data is "population B (300 new people, seed 1, 32 biographies each) plus a 25 % replay share of
+    data is "population B (600 new people, seed 1, 16 biographies each) plus a 25 % replay share of
     population A (the base run's own documents)"."""
     data = parse_arm("pretrain_base", "base").data
     assert parse_arm("pretrain_base", "deep").data == data  # both bases read the same text
@@ -736,7 +736,7 @@ def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
         assert parsed.model.upscale.trainable == "all", arm
         assert (parsed.data.tokenizer, Path(parsed.data.tokenizer_path)) == ("hf", cached), arm
         embedded = parsed.data.embedded
-        assert (embedded.seed, embedded.num_people, embedded.docs_per_person) == (1, 300, 32), arm
+        assert (embedded.seed, embedded.num_people, embedded.docs_per_person) == (1, 600, 16), arm
         assert (embedded.replay_seed, embedded.replay_share) == (data.embedded.seed, 0.25), arm
         assert (embedded.replay_num_people, embedded.replay_docs_per_person) == (
             data.embedded.num_people,

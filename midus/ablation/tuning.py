@@ -71,22 +71,32 @@ class Choice:
 
     arm: str
     scores: dict[str, float | None]
-    """Candidate → its metric (None: not run, or the run wrote no such value)."""
+    """Candidate → its metric; ``inf`` for a run that failed or diverged (no finite metric), None
+    for one not run yet."""
     chosen: str | None
-    """The candidate with the lowest metric; None until every candidate has one."""
+    """The candidate with the lowest metric; None until every candidate has run (or when all failed)."""
 
 
 def choose(spec: TuneSpec, arms: list[str], rows: list[ArmRow]) -> list[Choice]:
-    """Per arm, each candidate's metric from the tuning runs' `rows`, and the lowest one."""
-    records = {row.arm: row.record for row in rows if row.status == "ok"}
+    """Per arm, each candidate's metric from the tuning runs' `rows`, and the lowest one.
+
+    A candidate whose run failed (a crash, a diverged loss) or wrote no finite metric scores
+    ``inf``: it loses to every candidate that trained, and is never dropped from the budget."""
+    by_arm = {row.arm: row for row in rows}
     choices = []
     for arm in arms:
-        scores = {}
+        scores: dict[str, float | None] = {}
         for candidate in spec.candidates:
-            value = value_at(records.get(tuning_arm(arm, candidate)), spec.metric)
-            scores[candidate] = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-        complete = all(score is not None for score in scores.values())
-        chosen = min(scores, key=lambda name: scores[name]) if complete else None
+            row = by_arm.get(tuning_arm(arm, candidate))
+            if row is None or row.status == "not run":
+                scores[candidate] = None
+                continue
+            value = value_at(row.record, spec.metric) if row.status == "ok" else None
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            scores[candidate] = float(value) if finite else math.inf
+        finished = [name for name, score in scores.items() if score is not None]
+        complete = len(finished) == len(scores) and any(math.isfinite(scores[name]) for name in finished)
+        chosen = min(finished, key=lambda name: scores[name]) if complete else None
         choices.append(Choice(arm, scores, chosen))
     return choices
 
@@ -113,9 +123,10 @@ def tuning_markdown(ablation: Ablation, choices: list[Choice]) -> str:
         "|---|" + "---|" * (len(candidates) + 2),
     ]
     for choice in choices:
-        cells = ["" if choice.scores[c] is None else f"{choice.scores[c]:.4f}" for c in candidates]
+        cells = [_score_cell(choice.scores[c]) for c in candidates]
         if choice.chosen is None:
-            chosen, status = "(not every candidate ran)", ""
+            ran = all(score is not None for score in choice.scores.values())
+            chosen, status = ("(every candidate failed)" if ran else "(not every candidate ran)"), ""
         else:
             values = spec.candidates[choice.chosen]
             differing = _uses(ablation, choice.arm, values)
@@ -123,6 +134,12 @@ def tuning_markdown(ablation: Ablation, choices: list[Choice]) -> str:
             status = "uses it" if not differing else "set " + ", ".join(f"{k}: {values[k]}" for k in differing)
         lines.append(f"| {choice.arm} | " + " | ".join(cells) + f" | {chosen} | {status} |")
     return "\n".join(lines) + "\n"
+
+
+def _score_cell(score: float | None) -> str:
+    if score is None:
+        return ""
+    return "failed" if math.isinf(score) else f"{score:.4f}"
 
 
 def write_tuning(experiment_dir: Path, ablation: Ablation, arms: list[str], rows: list[ArmRow]) -> str:

@@ -75,7 +75,6 @@ from midus.model import MidusLM, ModelConfig  # noqa: E402
 from midus.training.lm_module import CausalLM  # noqa: E402
 from midus.training.optim import parameter_groups, warmup_cosine  # noqa: E402
 
-VOCAB_SIZE = 2048
 SEED = 0
 # Optimizer and schedule hyperparameters shared by both arms: CausalLM's own defaults.
 OPTIM_KEYS = ("learning_rate", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
@@ -109,7 +108,7 @@ def optim_hparams() -> dict:
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=args.vocab_size,
         d_model=args.d_model,
         n_layers=args.layers,
         n_heads=args.heads,
@@ -122,7 +121,7 @@ def make_batches(args: argparse.Namespace, device: torch.device) -> list[torch.T
     generator = torch.Generator().manual_seed(SEED)
     total = args.warmup + args.steps
     return [
-        torch.randint(0, VOCAB_SIZE, (args.batch_size, args.block_size + 1), generator=generator).to(device)
+        torch.randint(0, args.vocab_size, (args.batch_size, args.block_size + 1), generator=generator).to(device)
         for _ in range(total)
     ]
 
@@ -342,6 +341,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
+    parser.add_argument("--vocab-size", type=int, default=2048,
+                        help="vocabulary size (65 is a char-level tiny-Shakespeare model)")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
@@ -384,7 +385,7 @@ def main() -> None:
     )
     print(
         f"model: MidusLM ffn, d_model {config.d_model}, layers {config.depth}, heads {config.n_heads}/"
-        f"{config.kv_heads} kv, ffn_hidden {config.ffn_width}, vocab {VOCAB_SIZE}: {parameters:,} parameters"
+        f"{config.kv_heads} kv, ffn_hidden {config.ffn_width}, vocab {args.vocab_size}: {parameters:,} parameters"
     )
     print(
         f"data: {args.warmup} warmup + {args.steps} timed steps of {args.batch_size} x {args.block_size} tokens, "

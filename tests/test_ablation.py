@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -159,6 +160,20 @@ def fake_runs(monkeypatch, failing: str = "") -> list[list[str]]:
     # their environment with it during parsing.
     monkeypatch.setattr("midus.ablation.runner.run_arm_process", run)
     return calls
+
+
+def fake_finished_runs(monkeypatch, val_of: Callable[[Path, dict], dict], total_params: int = 100) -> None:
+    """Replace the arms' processes by one that writes a finished summary at once: its ``val``
+    section is ``val_of(arm_config path, arm config)``; the runner then skips the run on a rerun."""
+
+    def run(arm_command: list[str]) -> int:
+        arm_config = Path(arm_command[arm_command.index("--config") + 1])
+        val = val_of(arm_config, yaml.safe_load(arm_config.read_text()))
+        record = {"config_paths": [str(arm_config)], "params": {"total": total_params}, "val": val}
+        (arm_config.parent / "summary.json").write_text(json.dumps(record))
+        return 0
+
+    monkeypatch.setattr("midus.ablation.runner.run_arm_process", run)
 
 
 def test_arm_flag_runs_only_the_selected_arms(tmp_path: Path, tiny_cache: Path, monkeypatch) -> None:

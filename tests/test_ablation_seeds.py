@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_ablation import command, tiny_base, write_ablation
+from test_ablation import command, fake_finished_runs, tiny_base, write_ablation
 
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
@@ -111,17 +111,13 @@ def fake_seeded_runs(monkeypatch, best_loss: dict[tuple[str, int], float]) -> li
     """Arm processes that write a finished summary (the runner then skips them on a rerun)."""
     started: list[str] = []
 
-    def run(arm_command: list[str]) -> int:
-        arm_config = Path(arm_command[arm_command.index("--config") + 1])
+    def val_of(arm_config: Path, config: dict) -> dict:
         arm, seed = arm_config.parent.parent.name, int(arm_config.parent.name.removeprefix("seed"))
-        assert yaml.safe_load(arm_config.read_text())["seed_everything"] == seed
+        assert config["seed_everything"] == seed
         started.append(f"{arm}/seed{seed}")
-        val = {"best_loss": best_loss[arm, seed]}
-        record = {"config_paths": [str(arm_config)], "params": {"total": 100}, "val": val}
-        (arm_config.parent / "summary.json").write_text(json.dumps(record))
-        return 0
+        return {"best_loss": best_loss[arm, seed]}
 
-    monkeypatch.setattr("midus.ablation.runner.run_arm_process", run)
+    fake_finished_runs(monkeypatch, val_of)
     return started
 
 

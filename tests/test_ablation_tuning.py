@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from test_ablation import command, write_ablation
+from test_ablation import command, fake_finished_runs, write_ablation
 
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
@@ -38,16 +37,11 @@ def fake_tuning_runs(monkeypatch, loss: dict[tuple[int, float], float]) -> list[
     """Arm processes that record their config and write val.loss = loss[(n_layers, learning_rate)]."""
     configs: list[dict] = []
 
-    def run(arm_command: list[str]) -> int:
-        arm_config = Path(arm_command[arm_command.index("--config") + 1])
-        config = yaml.safe_load(arm_config.read_text())
+    def val_of(arm_config: Path, config: dict) -> dict:
         configs.append(config | {"run": arm_config.parent.name})
-        key = (config["model"]["config"]["n_layers"], config["model"]["learning_rate"])
-        record = {"config_paths": [str(arm_config)], "params": {"total": 1}, "val": {"loss": loss[key]}}
-        (arm_config.parent / "summary.json").write_text(json.dumps(record))
-        return 0
+        return {"loss": loss[config["model"]["config"]["n_layers"], config["model"]["learning_rate"]]}
 
-    monkeypatch.setattr("midus.ablation.runner.run_arm_process", run)
+    fake_finished_runs(monkeypatch, val_of)
     return configs
 
 

@@ -100,14 +100,17 @@ class Ablation:
     base: dict[str, Any]
     arms: dict[str, dict[str, Any]]
     seeds: list[int] | None = None
-    reference: str | None = None
+    references: list[str] = field(default_factory=list)
+    """``ablation.reference`` (an arm or a list of arms): each gets its own table of paired differences."""
     tune: TuneSpec | None = None
     """``ablation.tune``: the candidates ``--tune`` runs every arm with (`midus.ablation.tuning`)."""
     jobs: int = 1
     """``ablation.jobs``: runs at a time (``--jobs`` replaces it)."""
-    references: list[str] = field(default_factory=list)
-    """Every arm of ``ablation.reference`` (an arm or a list of arms), `reference` first: each gets
-    its own table of paired differences."""
+
+    @property
+    def reference(self) -> str | None:
+        """The first reference arm (the one ``report`` pairs against), None without one."""
+        return self.references[0] if self.references else None
 
     def arm_config(self, arm: str, seed: int | None = None) -> dict[str, Any]:
         """The run's full single-run config: base + overrides, logging to ``<save_dir>/<name>/<arm>``;
@@ -171,10 +174,9 @@ def load_ablation(path: str | Path) -> Ablation | None:
     references = [given] if isinstance(given, str) else given if given is not None else []
     if not isinstance(references, list) or any(not isinstance(arm, str) or arm not in nested for arm in references):
         raise fail(f"reference={given!r} is not an arm or a list of arms; the arms are: {', '.join(nested)}")
-    reference = references[0] if references else None
     tune = parse_tune(section["tune"], f"{path}: ablation.tune") if section.get("tune") is not None else None
     jobs = parse_jobs(section.get("jobs", 1), f"{path}: ablation.jobs")
-    return Ablation(path, name, document, nested, seeds, reference, tune, jobs, references)
+    return Ablation(path, name, document, nested, seeds, references, tune, jobs)
 
 
 def parse_jobs(value: Any, where: str) -> int:

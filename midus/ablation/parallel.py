@@ -49,9 +49,9 @@ def run_launches(
     on_failure: Callable[[str, int], None],
     exit_codes: dict[str, int],
     program: list[str] | None = None,
-) -> dict[str, int]:
-    """Run `launches` in order, at most `jobs` at a time; fills in and returns `exit_codes`, each
-    ended run's exit status by label (filled as runs end, so an interrupted call leaves those).
+) -> None:
+    """Run `launches` in order, at most `jobs` at a time; fills in `exit_codes`, each ended run's
+    exit status by label (filled as runs end, so an interrupted call leaves those).
 
     One at a time, `run_inline` runs a run's arguments with the terminal's output. `on_failure`
     is called with the label and status of each run that fails, as it ends. Several at a time,
@@ -67,7 +67,7 @@ def run_launches(
             exit_codes[launch.label] = run_inline(arguments)
             if exit_codes[launch.label]:
                 on_failure(launch.label, exit_codes[launch.label])
-        return exit_codes
+        return
     program = program or [sys.executable, "-m", "midus"]
     environment = child_environment(jobs)
     running: dict[str, tuple[subprocess.Popen, object]] = {}
@@ -102,4 +102,3 @@ def run_launches(
             process.terminate()
             process.wait()
             log.close()
-    return exit_codes

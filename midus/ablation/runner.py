@@ -277,14 +277,15 @@ def run_ablation(argv: Sequence[str]) -> int:
     ]
     exit_codes: dict[str, int] = {}
     try:
-        # A process per run: peak memory is the run's own, and a crash ends only that run.
+        # A process per run: peak memory is the run's own, and a crash ends only that run. The lambda
+        # looks run_arm_process up at call time, where tests replace it.
         run_launches(launches, command.jobs, lambda arguments: run_arm_process(arguments), report_failure, exit_codes)
     finally:  # an interrupted ablation still gets the table of what finished
         experiment_dir = experiment_dirs.pop()
         rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes, command.seeds)
         write_run_hparams(command, plans, rows)
         print(f"\nAblation {ablation.name} ({experiment_dir}/summary.md):\n")
-        print(write_tables(experiment_dir, ablation.name, rows, reference=ablation.references or None), flush=True)
+        print(write_tables(experiment_dir, ablation.name, rows, references=ablation.references), flush=True)
         if tuned is not None:
             print(f"\nTuning ({experiment_dir}/{TUNING_FILE}):\n")
             print(write_tuning(experiment_dir, tuned, tuned_arms, rows), flush=True)

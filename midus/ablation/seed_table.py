@@ -10,6 +10,7 @@ fewer than the arm's runs.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 from midus.ablation.intervals import (
@@ -130,12 +131,12 @@ def paired_table(rows: list[ArmRow], columns: list[Column], reference: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def seed_sections(rows: list[ArmRow], columns: list[Column], reference: str | list[str] | None) -> str:
+def seed_sections(rows: list[ArmRow], columns: list[Column], references: Sequence[str] = ()) -> str:
     """The Markdown sections of a seeded ablation: means over seeds, then the paired differences
-    to each reference arm (one, a list, or none)."""
+    to each of the `references` arms."""
     seeds = sorted({row.seed for row in rows if row.seed is not None})
     text = f"## Mean over seeds {', '.join(map(str, seeds))}\n\n{INTERVAL_NOTE}\n\n{mean_table(rows, columns)}"
-    for arm in [reference] if isinstance(reference, str) else reference or []:
+    for arm in references:
         text += f"\n## Paired differences to {arm}\n\n{PAIRED_NOTE}\n\n{paired_table(rows, columns, arm)}"
     return text
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from midus.ablation.seed_table import seed_sections, write_seed_csv
@@ -19,12 +20,11 @@ def write_tables(
     experiment: str,
     rows: list[ArmRow],
     columns: list[Column] = COLUMNS,
-    reference: str | list[str] | None = None,
+    references: Sequence[str] = (),
 ) -> str:
     """Write ``summary.md`` and ``summary.csv`` (one line per run) into `experiment_dir`; returns the
     Markdown. Rows with seeds add the means and intervals over seeds, the paired differences to
-    `reference` (each of them, for a list), and ``summary_seeds.csv`` (`midus.ablation.seed_table`)."""
-    references = [reference] if isinstance(reference, str) else list(reference or [])
+    each of `references`, and ``summary_seeds.csv`` (`midus.ablation.seed_table`)."""
     table = markdown_table(rows, columns)
     seeded = any(row.seed is not None for row in rows)
     if seeded:
@@ -44,7 +44,7 @@ def write_tables(
         "arms": list(dict.fromkeys(row.arm for row in rows)),
         "seeds": sorted({row.seed for row in rows if row.seed is not None}) if seeded else None,
         "reference": references[0] if references else None,
-        "references": references,
+        "references": list(references),
     }
     (experiment_dir / ABLATION_RECORD).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
     return table

@@ -56,7 +56,7 @@ def render_markdown(experiment: str, arms: list[Arm], curve_notes: list[str], pp
     rows = [ArmRow(arm.arm or arm.name, arm.status, arm.record, arm.seed) for arm in arms]
     table = markdown_table(rows, report_columns())
     if any(row.seed is not None for row in rows):
-        table = seed_sections(rows, report_columns(), reference) + "\n## Every run\n\n" + table
+        table = seed_sections(rows, report_columns(), [reference] if reference else []) + "\n## Every run\n\n" + table
     lines = [f"# Report: {experiment}", "", table,
              "## Validation loss against training tokens", "",
              f"![validation loss against training tokens]({loss_png})", ""]

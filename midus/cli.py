@@ -125,6 +125,9 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
     from midus.ablation.runner import run_if_ablation
     from midus.training.cli import MidusCLI, cli_kwargs
     from midus.training.divergence import EXIT_CODE, NonFiniteLossError
+    from midus.training.host_allocator import keep_freed_memory
+
+    keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
 
     if not isinstance(command_line, (list, tuple)):  # a dict config: a LightningCLI run
         return MidusCLI(**cli_kwargs(), args=args)

@@ -76,6 +76,25 @@ def parameter_groups(
     return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
 
 
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw_supported(groups: list[dict]) -> bool:
+    """Whether AdamW's fused kernel takes every parameter: plain floating tensors on the CPU or CUDA.
+
+    `CausalLM`'s ``fused_adamw`` uses it: one kernel per device for all tensors, where the default
+    on CPU loops over them in Python. It computes the same update with other roundings, so the
+    last bits of the weights differ from the default implementation's.
+    """
+    parameters = [parameter for group in groups for parameter in group["params"]]
+    return bool(parameters) and all(
+        type(parameter) in (torch.Tensor, nn.Parameter)  # not a DTensor or other subclass
+        and parameter.dtype.is_floating_point
+        and parameter.device.type in FUSED_ADAMW_DEVICES
+        for parameter in parameters
+    )
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int,

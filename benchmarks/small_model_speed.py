@@ -20,7 +20,7 @@ What it measures
     * ``minimal``: a nanoGPT-style GPT written out below (learned positions, LayerNorm, fused
       q/k/v, GELU MLP 4·d, tied embeddings) of the same width, depth, heads, block, batch and
       vocabulary, in the same plain loop with PyTorch's default AdamW, on random windows of the
-      same char-encoded text (nanoGPT's get_batch).
+      same tokens: the kit's training blocks as one stream (nanoGPT's get_batch).
 
     Timing: the first ``--warmup`` steps are excluded; each later step period is timed (for ``kit``
     from one batch end to the next, everything Lightning does between two steps included). An
@@ -34,6 +34,7 @@ How to run
     python benchmarks/small_model_speed.py --compile             # + the kit with model.compile=true
     python benchmarks/small_model_speed.py --text path/to/tinyshakespeare.txt
     python benchmarks/small_model_speed.py --set trainer.enable_progress_bar=false   # what the bar costs
+    python benchmarks/small_model_speed.py --config experiments/quickstart.yaml       # any single-run YAML
 
 Numbers compare only within one run of this script; it is a benchmark, never run in CI.
 """
@@ -247,9 +248,8 @@ def main() -> None:
     probe.datamodule.setup("fit")
     config, data = probe.model.model.config, probe.datamodule.settings
     block, batch = data["block_size"], data["batch_size"]
-    text = Path(data["train_files"][0]).read_text(encoding="utf-8")
-    alphabet = {char: index for index, char in enumerate(sorted(set(text)))}
-    tokens = torch.tensor([alphabet[char] for char in text])
+    # The kit's own training tokens, as one stream: any config works (the embedded corpus too).
+    tokens = torch.stack([block["input_ids"] for block in probe.datamodule.train_blocks]).flatten()
     vocab = config.vocab_size
     generator = torch.Generator().manual_seed(0)
     windows = random_windows(tokens, batch, block, generator)

@@ -61,9 +61,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from midus.host_allocator import keep_freed_memory  # noqa: E402
 from midus.model.transformer import next_token_loss  # noqa: E402
 from midus.training.cli import MidusCLI, cli_kwargs  # noqa: E402
-from midus.training.host_allocator import keep_freed_memory  # noqa: E402
 
 
 class MinimalBlock(nn.Module):
@@ -266,7 +266,7 @@ def main() -> None:
     print(f"parameters: kit {probe.model.model.num_parameters():,}, minimal {minimal_parameters:,}, "
           f"minimal-llama {llama_parameters:,}")
     print(f"{args.warmup} warmup + {args.steps} timed steps per run, {args.repeats} repeats, arms alternating; "
-          f"freed memory kept in the process (midus.training.host_allocator) for every arm: {kept}\n")
+          f"freed memory kept in the process (midus.host_allocator) for every arm: {kept}\n")
 
     def kit() -> list[float]:
         return run_kit(args, tempfile.mkdtemp(dir=scratch))

@@ -123,9 +123,9 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
         return None
 
     from midus.ablation.runner import run_if_ablation
+    from midus.host_allocator import keep_freed_memory
     from midus.training.cli import MidusCLI, cli_kwargs
     from midus.training.divergence import EXIT_CODE, NonFiniteLossError
-    from midus.training.host_allocator import keep_freed_memory
 
     keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
 

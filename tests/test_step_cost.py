@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from midus.host_allocator import ENV, keep_freed_memory
 from midus.model import MidusLM, ModelConfig
 from midus.model.rotary import RotaryEmbedding, apply_rotary
 from midus.training import CausalLM
-from midus.training.host_allocator import ENV, keep_freed_memory
 from midus.training.optim import fused_adamw_supported, parameter_groups
 from tests.conftest import SHARED_DATA
 from tests.test_training import quiet_trainer, tiny_config
@@ -87,10 +87,10 @@ def test_values_logged_on_the_loggers_steps_only_are_all_written(tiny_data, tmp_
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from midus.training.host_allocator import keep_freed_memory
+from midus.host_allocator import keep_freed_memory
 keep_freed_memory()
 def step():  # a training step's pattern: activations alive together, then all freed
-    activations = [torch.ones(1 << 20) for _ in range(8)]
+    activations = [torch.ones(1 << 21) for _ in range(16)]  # 16 x 8 MiB
     del activations
 step(); step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -109,9 +109,9 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again() -> None:
         return float(run.stdout)
 
     kept, released = faults("1"), faults("0")
-    # Measured on this machine kind: 0 against 102 per step on an idle machine, 102 against 8,161
-    # with two trainings alongside (fewer transparent huge pages); the ratio is what holds.
-    assert kept * 10 < released
+    # Measured on this machine kind: 205 against 3,274 per step on an idle machine; with other
+    # work alongside both move (transparent huge pages come and go), the ratio holds.
+    assert kept * 5 < released
 
 
 def test_the_allocator_setting_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
@@ -236,9 +237,9 @@ class CausalLM(pl.LightningModule):
     def _logging_step(self) -> bool:
         """Whether the logger writes this step's values (every ``trainer.log_every_n_steps``).
 
-        Each ``self.log`` costs Lightning about half a millisecond, 10 % of a small model's step on
-        CPU (benchmarks/small_model_speed.py), so values that only the logger reads are logged on the
-        steps it writes, as Lightning's own LearningRateMonitor decides; ``train/loss`` is logged every
+        Each ``self.log`` costs Lightning about half a millisecond; the four this gates were 4-5 % of a small
+        model's step on CPU (benchmarks/small_model_speed.py), so values that only the logger reads are
+        logged on the steps it writes, as Lightning's own LearningRateMonitor decides; ``train/loss`` is logged every
         step (the progress bar and ``trainer.callback_metrics`` show the newest).
         """
         return bool(self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run)
@@ -373,7 +374,13 @@ class CausalLM(pl.LightningModule):
         groups = parameter_groups(
             self.model, self.hparams.weight_decay, self.hparams.memory_lr or None, self.hparams.memory_lr_keys
         )
-        fused = True if self.hparams.fused_adamw and fused_adamw_supported(groups) else None  # None: PyTorch's default
+        fused = None  # PyTorch's default implementation
+        if self.hparams.fused_adamw:
+            if fused_adamw_supported(groups):
+                fused = True
+            else:
+                rank_zero_warn("model.fused_adamw: the fused AdamW does not take these parameters (a tensor "
+                               "subclass, or a device other than CPU and CUDA); training with the default AdamW")
         optimizer = torch.optim.AdamW(
             groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas), fused=fused
         )

@@ -76,7 +76,6 @@ def parameter_groups(
     return [{"name": name, "params": params, **settings[name]} for name, params in groups.items() if params]
 
 
-
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
@@ -94,6 +93,7 @@ def fused_adamw_supported(groups: list[dict]) -> bool:
         and parameter.device.type in FUSED_ADAMW_DEVICES
         for parameter in parameters
     )
+
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,

@@ -9,8 +9,8 @@ What it measures
       bookkeeping, automatic optimization and gradient clipping (``gradient_clip_val=1.0``).
     * ``bare``: a plain loop over a `MidusLM` of the same config and the same initial weights:
       zero_grad → forward + the same cross-entropy loss → backward → clip_grad_norm_(1.0) →
-      AdamW step (the same parameter groups from `midus.training.optim.parameter_groups`) →
-      the same warmup-cosine `LambdaLR` step.
+      AdamW step → schedule step, with the optimizer and schedule the Lightning arm's module
+      builds (`CausalLM.optimizer_and_schedule`).
 
     Both arms train on exactly the same pre-generated random token batches, already on the
     device, so data loading costs nothing in either arm. Each arm runs eager and compiled
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import logging
 import os
 import platform
@@ -65,19 +64,16 @@ from pathlib import Path
 import lightning
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 # Run from a checkout without installing: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midus.model import MidusLM, ModelConfig  # noqa: E402
+from midus.model.transformer import next_token_loss  # noqa: E402
 from midus.training.lm_module import CausalLM  # noqa: E402
-from midus.training.optim import parameter_groups, warmup_cosine  # noqa: E402
 
 SEED = 0
-# Optimizer and schedule hyperparameters shared by both arms: CausalLM's own defaults.
-OPTIM_KEYS = ("learning_rate", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
 
 
 @dataclass
@@ -98,12 +94,6 @@ class RunResult:
     @property
     def ms_per_step(self) -> float:
         return 1000.0 * self.seconds / self.steps
-
-
-def optim_hparams() -> dict:
-    """CausalLM's default optimizer/schedule hyperparameters, passed explicitly to both arms."""
-    signature = inspect.signature(CausalLM.__init__)
-    return {key: signature.parameters[key].default for key in OPTIM_KEYS}
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -180,7 +170,7 @@ def run_lightning(args, batches, device, compiled: bool, repeat: int) -> RunResu
     clean_slate(device, compiled)
     rss_before = max_rss_bytes()
     torch.manual_seed(SEED)
-    module = CausalLM(model_config(args), compile=compiled, **optim_hparams())
+    module = CausalLM(model_config(args), compile=compiled)
     loader = DataLoader([{"input_ids": batch} for batch in batches], batch_size=None, shuffle=False)
     timer = StepTimer(args.warmup, args.steps, device)
     trainer = pl.Trainer(
@@ -223,15 +213,15 @@ def run_bare(args, batches, device, compiled: bool, repeat: int) -> RunResult:
     clean_slate(device, compiled)
     rss_before = max_rss_bytes()
     torch.manual_seed(SEED)
-    hp = optim_hparams()
-    model = MidusLM(model_config(args)).to(device)
+    # The same module as the Lightning arm (so the same initial weights) and its own optimizer and
+    # schedule, taken out of the LightningModule.
+    module = CausalLM(model_config(args))
+    model = module.model.to(device)
     model.train()
     if compiled:
         model.compile()
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, hp["weight_decay"]), lr=hp["learning_rate"], betas=tuple(hp["betas"])
-    )
-    schedule = warmup_cosine(optimizer, hp["warmup_steps"], len(batches), hp["min_lr_ratio"])
+    setup = module.optimizer_and_schedule(len(batches))
+    optimizer, schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     use_autocast = args.precision == "bf16-mixed"
     started = 0.0
     loss = torch.zeros(())
@@ -239,9 +229,7 @@ def run_bare(args, batches, device, compiled: bool, repeat: int) -> RunResult:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
             # The loss of CausalLM._loss.
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss = next_token_loss(model(batch[:, :-1]), batch[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -261,7 +249,7 @@ def run_bare(args, batches, device, compiled: bool, repeat: int) -> RunResult:
         rss_growth_bytes=max_rss_bytes() - rss_before,
         last_loss=float(loss.detach()),
     )
-    del model, optimizer, schedule, loss
+    del module, model, optimizer, schedule, loss
     return result
 
 
@@ -391,7 +379,7 @@ def main() -> None:
         f"data: {args.warmup} warmup + {args.steps} timed steps of {args.batch_size} x {args.block_size} tokens, "
         f"precision {args.precision}, repeats {args.repeats}, compile {'no' if args.no_compile else 'yes'}"
     )
-    print(f"optimizer (both arms): AdamW {optim_hparams()}, warmup-cosine LambdaLR, grad clip 1.0")
+    print("optimizer (both arms): CausalLM.optimizer_and_schedule with CausalLM's defaults, grad clip 1.0")
     print()
 
     batches = make_batches(args, device)

@@ -245,7 +245,6 @@ def main() -> None:
 
     scratch = tempfile.mkdtemp(prefix="small_model_speed-")
     probe = build_cli(args, scratch, 1)  # reads the YAML: shapes, text, tokenizer
-    probe.datamodule.setup("fit")
     config, data = probe.model.model.config, probe.datamodule.settings
     block, batch = data["block_size"], data["batch_size"]
     # The kit's own training tokens, as one stream: any config works (the embedded corpus too).

@@ -75,7 +75,7 @@ class CausalLM(pl.LightningModule):
             loops over the tensors in Python: 4.7 ms against 1.4 ms per step for the 0.8 M
             char-level model of benchmarks/shakespeare_char.yaml. Off by default because it
             rounds differently: the same seed then gives a slightly different curve from the
-            kit's recorded runs (quickstart seeds 0-2: best val/loss +0.005 [-0.013, 0.023],
+            kit's recorded runs (quickstart seeds 0-2: best val/loss +0.005 [-0.012, 0.022],
             not distinguishable; experiments/README.md).
         compile: compile the model with `torch.compile` before training.
         max_new_tokens: tokens generated per prompt by ``predict``.

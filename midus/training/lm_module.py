@@ -77,7 +77,12 @@ class CausalLM(pl.LightningModule):
             rounds differently: the same seed then gives a slightly different curve from the
             kit's recorded runs (quickstart seeds 0-2: best val/loss +0.005 [-0.012, 0.022],
             not distinguishable; experiments/README.md).
-        compile: compile the model with `torch.compile` before training.
+        compile: compile the model with `torch.compile` before training. ``python -m midus``
+            then sets ``trainer.deterministic: warn`` unless the config sets it: compiled kernels
+            otherwise accumulate the embedding gradient with atomic adds, and the same seed gives a
+            different curve in every run. What a compiled step saves depends on the shape
+            (benchmarks/small_model_speed.py; experiments/README.md); the first run compiles for
+            35-70 s on 2 CPU cores, 3-5 s once inductor's on-disk cache holds the kernels.
         max_new_tokens: tokens generated per prompt by ``predict``.
         temperature: sampling temperature of ``predict`` (0 = greedy).
     """
@@ -177,6 +182,12 @@ class CausalLM(pl.LightningModule):
     def configure_model(self) -> None:
         if not self.hparams.compile:
             return
+        if not torch.are_deterministic_algorithms_enabled():
+            rank_zero_warn(
+                "model.compile without PyTorch's deterministic mode: compiled kernels accumulate the "
+                "embedding gradient with atomic adds, so the same seed gives a different curve in every "
+                "run; set trainer.deterministic: warn (python -m midus sets it when it is unset)"
+            )
         if isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
             # Lightning's FSDPStrategy wraps the blocks after this hook and does not compile over its
             # wrappers: compile each block (an FSDP unit) inside them, as torch.compile's docs advise for

@@ -35,7 +35,7 @@ class MidusCLI(LightningCLI):
         without PyTorch's deterministic mode the same seed gives a different curve in every compiled
         run (quickstart: train/loss differed by step 39 between two runs). In that mode inductor
         uses the deterministic eager kernels for those ops: runs repeat bit for bit, at no measured
-        cost in step time (`CausalLM` docs). ``warn`` rather than ``true``: an op without a
+        cost in step time (experiments/README.md). ``warn`` rather than ``true``: an op without a
         deterministic kernel warns instead of stopping the run. The value lands in the saved config.
         """
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config

@@ -31,16 +31,17 @@ class MidusCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Compiled runs get Lightning's ``trainer.deterministic: warn`` unless the config sets it.
 
-        Inductor's kernels accumulate scatter-adds (the embedding gradient) with atomic adds, so
-        without PyTorch's deterministic mode the same seed gives a different curve in every compiled
-        run (quickstart: train/loss differed by step 39 between two runs). In that mode inductor
-        uses the deterministic eager kernels for those ops: runs repeat bit for bit, at no measured
-        cost in step time (experiments/README.md). ``warn`` rather than ``true``: an op without a
-        deterministic kernel warns instead of stopping the run. The value lands in the saved config.
+        Why compiled runs need it: `CausalLM`'s ``compile`` docs. ``warn`` rather than ``true``: an
+        op without a deterministic kernel warns instead of stopping the run. The value lands in the
+        saved config.
         """
-        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
-        if config.get("model", {}).get("compile") and config.get("trainer", {}).get("deterministic") is None:
+        config = self._subcommand_config()
+        if config["model"]["compile"] and config["trainer"]["deterministic"] is None:
             config["trainer"]["deterministic"] = "warn"
+
+    def _subcommand_config(self):
+        """The running subcommand's config (the whole config when built with ``run=False``)."""
+        return self.config.get(str(self.subcommand), self.config)
 
     def _parse_ckpt_path(self) -> None:
         """Read ``--ckpt_path`` with the kit's safe reader before Lightning reads it.
@@ -84,7 +85,7 @@ class MidusCLI(LightningCLI):
     def before_fit(self) -> None:
         # Added here rather than as a parser default so that a YAML's callbacks list (which
         # replaces defaults) cannot drop it, and validate/test/predict never see it.
-        config = self.config.get(str(self.subcommand), self.config)  # un-nested when built with run=False
+        config = self._subcommand_config()
         config_paths = [str(path) for path in config.get("config") or [] if path is not None]
         summaries = [cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)]
         if not summaries:

@@ -80,9 +80,11 @@ class CausalLM(pl.LightningModule):
         compile: compile the model with `torch.compile` before training. ``python -m midus``
             then sets ``trainer.deterministic: warn`` unless the config sets it: compiled kernels
             otherwise accumulate the embedding gradient with atomic adds, and the same seed gives a
-            different curve in every run. What a compiled step saves depends on the shape
-            (benchmarks/small_model_speed.py; experiments/README.md); the first run compiles for
-            35-70 s on 2 CPU cores, 3-5 s once inductor's on-disk cache holds the kernels.
+            different curve in every run (quickstart: from step 39 on); in that mode inductor takes
+            the deterministic eager kernels for those ops, at no measured cost in step time. What a
+            compiled step saves depends on the shape (benchmarks/small_model_speed.py;
+            experiments/README.md); the first run compiles for 35-70 s on 2 CPU cores, 3-5 s once
+            inductor's on-disk cache holds the kernels.
         max_new_tokens: tokens generated per prompt by ``predict``.
         temperature: sampling temperature of ``predict`` (0 = greedy).
     """

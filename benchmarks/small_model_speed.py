@@ -17,23 +17,29 @@ What it measures
       same hidden width, SDPA) written out plainly, in the same plain loop: what the Llama
       architecture itself costs against ``minimal`` in eager PyTorch.
     * ``kit-compiled`` (with ``--compile``): ``kit`` with ``model.compile=true``.
-    * ``minimal``: a nanoGPT-style GPT written out below (learned positions, LayerNorm, fused
-      q/k/v, GELU MLP 4·d, tied embeddings) of the same width, depth, heads, block, batch and
+    * ``minimal``: a nanoGPT-style GPT (benchmarks/minimal_models.py: learned positions, LayerNorm,
+      fused q/k/v, GELU MLP 4·d, tied embeddings) of the same width, depth, heads, block, batch and
       vocabulary, in the same plain loop with PyTorch's default AdamW, on random windows of the
       same tokens: the kit's training blocks as one stream (nanoGPT's get_batch).
+    * ``+rmsnorm``, ``+rope``, ``+swiglu`` (with ``--components``): ``minimal`` with one part of the
+      Llama architecture in nanoGPT's place (RMSNorm for LayerNorm; rotary embeddings for learned
+      positions; SwiGLU of the kit's width for GELU 4·d), in the same loop: what each part costs.
 
     Timing: the first ``--warmup`` steps are excluded; each later step period is timed (for ``kit``
     from one batch end to the next, everything Lightning does between two steps included). An
-    arm's figure is its median step over all runs, the ratios are of medians (the best runs'
-    ratio beside them).
+    arm's figure is its median step over all runs, the ratios are of medians; beside them the best
+    runs' ratio, and the ratio of the two arms' runs within each repeat (median, lowest-highest).
     ``kit / minimal`` is the number the kit aims to keep at or below 1.1.
 
 How to run
     python benchmarks/small_model_speed.py                       # the tiny Shakespeare shape
     python benchmarks/small_model_speed.py --steps 100 --repeats 8
     python benchmarks/small_model_speed.py --compile             # + the kit with model.compile=true
+    python benchmarks/small_model_speed.py --components          # + nanoGPT with one Llama part each
     python benchmarks/small_model_speed.py --text path/to/tinyshakespeare.txt
     python benchmarks/small_model_speed.py --set trainer.enable_progress_bar=false   # what the bar costs
+    python benchmarks/small_model_speed.py --set trainer.profiler=SimpleProfiler --set trainer.profiler.filename=profile
+        # Lightning's per-hook times: each kit run's fit-profile.txt under the printed scratch folder
     python benchmarks/small_model_speed.py --config experiments/quickstart.yaml       # any single-run YAML
 
 Numbers compare only within one run of this script; it is a benchmark, never run in CI.
@@ -55,106 +61,17 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/minimal_models.py
+
+from minimal_models import MinimalGPT, MinimalLlama  # noqa: E402
 
 from midus.host_allocator import keep_freed_memory  # noqa: E402
 from midus.model.transformer import next_token_loss  # noqa: E402
 from midus.training.cli import MidusCLI, cli_kwargs  # noqa: E402
-
-
-class MinimalBlock(nn.Module):
-    """nanoGPT's block without dropout or biases."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(width, bias=False), nn.LayerNorm(width, bias=False)
-        self.c_attn = nn.Linear(width, 3 * width, bias=False)
-        self.c_proj = nn.Linear(width, width, bias=False)
-        self.c_fc = nn.Linear(width, 4 * width, bias=False)
-        self.mlp_proj = nn.Linear(4 * width, width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, time_, width = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(width, dim=2)
-        q, k, v = (t.view(batch, time_, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(batch, time_, width))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-class MinimalGPT(nn.Module):
-    """nanoGPT's GPT: token + learned position embeddings, blocks, LayerNorm, tied head."""
-
-    def __init__(self, vocab: int, width: int, layers: int, heads: int, block: int) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(block, width)
-        self.blocks = nn.ModuleList(MinimalBlock(width, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(width, bias=False)
-        self.lm_head = nn.Linear(width, vocab, bias=False)
-        self.lm_head.weight = self.wte.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
-class MinimalLlamaBlock(nn.Module):
-    """The kit's block written out plainly: RMSNorm, rotate-half RoPE, SDPA, SwiGLU."""
-
-    def __init__(self, width: int, heads: int, hidden: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attn_norm, self.mlp_norm = nn.RMSNorm(width, eps=1e-5), nn.RMSNorm(width, eps=1e-5)
-        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
-        self.gate, self.up = nn.Linear(width, hidden, bias=False), nn.Linear(width, hidden, bias=False)
-        self.down = nn.Linear(hidden, width, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, time_, width = x.shape
-        h = self.attn_norm(x)
-        q, k, v = (proj(h).view(batch, time_, self.heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        half = q.shape[-1] // 2
-        q, k = (t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin for t in (q, k))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(y.transpose(1, 2).reshape(batch, time_, width))
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class MinimalLlama(nn.Module):
-    """A single-file Llama of the kit model's shape (tied embeddings, no GQA)."""
-
-    def __init__(self, vocab: int, width: int, layers: int, heads: int, hidden: int, block: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(MinimalLlamaBlock(width, heads, hidden) for _ in range(layers))
-        self.norm = nn.RMSNorm(width, eps=1e-5)
-        self.lm_head = nn.Linear(width, vocab, bias=False)
-        self.lm_head.weight = self.embed.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, width // heads, 2).float() / (width // heads)))
-        angles = torch.outer(torch.arange(block).float(), inv_freq).repeat(1, 2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        cos, sin = self.cos[: ids.shape[1]], self.sin[: ids.shape[1]]
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
 
 
 def build_cli(args: argparse.Namespace, run_dir: str, max_steps: int, *extra: str) -> MidusCLI:
@@ -230,6 +147,8 @@ def main() -> None:
                         help="a config override for both kit arms, e.g. trainer.enable_progress_bar=false")
     parser.add_argument("--compile", action="store_true",
                         help="add the arm kit-compiled: the kit with model.compile=true (compiles in the warmup)")
+    parser.add_argument("--components", action="store_true",
+                        help="add the arms +rmsnorm, +rope, +swiglu: nanoGPT with one Llama part each")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (>= 1)")
     parser.add_argument("--repeats", type=int, default=6, help="alternating runs per arm")
@@ -265,7 +184,8 @@ def main() -> None:
     print(f"parameters: kit {probe.model.model.num_parameters():,}, minimal {minimal_parameters:,}, "
           f"minimal-llama {llama_parameters:,}")
     print(f"{args.warmup} warmup + {args.steps} timed steps per run, {args.repeats} repeats, arms alternating; "
-          f"freed memory kept in the process (midus.host_allocator) for every arm: {kept}\n")
+          f"freed memory kept in the process (midus.host_allocator) for every arm: {kept}")
+    print(f"run folders (logs, fit.log): {scratch}\n")
 
     def kit() -> list[float]:
         return run_kit(args, tempfile.mkdtemp(dir=scratch))
@@ -286,9 +206,21 @@ def main() -> None:
         model = MinimalLlama(vocab, config.d_model, config.depth, config.n_heads, config.ffn_width, block)
         return plain_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), None, windows, args)
 
+    def minimal_with(**part) -> list[float]:
+        torch.manual_seed(0)
+        model = MinimalGPT(vocab, config.d_model, config.depth, config.n_heads, block, **part)
+        return plain_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), None, windows, args)
+
     arms = {"kit": kit, "kit-model": kit_model, "minimal": minimal, "minimal-llama": minimal_llama}
     if args.compile:
         arms["kit-compiled"] = lambda: run_kit(args, tempfile.mkdtemp(dir=scratch), "--model.compile=true")
+    components = {
+        "+rmsnorm": dict(norm="rms"),
+        "+rope": dict(positions="rope"),
+        "+swiglu": dict(mlp="swiglu", hidden=config.ffn_width),
+    } if args.components else {}
+    for name, part in components.items():
+        arms[name] = lambda part=part: minimal_with(**part)
     steps: dict[str, list[float]] = {name: [] for name in arms}  # every timed step of every run
     run_means: dict[str, list[float]] = {name: [] for name in arms}
     for repeat in range(args.repeats):
@@ -306,8 +238,12 @@ def main() -> None:
         print(f"{name:<14} {median[name]:14.2f} {min(run_means[name]):14.2f} {1000 / median[name]:8.1f}")
 
     def ratio(a: str, b: str, what: str) -> None:
+        # Runs of one repeat follow each other within seconds: their ratios see the same machine, and
+        # their spread over the repeats shows how far one run's ratio can be trusted.
+        paired = sorted(x / y for x, y in zip(run_means[a], run_means[b]))
         print(f"{a + ' / ' + b + ':':<28} {median[a] / median[b]:.3f}  (best runs: "
-              f"{min(run_means[a]) / min(run_means[b]):.3f})  {what}")
+              f"{min(run_means[a]) / min(run_means[b]):.3f}; per repeat: median {statistics.median(paired):.3f}, "
+              f"{paired[0]:.3f}-{paired[-1]:.3f})  {what}")
 
     print()
     ratio("kit", "minimal", "target <= 1.1")
@@ -317,6 +253,8 @@ def main() -> None:
     ratio("kit-model", "minimal-llama", "the kit's model code against plain code")
     ratio("kit", "kit-model", "the Lightning layer's share")
     ratio("minimal-llama", "minimal", "the Llama architecture's cost in eager PyTorch")
+    for name in components:
+        ratio(name, "minimal", f"nanoGPT with {name[1:]}: that part's cost")
 
 if __name__ == "__main__":
     main()

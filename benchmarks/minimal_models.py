@@ -9,9 +9,11 @@ PyTorch at a given shape:
 * ``positions="rope"``: rotate-half rotary embeddings on q and k instead of learned positions;
 * ``mlp="swiglu"``: SwiGLU of width ``hidden`` (the kit's 384 at d 128) instead of GELU 4·d.
 
-`MinimalLlama` is all three at once with separate q/k/v projections: the kit model's
-architecture (`midus.model.MidusLM` with the FFN branch, no grouped KV heads) written out plainly.
-The code is deliberately plain PyTorch, the way a single-file training script writes it.
+`MinimalLlama` is all three at once with separate q/k/v projections (``qkv="separate"``): the kit
+model's architecture (`midus.model.MidusLM` with the FFN branch, no grouped KV heads) written out
+plainly. The code is deliberately plain PyTorch, the way a single-file training script writes it,
+and shares nothing with `midus.model` (not even its rotary tables): it is the reference the kit is
+timed and checked against (tests/test_minimal_models.py).
 """
 
 from __future__ import annotations
@@ -43,16 +45,21 @@ def make_norm(kind: str, width: int) -> nn.Module:
 
 
 class MinimalBlock(nn.Module):
-    """nanoGPT's block without dropout or biases; `norm`, `rope` and `mlp` swap in one Llama part."""
+    """nanoGPT's block without dropout or biases; `norm`, `rope`, `mlp` and `qkv` swap in one Llama part."""
 
     def __init__(self, width: int, heads: int, norm: str = "layer", rope: bool = False, mlp: str = "gelu",
-                 hidden: int | None = None) -> None:
+                 hidden: int | None = None, qkv: str = "fused") -> None:
         super().__init__()
-        if mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"mlp: expected 'gelu' or 'swiglu', got {mlp!r}")
-        self.heads, self.rope, self.mlp = heads, rope, mlp
+        if mlp not in ("gelu", "swiglu") or (mlp == "swiglu" and not hidden):
+            raise ValueError(f"mlp: expected 'gelu', or 'swiglu' with a hidden width; got {mlp!r}, hidden {hidden}")
+        if qkv not in ("fused", "separate"):
+            raise ValueError(f"qkv: expected 'fused' or 'separate', got {qkv!r}")
+        self.heads, self.rope, self.mlp, self.fused_qkv = heads, rope, mlp, qkv == "fused"
         self.ln_1, self.ln_2 = make_norm(norm, width), make_norm(norm, width)
-        self.c_attn = nn.Linear(width, 3 * width, bias=False)
+        if self.fused_qkv:
+            self.c_attn = nn.Linear(width, 3 * width, bias=False)
+        else:
+            self.q, self.k, self.v = (nn.Linear(width, width, bias=False) for _ in range(3))
         self.c_proj = nn.Linear(width, width, bias=False)
         if mlp == "gelu":
             self.c_fc = nn.Linear(width, 4 * width, bias=False)
@@ -63,7 +70,8 @@ class MinimalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, time_, width = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(width, dim=2)
+        h = self.ln_1(x)
+        q, k, v = self.c_attn(h).split(width, dim=2) if self.fused_qkv else (self.q(h), self.k(h), self.v(h))
         q, k, v = (t.view(batch, time_, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         if self.rope:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -79,14 +87,15 @@ class MinimalGPT(nn.Module):
     """nanoGPT's GPT: token + learned position embeddings, blocks, LayerNorm, tied head (see the module doc)."""
 
     def __init__(self, vocab: int, width: int, layers: int, heads: int, block: int, norm: str = "layer",
-                 positions: str = "learned", mlp: str = "gelu", hidden: int | None = None) -> None:
+                 positions: str = "learned", mlp: str = "gelu", hidden: int | None = None, qkv: str = "fused") -> None:
         super().__init__()
         if positions not in ("learned", "rope"):
             raise ValueError(f"positions: expected 'learned' or 'rope', got {positions!r}")
         rope = positions == "rope"
         self.wte = nn.Embedding(vocab, width)
         self.wpe = None if rope else nn.Embedding(block, width)
-        self.blocks = nn.ModuleList(MinimalBlock(width, heads, norm, rope, mlp, hidden) for _ in range(layers))
+        self.blocks = nn.ModuleList(MinimalBlock(width, heads, norm, rope, mlp, hidden, qkv)
+                                    for _ in range(layers))
         self.ln_f = make_norm(norm, width)
         self.lm_head = nn.Linear(width, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
@@ -107,48 +116,9 @@ class MinimalGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-class MinimalLlamaBlock(nn.Module):
-    """The kit's block written out plainly: RMSNorm, rotate-half RoPE, SDPA, SwiGLU."""
-
-    def __init__(self, width: int, heads: int, hidden: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attn_norm, self.mlp_norm = nn.RMSNorm(width, eps=1e-5), nn.RMSNorm(width, eps=1e-5)
-        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
-        self.gate, self.up = nn.Linear(width, hidden, bias=False), nn.Linear(width, hidden, bias=False)
-        self.down = nn.Linear(hidden, width, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, time_, width = x.shape
-        h = self.attn_norm(x)
-        q, k, v = (proj(h).view(batch, time_, self.heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(y.transpose(1, 2).reshape(batch, time_, width))
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class MinimalLlama(nn.Module):
-    """A single-file Llama of the kit model's shape (tied embeddings, no GQA)."""
+class MinimalLlama(MinimalGPT):
+    """A single-file Llama of the kit model's shape: all three parts, separate q/k/v (tied embeddings, no GQA)."""
 
     def __init__(self, vocab: int, width: int, layers: int, heads: int, hidden: int, block: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList(MinimalLlamaBlock(width, heads, hidden) for _ in range(layers))
-        self.norm = nn.RMSNorm(width, eps=1e-5)
-        self.lm_head = nn.Linear(width, vocab, bias=False)
-        self.lm_head.weight = self.embed.weight
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-        cos, sin = rope_tables(width // heads, block)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        cos, sin = self.cos[: ids.shape[1]], self.sin[: ids.shape[1]]
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        super().__init__(vocab, width, layers, heads, block, norm="rms", positions="rope", mlp="swiglu",
+                         hidden=hidden, qkv="separate")

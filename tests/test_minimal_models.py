@@ -29,12 +29,12 @@ def test_the_plain_llama_computes_the_kit_models_logits() -> None:
                          tie_embeddings=True)
     kit = MidusLM(config).eval()
     plain = MinimalLlama(VOCAB, WIDTH, LAYERS, HEADS, config.ffn_width, BLOCK).eval()
-    names = {"embed": "embed", "norm": "norm"}
-    for index in range(LAYERS):
-        ours, theirs = f"blocks.{index}", f"blocks.{index}"
-        names |= {f"{ours}.attn_norm": f"{theirs}.attn_norm", f"{ours}.mlp_norm": f"{theirs}.branch_norm"}
-        names |= {f"{ours}.{p}": f"{theirs}.attn.{p}_proj" for p in "qkvo"}
-        names |= {f"{ours}.{p}": f"{theirs}.branch.{p}_proj" for p in ("gate", "up", "down")}
+    names = {"wte": "embed", "ln_f": "norm"}  # nanoGPT's names -> the kit's
+    for block in (f"blocks.{index}" for index in range(LAYERS)):
+        names |= {f"{block}.ln_1": f"{block}.attn_norm", f"{block}.ln_2": f"{block}.branch_norm",
+                  f"{block}.c_proj": f"{block}.attn.o_proj"}
+        names |= {f"{block}.{p}": f"{block}.attn.{p}_proj" for p in "qkv"}
+        names |= {f"{block}.{p}": f"{block}.branch.{p}_proj" for p in ("gate", "up", "down")}
     kit_weights = dict(kit.named_parameters())
     with torch.no_grad():
         for name, parameter in plain.named_parameters():

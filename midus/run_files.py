@@ -55,9 +55,9 @@ so commands that only read run folders never import Lightning.
 * ``memory_engaged_step``: the first validation step at which zeroing the memory cost at least
   0.01 nats or 0.05 recall (`midus.training.memory_health`); null when it never did.
 * ``params.added``: parameters an up-scaling added to its base (0 without one).
-* ``knowledge_bits`` (embedded corpus with ``model.knowledge_bits_people`` > 0; else null): the
+* ``knowledge_bits`` (embedded corpus with ``model.probes.knowledge_bits_people`` > 0; else null): the
   final validation's ``val/knowledge_bits``, bits of the main population's facts the model stores
-  (`midus.data.knowledge_bits`: scaled from the people scored to the whole population), as
+  (`midus.probes.knowledge_bits`: scaled from the people scored to the whole population), as
   ``bits``; ``bits_replay`` the same for the replay population (null without replay);
   ``bits_per_param`` = ``bits`` / ``params.total``; ``bits_per_added_param`` = ``bits`` /
   ``params.added`` (null when nothing was added).

@@ -86,7 +86,7 @@ def tiny_memory_run(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) 
         "--model.config.memory.topk", "4",
         "--model.config.memory.latent_dim", "8",
         "--model.config.memory.zero_init_values", "false",
-        "--model.recall_probe_size", "0",
+        "--model.probes.recall_questions", "0",
         "--data.embedded.num_people", "20",
         "--data.embedded.docs_per_person", "3",
         "--data.bpe_vocab_size", "300",

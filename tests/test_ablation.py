@@ -28,7 +28,7 @@ def tiny_base() -> dict:
     base = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
     base["trainer"].update(val_check_interval=3, log_every_n_steps=2)  # max_steps comes from the command line
     base["model"]["config"].update(d_model=32, n_layers=2)
-    base["model"]["recall_probe_size"] = 20
+    base["model"]["probes"] = {"recall_questions": 20}
     base["data"]["embedded"].update(num_people=20, docs_per_person=3)
     base["data"].update(bpe_vocab_size=300, block_size=32, batch_size=8)
     return base

@@ -21,7 +21,7 @@ def tiny_base() -> dict:
     base = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
     base["trainer"].update(val_check_interval=3, log_every_n_steps=2)
     base["model"]["config"].update(d_model=32, n_layers=2)
-    base["model"]["recall_probe_size"] = 0
+    base["model"]["probes"] = {"recall_questions": 0}
     base["data"]["embedded"].update(num_people=30, docs_per_person=4)  # the corpus of the tiny_data fixture
     base["data"].update(bpe_vocab_size=300, block_size=32, batch_size=8)
     return base

@@ -180,7 +180,7 @@ def tiny_run(tmp_path: Path, cache: Path) -> list[str]:
         "--config", str(ROOT / "experiments" / "quickstart.yaml"),
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.enable_progress_bar", "false",
-        "--model.config.d_model", "16", "--model.config.n_layers", "1", "--model.recall_probe_size", "0",
+        "--model.config.d_model", "16", "--model.config.n_layers", "1", "--model.probes.recall_questions", "0",
         "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3",
         "--data.bpe_vocab_size", "300", "--data.block_size", "32", "--data.cache_dir", str(cache),
     ]

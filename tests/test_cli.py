@@ -32,7 +32,7 @@ def tiny_overrides(tmp_path: Path, cache: Path) -> list[str]:
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--model.config.d_model", "32",
         "--model.config.n_layers", "2",
-        "--model.recall_probe_size", "20",
+        "--model.probes.recall_questions", "20",
         "--data.embedded.num_people", "20",
         "--data.embedded.docs_per_person", "3",
         "--data.bpe_vocab_size", "300",

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from midus.data.datamodule import LanguageModelingData
+from midus.probes import ProbeConfig
 from midus.training import CausalLM
 from midus.training.cli import MidusCLI
 from tests.test_cli import tiny_overrides
@@ -60,11 +61,11 @@ def test_eager_runs_leave_the_mode_alone(tmp_path: Path, tiny_cache: Path) -> No
 
 def test_compiling_without_deterministic_mode_warns() -> None:
     torch.use_deterministic_algorithms(False)
-    module = CausalLM(tiny_config(64), compile=True, recall_probe_size=0)
+    module = CausalLM(tiny_config(64), compile=True, probes=ProbeConfig(recall_questions=0))
     with pytest.warns(UserWarning, match="trainer.deterministic: warn"):
         module.configure_model()  # wraps the model; nothing is traced until it is called
     torch.use_deterministic_algorithms(True, warn_only=True)
-    module = CausalLM(tiny_config(64), compile=True, recall_probe_size=0)
+    module = CausalLM(tiny_config(64), compile=True, probes=ProbeConfig(recall_questions=0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module.configure_model()

@@ -25,6 +25,7 @@ from midus.model.retrieval.value_lookup import (
     flat_weighted_row_sum,
     op_namespace,
 )
+from midus.probes import ProbeConfig
 from midus.training import CausalLM
 
 TINY_MEMORY = dict(n_subkeys=8, topk=4, latent_dim=8, zero_init_values=False)
@@ -259,7 +260,8 @@ def test_causal_lm_with_compile_trains_a_memory_model(tiny_data) -> None:
         vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, memory_layers=[1],
         memory=TINY_MEMORY,
     )
-    module = CausalLM(config, learning_rate=1e-2, warmup_steps=2, recall_probe_size=0, memory_zeroed_eval=False,
+    module = CausalLM(config, learning_rate=1e-2, warmup_steps=2,
+        probes=ProbeConfig(recall_questions=0, memory_zeroed=False),
                       compile=True)
     losses: list[float] = []
 

@@ -22,7 +22,7 @@ TINY = [
     "--model.config.n_kv_heads", "2", "--model.config.memory_layers", "[1]", "--model.config.memory_branch", "hml",
     "--model.config.memory.n_subkeys", "16", "--model.config.memory.topk", "4",
     "--model.config.memory.latent_dim", "8", "--model.config.memory.zero_init_values", "false",
-    "--model.recall_probe_size", "25",
+    "--model.probes.recall_questions", "25",
     "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
     "--data.block_size", "32", "--data.batch_size", "4",
 ]

@@ -20,6 +20,7 @@ from midus.checkpoint.kit import TOKENIZER_KEY, read_kit_checkpoint
 from midus.cli import main
 from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
+from midus.probes import ProbeConfig
 from midus.training import CausalLM
 from midus.upscale import UpscaleConfig
 
@@ -89,7 +90,7 @@ def fit_args(tmp_path: Path, cache: Path, directory: Path, *extra: str) -> list[
         "0.01",
         "--model.warmup_steps",
         "2",
-        "--model.recall_probe_size",
+        "--model.probes.recall_questions",
         "0",
         "--data.embedded.num_people",
         "30",
@@ -128,7 +129,8 @@ def assert_reloads(run: Path, trained, directory: Path, depth: int) -> None:
 
 
 def test_pretrained_module_starts_with_the_checkpoints_logits(hf_dir: Path, tiny_data) -> None:
-    module = CausalLM(ModelConfig(vocab_size=tiny_data.vocab_size), pretrained=str(hf_dir), recall_probe_size=0)
+    module = CausalLM(ModelConfig(vocab_size=tiny_data.vocab_size), pretrained=str(hf_dir),
+        probes=ProbeConfig(recall_questions=0))
     assert module.model.config.vocab_size == HF_VOCAB and module.model.config.d_model == 32  # not model.config's
     assert module.added_parameters == 0
     ids = val_ids(tiny_data)[:2]
@@ -147,7 +149,8 @@ def test_pretrained_module_starts_with_the_checkpoints_logits(hf_dir: Path, tiny
 )
 def test_upscaling_a_hf_directory_keeps_its_function(hf_dir: Path, tiny_data, settings: dict, depth: int) -> None:
     upscale = UpscaleConfig(base_checkpoint=str(hf_dir), **settings)
-    module = CausalLM(ModelConfig(vocab_size=tiny_data.vocab_size), upscale=upscale, recall_probe_size=0)
+    module = CausalLM(ModelConfig(vocab_size=tiny_data.vocab_size), upscale=upscale,
+        probes=ProbeConfig(recall_questions=0))
     assert module.model.config.depth == depth and module.model.config.vocab_size == HF_VOCAB
     assert module.added_parameters > 0 and module.base_parameters == hf_model(hf_dir).num_parameters()
     ids = val_ids(tiny_data)[:2]
@@ -239,7 +242,8 @@ def test_a_data_vocabulary_larger_than_the_models_embeddings(hf_dir: Path, field
     message = rf"{field}='{hf_dir}' has {HF_VOCAB} token embeddings but the data tokenizer has {HF_VOCAB + 1} tokens"
     with pytest.raises(ValueError, match=message):
         CausalLM(ModelConfig(vocab_size=HF_VOCAB + 1), **options)
-    CausalLM(ModelConfig(vocab_size=HF_VOCAB), recall_probe_size=0, **options)  # equal sizes are fine
+    CausalLM(ModelConfig(vocab_size=HF_VOCAB),
+        probes=ProbeConfig(recall_questions=0), **options)  # equal sizes are fine
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Knowledge bits (`midus.data.knowledge_bits`): known answers from models whose beliefs are set by hand,
+"""Knowledge bits (`midus.probes.knowledge_bits`): known answers from models whose beliefs are set by hand,
 the batched scores against a plain per-candidate computation, and the metric and summary of a real fit."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from midus.data.corpus import ATTRIBUTES, value_choices
-from midus.data.knowledge_bits import (
+from midus.data.recall_probe import TokenizedQuestion
+from midus.model import MidusLM, ModelConfig
+from midus.probes import ProbeConfig
+from midus.probes.knowledge_bits import (
     CandidateValues,
     bits_by_attribute,
     candidate_log_likelihoods,
@@ -22,8 +25,6 @@ from midus.data.knowledge_bits import (
     people_sample,
     share_bits,
 )
-from midus.data.recall_probe import TokenizedQuestion
-from midus.model import MidusLM, ModelConfig
 from midus.training import CausalLM
 from midus.training.run_summary import RunSummary
 
@@ -205,7 +206,7 @@ def quiet_trainer(tmp_path: Path, **options) -> pl.Trainer:
 
 def tiny_module(vocab_size: int) -> CausalLM:
     config = ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    return CausalLM(config, recall_probe_size=0, knowledge_bits_people=1, memory_zeroed_eval=False)
+    return CausalLM(config, probes=ProbeConfig(recall_questions=0, knowledge_bits_people=1, memory_zeroed=False))
 
 
 def test_a_fit_logs_knowledge_bits_of_both_populations_and_summarises_them(tmp_path: Path, replay_data) -> None:

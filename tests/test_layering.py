@@ -25,7 +25,9 @@ LAYERS: dict[str, set[str]] = {
     "midus.run_files": set(),
     "midus.host_allocator": set(),
     "midus.data": {"midus.checkpoint", "midus.model"},
-    "midus.training": {"midus.model", "midus.checkpoint", "midus.upscale", "midus.data", "midus.run_files"},
+    "midus.probes": {"midus.model", "midus.data"},
+    "midus.training": {"midus.model", "midus.checkpoint", "midus.upscale", "midus.data", "midus.probes",
+                       "midus.run_files"},
     "midus.ablation": {"midus.training", "midus.model", "midus.run_files"},
     "midus.report": {"midus.ablation", "midus.run_files"},
     "midus.analysis": {"midus.model", "midus.checkpoint", "midus.data", "midus.ablation", "midus.run_files"},
@@ -35,7 +37,7 @@ LAYERS: dict[str, set[str]] = {
     "midus": set(),
 }
 # Modules that must never import Lightning, directly or through the kit modules they import.
-LIGHTNING_FREE = ("midus.model", "midus.checkpoint", "midus.upscale", "midus.run_files", "midus.data",
+LIGHTNING_FREE = ("midus.model", "midus.checkpoint", "midus.upscale", "midus.run_files", "midus.data", "midus.probes",
                   "midus.report", "midus.ablation.config", "midus.ablation.table", "midus.analysis",
                   "midus.evaluation")
 LIGHTNING_ALLOWED_IN_DATA = {"midus.data.datamodule"}  # the LightningDataModule wrapper of TextData

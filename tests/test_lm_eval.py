@@ -65,7 +65,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "50",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(folder / "runs"),
-        "--model.learning_rate", "0.01", "--model.warmup_steps", "5", "--model.recall_probe_size", "0",
+        "--model.learning_rate", "0.01", "--model.warmup_steps", "5", "--model.probes.recall_questions", "0",
         "--model.config.d_model", "32", "--model.config.n_layers", "2",
         "--model.config.n_heads", "2", "--model.config.n_kv_heads", "2",
         "--data.source", "files", "--data.train_files", f"[{folder / 'alphabet.txt'}]",
@@ -250,6 +250,34 @@ def test_an_unknown_task_lists_what_the_include_path_provides(
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert "unknown task(s) no_such_task" in error and f"provide: {TASK}" in error
+
+
+@needs_lm_eval
+def test_a_hub_task_offline_is_one_error_naming_the_task_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """arc_easy with HF_DATASETS_OFFLINE=1 and an empty datasets cache (the `offline` fixture):
+    ``datasets`` raises ConnectionError without touching the network; the command says what to do."""
+    import lm_eval.tasks
+
+    # Only the harness's arc YAMLs are indexed (the real arc_easy task), not all ~15,000 (~15 s).
+    arc = Path(lm_eval.tasks.__file__).parent / "arc"
+    real = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(
+        lm_eval.tasks, "TaskManager", lambda **kwargs: real(**{**kwargs, "include_path": str(arc),
+                                                              "include_defaults": False})
+    )
+    output = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as exit_:
+        # The checkpoint does not exist: the task's dataset is loaded, and fails, first.
+        main(["lm-eval", "--ckpt_path", str(tmp_path / "none.ckpt"), "--tasks", "arc_easy",
+              "--output_path", str(output)])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --tasks: arc_easy needs its dataset from the Hugging Face hub")
+    assert len(error.splitlines()) == 1 and "Traceback" not in error
+    assert "run once with network" in error and "HF_DATASETS_OFFLINE=1" in error and "allenai/ai2_arc" in error
+    assert not output.exists()
 
 
 @needs_lm_eval

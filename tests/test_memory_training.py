@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from midus.model import MidusLM, ModelConfig
+from midus.probes import ProbeConfig
 from midus.training import CausalLM
 from midus.training.optim import parameter_groups, warmup_cosine
 
@@ -50,7 +51,8 @@ def test_memory_values_get_their_own_rate_and_no_decay() -> None:
 def test_memory_model_learns_and_logs_slot_diagnostics(tiny_data, tmp_path: Path) -> None:
     pl.seed_everything(0)
     module = CausalLM(
-        memory_config(tiny_data.vocab_size), learning_rate=1e-2, memory_lr=2e-2, warmup_steps=5, recall_probe_size=0
+        memory_config(tiny_data.vocab_size), learning_rate=1e-2, memory_lr=2e-2, warmup_steps=5,
+            probes=ProbeConfig(recall_questions=0)
     )
     trainer = pl.Trainer(
         max_steps=40, val_check_interval=20, limit_val_batches=4, num_sanity_val_steps=-1, log_every_n_steps=5,
@@ -93,7 +95,7 @@ def test_memory_model_trains_under_bf16_mixed_precision(tiny_data) -> None:
         {"block": "transformer", "branch": "pkm"}, {"block": "memory", "branch": "hml"},
         {"block": "memory", "branch": "multihead_pkm"},
     ])
-    module = CausalLM(config, recall_probe_size=0)
+    module = CausalLM(config, probes=ProbeConfig(recall_questions=0))
     initial_keys = [module.model.blocks[b].branch.keys.subkeys.detach().clone() for b in (0, 1, 2)]
     trainer = pl.Trainer(
         max_steps=3, limit_val_batches=0, precision="bf16-mixed", logger=False, enable_checkpointing=False,

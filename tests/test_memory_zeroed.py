@@ -14,6 +14,7 @@ from midus.model import MidusLM, ModelConfig
 from midus.model.branches.zeroing import memory_branches, zeroed_memory
 from midus.model.memory_config import MemoryConfig
 from midus.model.transformer import next_token_loss
+from midus.probes import ProbeConfig
 from midus.training import CausalLM
 from midus.training.memory_health import ENGAGED_LOSS_NATS, ENGAGED_RECALL_DROP, memory_usage, memory_zeroed_delta
 from midus.training.run_summary import RunSummary
@@ -54,7 +55,8 @@ def test_zeroing_memory_equals_removing_the_memory_blocks_and_the_hooks_go_away(
 
 def test_validation_reports_what_zeroing_costs_in_total_and_per_block(tiny_data) -> None:
     torch.manual_seed(0)
-    module = CausalLM(_config(tiny_data.vocab_size, [1, 3]), recall_probe_size=20)
+    module = CausalLM(_config(tiny_data.vocab_size, [1, 3]),
+                      probes=ProbeConfig(recall_questions=20, memory_zeroed_per_block=True))
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule=tiny_data)
     metrics = trainer.callback_metrics
@@ -96,7 +98,7 @@ def test_validation_reports_what_zeroing_costs_in_total_and_per_block(tiny_data)
 
 def test_a_model_without_memory_records_none(tiny_data) -> None:
     module = CausalLM(ModelConfig(vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
-                      recall_probe_size=0)
+                      probes=ProbeConfig(recall_questions=0))
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule=tiny_data)
     assert not any(name.startswith("memory/zeroed") for name in trainer.callback_metrics)
@@ -106,7 +108,7 @@ def test_a_model_without_memory_records_none(tiny_data) -> None:
 
 def test_the_engaged_step_is_the_first_validation_where_zeroing_costs_enough() -> None:
     summary = RunSummary()
-    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, global_step=0)
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={}, global_step=0, world_size=1)
     history = [  # (step, loss delta, recall drop) of successive validations
         (50, ENGAGED_LOSS_NATS / 2, 0.0), (100, -0.02, ENGAGED_RECALL_DROP / 2),
         (150, 0.0, ENGAGED_RECALL_DROP), (200, 0.5, 0.5),
@@ -126,3 +128,62 @@ def test_the_engaged_step_is_the_first_validation_where_zeroing_costs_enough() -
     trainer.callback_metrics = {"val/loss": torch.tensor(3.0), "memory/zeroed/loss_delta": torch.tensor(0.001)}
     never.on_validation_end(trainer, None)
     assert never.state_dict()["memory_engaged_step"] is None
+
+
+class ForwardCounter:
+    """Counts the model's forwards and the validation batches they read (by their first token ids)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.rows: list[tuple[int, ...]] = []
+        model.register_forward_pre_hook(lambda module, args: self.rows.append(tuple(args[0][:, 0].tolist())))
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_the_zeroed_loss_reads_exactly_the_limited_batches_and_is_zero_at_insertion(tiny_data, per_block) -> None:
+    # Zero-initialised memory values: the memory outputs exactly zero, as a MIDUS block at insertion.
+    config = _config(tiny_data.vocab_size, [1, 3])
+    config.memory.zero_init_values = True
+    torch.manual_seed(0)
+    module = CausalLM(config, probes=ProbeConfig(recall_questions=0, memory_zeroed_per_block=per_block))
+    counter = ForwardCounter(module.model)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=3)
+    trainer.validate(module, datamodule=tiny_data, verbose=False)
+    metrics = trainer.callback_metrics
+    assert float(metrics["memory/zeroed/loss_delta"]) == 0.0  # not noise from other batches
+    # Every forward read one of the 3 batches val/loss read: intact, all zeroed, and per block if asked.
+    batches = [tuple(batch["input_ids"][:, 0].tolist()) for _, batch in zip(range(3), tiny_data.val_dataloader())]
+    passes = 2 + (2 if per_block else 0)
+    assert counter.rows == [rows for rows in batches for _ in range(passes)]
+    assert ("memory/zeroed/1/loss_delta" in metrics) is per_block
+
+
+def test_the_zeroed_delta_is_the_loss_of_the_limited_batches_without_the_memory(tiny_data) -> None:
+    torch.manual_seed(0)
+    module = CausalLM(_config(tiny_data.vocab_size, [1, 3]), probes=ProbeConfig(recall_questions=0))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    trainer.validate(module, datamodule=tiny_data, verbose=False)
+    reference, total, tokens = _without_blocks(module.model, {1, 3}).eval(), 0.0, 0
+    with torch.no_grad():
+        for _, batch in zip(range(2), tiny_data.val_dataloader()):
+            ids = batch["input_ids"]
+            total += float(next_token_loss(reference(ids[:, :-1]), ids[:, 1:])) * ids[:, 1:].numel()
+            tokens += ids[:, 1:].numel()
+    delta = float(trainer.callback_metrics["memory/zeroed/loss_delta"])
+    assert delta == pytest.approx(total / tokens - float(trainer.callback_metrics["val/loss"]), abs=1e-5)
+    assert abs(delta) > 1e-3
+    assert not any(name.startswith("memory/zeroed/1/") for name in trainer.callback_metrics)  # per block: opt-in
+
+
+def test_slot_usage_counts_the_intact_forwards_only(tiny_data) -> None:
+    # Zeroing block 1's memory changes what block 3 retrieves: counted, it would change block 3's usage.
+    usage = {}
+    for zeroed in (False, True):
+        torch.manual_seed(0)
+        module = CausalLM(_config(tiny_data.vocab_size, [1, 3]),
+                          probes=ProbeConfig(recall_questions=0, memory_zeroed=zeroed))
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+        trainer.validate(module, datamodule=tiny_data, verbose=False)
+        usage[zeroed] = {name: float(value) for name, value in trainer.callback_metrics.items()
+                         if name.startswith("memory/") and not name.startswith("memory/zeroed")}
+    assert "memory/zeroed/loss_delta" in trainer.callback_metrics
+    assert usage[True] and usage[True] == usage[False]

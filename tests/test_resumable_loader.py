@@ -7,6 +7,7 @@ import torch
 
 from midus.data.resumable_loader import EpochShuffleSampler, ResumableLoader, ShardSampler
 from midus.model import ModelConfig
+from midus.probes import ProbeConfig
 from midus.training import CausalLM
 
 BLOCKS = [{"input_ids": torch.tensor([index])} for index in range(23)]
@@ -64,7 +65,7 @@ def test_overfit_batches_trains_on_a_plain_loader(tiny_data) -> None:
     # Lightning rebuilds the train loader around a SequentialSampler for overfit_batches.
     module = CausalLM(
         ModelConfig(vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
-        recall_probe_size=0,
+        probes=ProbeConfig(recall_questions=0),
     )
     trainer = pl.Trainer(
         max_steps=3, overfit_batches=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -10,8 +10,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from midus.data.recall_probe import TokenizedQuestion, greedy_recall_hits
+from midus.data.recall_probe import TokenizedQuestion
 from midus.model import MidusLM, ModelConfig
+from midus.probes import ProbeConfig
+from midus.probes.recall import greedy_recall_hits
 from midus.training import CausalLM
 from midus.training.optim import parameter_groups, warmup_cosine
 
@@ -33,7 +35,8 @@ def quiet_trainer(**overrides) -> pl.Trainer:
 
 def test_loss_goes_down_on_a_short_fit(tiny_data) -> None:
     pl.seed_everything(0)
-    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=5, recall_probe_size=0)
+    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=5,
+        probes=ProbeConfig(recall_questions=0))
     trainer = quiet_trainer(max_steps=60, limit_val_batches=4)
     before = trainer.validate(module, tiny_data, verbose=False)[0]["val/loss"]
     trainer.fit(module, tiny_data)
@@ -53,7 +56,8 @@ def test_summary_train_loss_is_the_mean_over_the_last_validation_interval(tiny_d
             self.losses.append(float(outputs["loss"]))
 
     pl.seed_everything(0)
-    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=2, recall_probe_size=0)
+    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=2,
+        probes=ProbeConfig(recall_questions=0))
     steps, summary = StepLosses(), RunSummary()
     # Validations after steps 4 and 8, and none after the last 2 steps: those must not count.
     trainer = quiet_trainer(max_steps=10, val_check_interval=4, limit_val_batches=2, callbacks=[steps, summary],
@@ -65,8 +69,28 @@ def test_summary_train_loss_is_the_mean_over_the_last_validation_interval(tiny_d
     assert record["train"]["loss"] != pytest.approx(sum(steps.losses[:4]) / 4, rel=1e-3)
 
 
+def test_summary_train_loss_is_the_per_token_loss_whatever_the_accumulation(tiny_data, tmp_path: Path) -> None:
+    from midus.training.run_summary import RunSummary
+
+    # A learning rate too small to move the weights: both runs score the same 8 batches with one model.
+    losses = {}
+    for accumulation in (1, 4):
+        pl.seed_everything(0)
+        module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-12, warmup_steps=0,
+                          probes=ProbeConfig(recall_questions=0))
+        summary = RunSummary()
+        trainer = quiet_trainer(max_steps=8 // accumulation, accumulate_grad_batches=accumulation,
+                                val_check_interval=8, limit_val_batches=1, callbacks=[summary],
+                                default_root_dir=tmp_path / str(accumulation))
+        trainer.fit(module, tiny_data)
+        losses[accumulation] = summary.summary(trainer, module, "unused")["train"]["loss"]
+        assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(losses[accumulation], abs=0.05)
+    assert losses[4] == pytest.approx(losses[1], rel=1e-5)  # not a quarter of it
+    assert abs(losses[1] - math.log(tiny_data.vocab_size)) < 0.5  # an untrained model's loss, about log V
+
+
 def test_bf16_mixed_precision_trains_on_cpu(tiny_data) -> None:
-    module = CausalLM(tiny_config(tiny_data.vocab_size), recall_probe_size=0)
+    module = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0))
     initial = module.model.embed.weight.detach().clone()
     trainer = quiet_trainer(max_steps=3, limit_val_batches=0, precision="bf16-mixed")
     trainer.fit(module, tiny_data)
@@ -155,7 +179,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_the_newest_ch
         "--trainer.max_steps", "40", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.gradient_clip_val", "null",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--model.learning_rate", "1e6", "--model.warmup_steps", "0", "--model.recall_probe_size", "0",
+        "--model.learning_rate", "1e6", "--model.warmup_steps", "0", "--model.probes.recall_questions", "0",
         "--model.config.d_model", "32", "--model.config.n_layers", "2",
         "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
         "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),
@@ -193,7 +217,7 @@ def test_fit_resumes_from_last_ckpt_and_train_tokens_continue(tmp_path: Path, ti
         "--config", str(root / "experiments" / "quickstart.yaml"),
         "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--model.recall_probe_size", "0", "--model.config.d_model", "32", "--model.config.n_layers", "2",
+        "--model.probes.recall_questions", "0", "--model.config.d_model", "32", "--model.config.n_layers", "2",
         "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
         "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),
     ]
@@ -224,7 +248,7 @@ def test_a_resume_from_an_earlier_checkpoint_replaces_the_steps_logged_after_it(
         "--config", str(root / "experiments" / "quickstart.yaml"), "--trainer.num_sanity_val_steps", "0",
         "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--model.recall_probe_size", "0", "--model.config.d_model", "32", "--model.config.n_layers", "2",
+        "--model.probes.recall_questions", "0", "--model.config.d_model", "32", "--model.config.n_layers", "2",
         "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
         "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),
         "--trainer.max_steps", "6",

@@ -73,7 +73,7 @@ COLUMNS: list[Column] = [
     Column("val recall", "val_recall_acc", _key("val.recall_acc"), "{:.3f}", "higher"),
     Column("val recall (held-out)", "val_recall_acc_heldout", _key("val.recall_acc_heldout"), "{:.3f}", "higher"),
     Column("recall old people (replay)", "val_recall_acc_replay", _key("val.recall_acc_replay"), "{:.3f}", "higher"),
-    # Bits of the corpus's facts the model stores (midus.data.knowledge_bits; model.knowledge_bits_people > 0).
+    # Bits of the corpus's facts the model stores (midus.probes.knowledge_bits; model.probes.knowledge_bits_people > 0).
     Column("knowledge bits", "knowledge_bits", _key("knowledge_bits.bits"), "{:,.0f}", "higher"),
     Column("knowledge bits (old people)", "knowledge_bits_replay", _key("knowledge_bits.bits_replay"), "{:,.0f}",
            "higher"),

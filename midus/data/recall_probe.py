@@ -1,17 +1,12 @@
-"""Score the knowledge-recall probe with a model (plain PyTorch, no Lightning).
+"""The knowledge-recall probe as token ids: what the model reads and what it should answer.
 
-Greedy decoding of "<name> was born in" yields the answer iff, fed prompt + answer, the
-model's argmax at every answer position is the answer's next token. Scoring by that
-teacher-forced check gives exactly the greedy result, in one batched forward pass
-per batch of questions instead of one decoding loop per question.
+Scoring it with a model is `midus.probes.recall`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from midus.data.corpus import RecallItem
@@ -35,29 +30,3 @@ def tokenize_probe(items: list[RecallItem], tokenizer: PreTrainedTokenizerBase) 
         TokenizedQuestion([eos, *prompt], answer, item.attribute)
         for prompt, answer, item in zip(prompts, answers, items)
     ]
-
-
-@torch.no_grad()
-def greedy_recall_hits(
-    model: nn.Module, questions: list[TokenizedQuestion], batch_size: int = 64
-) -> torch.Tensor:
-    """Bool tensor: does the greedy continuation of each prompt begin with its answer tokens?
-
-    `model(ids)` must return logits (batch, time, vocab) of a causal LM: the right padding
-    used to batch questions never influences earlier positions.
-    """
-    device = next(model.parameters()).device
-    hits: list[torch.Tensor] = []
-    for first in range(0, len(questions), batch_size):
-        chunk = questions[first : first + batch_size]
-        sequences = [q.prompt + q.answer for q in chunk]
-        width = max(len(seq) for seq in sequences) - 1
-        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            inputs[row, : len(seq) - 1] = torch.tensor(seq[:-1])
-        predicted = model(inputs.to(device)).argmax(dim=-1).cpu()
-        for row, question in enumerate(chunk):
-            start = len(question.prompt) - 1  # the position that predicts the first answer token
-            guess = predicted[row, start : start + len(question.answer)]
-            hits.append(torch.equal(guess, torch.tensor(question.answer)) if question.answer else False)
-    return torch.tensor(hits, dtype=torch.bool)

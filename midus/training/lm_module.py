@@ -1,7 +1,9 @@
 """The LightningModule for causal language-model training of a kit model.
 
-The model itself is plain PyTorch (`midus.model.MidusLM`); this class owns the loss, the
-metrics, the optimizer and schedule, throughput logging and the knowledge-recall probe.
+The model itself is plain PyTorch (`midus.model.MidusLM`); this class owns the training step and
+its loss, the optimizer groups and schedule, and logging. What a validation measures besides
+``val/loss`` (recall, knowledge bits, memory zeroed, slot usage) is `midus.probes.ValidationProbes`,
+called from the validation hooks here.
 """
 
 from __future__ import annotations
@@ -19,14 +21,11 @@ from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
 from midus.checkpoint.kit import PROGRESS_KEY
-from midus.data import knowledge_bits
-from midus.data.recall_probe import greedy_recall_hits
 from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
-from midus.model.retrieval.slot_usage import SlotUsageTracker
 from midus.model.transformer import next_token_loss
+from midus.probes import ProbeConfig, Processes, ValidationProbes
 from midus.training.divergence import check_finite_loss
-from midus.training.memory_zeroed import zeroed_memory_metrics
 from midus.training.model_source import build_model
 from midus.training.optim import fused_adamw_supported, parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
@@ -53,38 +52,18 @@ class CausalLM(pl.LightningModule):
         memory_lr_keys: put the product-key sub-keys in the memory group too.
         memory_lr_schedule: the memory group's schedule after the shared warmup: ``cosine``
             (decays with every other group) or ``constant`` (stays at its peak rate).
-        recall_probe_size: recall questions per prompt phrasing scored at each validation
-            (0 turns the probe off); logged as ``val/recall_acc`` (phrasing seen in training)
-            and ``val/recall_acc_heldout`` (held-out phrasing).
-        knowledge_bits_people: people of each population whose every fact is scored against all
-            values of its attribute at each full validation, for ``val/knowledge_bits`` (main
-            population) and ``val/knowledge_bits_replay`` (bits stored, scaled to the whole
-            population, per attribute under ``…/<attribute>``; `midus.data.knowledge_bits`);
-            0 (the default) turns it off. With the quickstart model on one CPU thread 16 people add
-            2-3 s to a validation (twice that with replay), plus about 1 s once to tokenize the
-            values; experiments/dus_vs_midus.yaml sets 16. The 16-person estimate of a trained
-            quickstart model was 7,261 bits against 7,293 from all 200 people.
-        memory_zeroed_eval: at each full validation of a model with memory branches, validate
-            again with every memory branch's output zeroed, then with each memory block's alone,
-            and log what that costs as ``memory/zeroed/loss_delta`` (loss increase, nats) and
-            ``memory/zeroed/<recall>_drop`` (recall lost), per block under
-            ``memory/zeroed/<block>/…``. Costs one more validation per memory block (plus one
-            with several); the summary records the final values as ``memory_zeroed_delta``.
+        probes: what each full validation measures besides ``val/loss``: the recall probe,
+            knowledge bits, the memory-zeroed loss and recall, slot usage (`midus.probes.ProbeConfig`).
         fused_adamw: take AdamW's fused kernel (one kernel for all parameters) where it supports
-            every parameter (`midus.training.optim.fused_adamw_supported`). On CPU the default
-            loops over the tensors in Python: 4.7 ms against 1.4 ms per step for the 0.8 M
-            char-level model of benchmarks/shakespeare_char.yaml. Off by default because it
-            rounds differently: the same seed then gives a slightly different curve from the
-            kit's recorded runs (quickstart seeds 0-2: best val/loss +0.005 [-0.012, 0.022],
-            not distinguishable; experiments/README.md).
+            every parameter (`midus.training.optim.fused_adamw_supported`); on CPU the default
+            loops over the tensors in Python. Off by default because it rounds differently: the
+            same seed then gives a slightly different curve (its cost and effect: experiments/README.md).
         compile: compile the model with `torch.compile` before training. ``python -m midus``
             then sets ``trainer.deterministic: warn`` unless the config sets it: compiled kernels
             otherwise accumulate the embedding gradient with atomic adds, and the same seed gives a
-            different curve in every run (quickstart: from step 39 on); in that mode inductor takes
-            the deterministic eager kernels for those ops, at no measured cost in step time. What a
-            compiled step saves depends on the shape (benchmarks/small_model_speed.py;
-            experiments/README.md); the first run compiles for 35-70 s on 2 CPU cores, 3-5 s once
-            inductor's on-disk cache holds the kernels.
+            different curve in every run; in that mode inductor takes the deterministic eager
+            kernels for those ops. What a compiled step saves, and what compiling costs:
+            experiments/README.md (benchmarks/small_model_speed.py).
         max_new_tokens: tokens generated per prompt by ``predict``.
         temperature: sampling temperature of ``predict`` (0 = greedy).
     """
@@ -102,9 +81,7 @@ class CausalLM(pl.LightningModule):
         memory_lr: float = 0.03,
         memory_lr_keys: bool = True,
         memory_lr_schedule: Literal["cosine", "constant"] = "cosine",
-        recall_probe_size: int = 600,
-        knowledge_bits_people: int = 0,
-        memory_zeroed_eval: bool = True,
+        probes: ProbeConfig = ProbeConfig(),
         fused_adamw: bool = False,
         compile: bool = False,
         max_new_tokens: int = 32,
@@ -123,7 +100,7 @@ class CausalLM(pl.LightningModule):
         self.model = source.model
         self.base_parameters = source.base_parameters
         self.eval_loss = MeanMetric()  # validation and test never run at once
-        self._slot_usage: SlotUsageTracker | None = None  # hooks on the memories only while validating
+        self.probes = ValidationProbes(probes)
         self.throughput = Throughput(window_size=10)
         self._fit_started_at = 0.0
         self._tokens_seen = 0
@@ -174,12 +151,11 @@ class CausalLM(pl.LightningModule):
                 "text with the checkpoint's own tokenizer: data.tokenizer=hf and data.tokenizer_path=<the .ckpt>"
             )
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def next_token_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean next-token loss, inputs, targets) of a batch of packed rows (``input_ids``: B x (T + 1))."""
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        logits = self.model(inputs)
-        loss = next_token_loss(logits, targets)
-        return loss, targets.numel()
+        return next_token_loss(self.model(inputs), targets), inputs, targets
 
     def configure_model(self) -> None:
         if not self.hparams.compile:
@@ -199,10 +175,6 @@ class CausalLM(pl.LightningModule):
         else:
             self.model.compile()
 
-    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` summed over the processes of a multi-process run (itself in a single-process run)."""
-        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
-
     def on_fit_start(self) -> None:
         self.throughput.world_size = self.trainer.world_size  # adds whole-run rates to the per-process ones
         counts = {
@@ -216,8 +188,9 @@ class CausalLM(pl.LightningModule):
             logger.log_hyperparams(counts)
         self._fit_started_at = time.perf_counter()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
-        loss, tokens = self._loss(batch)
+    def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> dict[str, torch.Tensor | int]:
+        loss, _, targets = self.next_token_loss(batch)
+        tokens = targets.numel()
         check_finite_loss(loss, self.trainer)  # before backward: a NaN step must not update anything
         self.log("train/loss", loss, prog_bar=True)
         if self._logging_step():
@@ -229,7 +202,9 @@ class CausalLM(pl.LightningModule):
         self._tokens_seen += tokens
         self._sequences_seen += batch["input_ids"].shape[0]
         self._batches_seen += 1
-        return loss
+        # Lightning divides "loss" by accumulate_grad_batches before callbacks see it; the undivided
+        # token-weighted sum goes beside it, for the run summary's mean training loss.
+        return {"loss": loss, "loss_sum": loss.detach() * tokens, "tokens": tokens}
 
     def on_train_batch_end(self, outputs, batch, batch_index: int) -> None:
         self.throughput.update(
@@ -258,9 +233,10 @@ class CausalLM(pl.LightningModule):
         return bool(self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:
-        loss, tokens = self._loss(batch)
+        loss, inputs, targets = self.next_token_loss(batch)
         # Weighted by tokens: a short final batch counts for what it holds.
-        self.eval_loss.update(loss, weight=tokens)
+        self.eval_loss.update(loss, weight=targets.numel())
+        self.probes.observe(self.model, inputs, targets, loss, targets.numel())
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:
         self.validation_step(batch, batch_index)
@@ -278,99 +254,37 @@ class CausalLM(pl.LightningModule):
         # A partial sanity check (a couple of batches) is not worth diagnostics or the probe.
         return not self.trainer.sanity_checking or math.isinf(self.trainer.num_sanity_val_steps)
 
+    def processes(self) -> Processes:
+        """This run's processes as the probes see them, with the strategy's sum over them."""
+        return Processes(
+            rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+            sum=lambda tensor: self.trainer.strategy.reduce(tensor, reduce_op="sum"), device=self.device,
+            collective_forwards=isinstance(self.trainer.strategy, FSDPStrategy),
+        )
+
     def on_validation_epoch_start(self) -> None:
-        if self._full_validation():
-            self._slot_usage = SlotUsageTracker(self.model).start()
+        # (Under FSDP the weights outside a forward are shards: no zeroed passes.)
+        self.probes.start(
+            self.model, full=self._full_validation(), memory_zeroed=not isinstance(self.trainer.strategy, FSDPStrategy)
+        )
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._eval_loss_metrics("val")
-        # Slot usage on the validation text only: stop before the recall probe's forwards.
-        if self._slot_usage is not None:
-            metrics.update(self._slot_usage.stop(reduce=self._sum_over_processes))
-            self._slot_usage = None
-        full_pass = self._full_validation()
-        if full_pass:
-            metrics.update(self._recall_metrics())
-            metrics.update(self._knowledge_bits_metrics())
-        if full_pass and self.hparams.memory_zeroed_eval and not isinstance(self.trainer.strategy, FSDPStrategy):
-            # (Under FSDP the weights outside a forward are shards, as for the recall probe.)
-            metrics.update(zeroed_memory_metrics(self, metrics))
+        data = self.trainer.datamodule
+        metrics.update(self.probes.finish(
+            self.model, getattr(data, "recall_questions", {}), getattr(data, "tokenizer", None), self.processes()
+        ))
         if self.trainer.sanity_checking:
             # A full sanity pass (num_sanity_val_steps: -1) measures the untrained model: keep it
             # as the step-0 point of every curve. Lightning discards sanity-check logs otherwise.
-            if full_pass and self.global_step == 0:
+            if self._full_validation() and self.global_step == 0:
                 for logger in self.loggers:
                     logger.log_metrics({name: float(value) for name, value in metrics.items()}, step=0)
             return
-        # Every value is already reduced over processes (torchmetrics, the sums above), so the same
+        # Every value is already reduced over processes (torchmetrics, the probes' sums), so the same
         # on each; sync_dist only states that (and keeps Lightning from warning it is per process).
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in ("val/loss", "val/recall_acc"), sync_dist=True)
-
-    def _recall_metrics(self) -> dict[str, torch.Tensor | float]:
-        """Knowledge-recall accuracy per prompt phrasing, overall and per attribute.
-
-        Each process answers every world_size-th question; hits and counts are summed over the
-        processes, so the accuracies are those of one process answering all of them.
-        """
-        questions_by_phrasing = getattr(self.trainer.datamodule, "recall_questions", {})
-        replicas, rank = self.trainer.world_size, self.trainer.global_rank
-        hits_and_counts: dict[str, list[float]] = {}  # metric -> [hits, questions] of this process
-        for phrasing, questions in questions_by_phrasing.items():
-            questions = questions[: self.hparams.recall_probe_size]
-            if not questions:
-                continue
-            name = "val/recall_acc" if phrasing == "train" else f"val/recall_acc_{phrasing}"
-            # The same keys in the same order on every process, whatever its share holds.
-            for key in [name, *(f"{name}/{attribute}" for attribute in dict.fromkeys(q.attribute for q in questions))]:
-                hits_and_counts[key] = [0.0, 0.0]
-            mine = questions[rank::replicas]
-            hits = greedy_recall_hits(self.model, mine).tolist() if mine else []
-            for question, hit in zip(mine, hits):
-                for key in (name, f"{name}/{question.attribute}"):
-                    hits_and_counts[key][0] += hit
-                    hits_and_counts[key][1] += 1
-        if not hits_and_counts:
-            return {}
-        # One collective for all of them; float32 counts are exact far beyond any probe size.
-        totals = self._sum_over_processes(torch.tensor(list(hits_and_counts.values()), device=self.device))
-        return {name: hits / count for name, (hits, count) in zip(hits_and_counts, totals)}
-
-    def _knowledge_bits_metrics(self) -> dict[str, torch.Tensor]:
-        """Bits of the facts stored, per population (phrasing seen in training), total and per attribute.
-
-        Each process scores every world_size-th sampled person (under FSDP, whose forwards are
-        collective, as many as every other process); the per-attribute sums are summed over the
-        processes, then scaled and clipped (`midus.data.knowledge_bits`).
-        """
-        data = self.trainer.datamodule
-        questions_by_phrasing = getattr(data, "recall_questions", {})
-        populations = {
-            name: questions_by_phrasing[phrasing]
-            for phrasing, name in (("train", "val/knowledge_bits"), ("replay", "val/knowledge_bits_replay"))
-            if questions_by_phrasing.get(phrasing)
-        }
-        if self.hparams.knowledge_bits_people <= 0 or not populations:
-            return {}
-        replicas, rank = self.trainer.world_size, self.trainer.global_rank
-        values = knowledge_bits.tokenizer_values(data.tokenizer)
-        keys, sums = [], []  # per (population, attribute), in the same order on every process
-        for name, questions in populations.items():
-            summed, scale = knowledge_bits.share_bits(
-                self.model, questions, self.hparams.knowledge_bits_people, values, replicas, rank,
-                equal_shares=isinstance(self.trainer.strategy, FSDPStrategy),
-            )
-            keys += [(name, attribute, scale) for attribute in summed]
-            sums += summed.values()
-        if not keys:
-            return {}
-        totals = self._sum_over_processes(torch.tensor(sums, device=self.device)).tolist()
-        bits = [(name, attribute, knowledge_bits.clipped_bits(total, scale)) for (name, attribute, scale), total in
-                zip(keys, totals)]
-        metrics = {f"{name}/{attribute}": value for name, attribute, value in bits}
-        for name in dict.fromkeys(name for name, _, _ in bits):
-            metrics[name] = sum(value for population, _, value in bits if population == name)
-        return {name: torch.tensor(value, device=self.device) for name, value in metrics.items()}
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> list[list[int]]:
         """Continue each prompt; returns the new token ids (decode with the data tokenizer)."""

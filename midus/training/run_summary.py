@@ -47,9 +47,10 @@ class RunSummary(pl.Callback):
         self._best_val_loss: float | None = None
         self._memory_engaged_step: int | None = None
         self._earlier_wall_s = 0.0  # wall time of the processes before a resume
-        # Training loss summed over the batches since the last validation (a tensor: no sync per step).
+        # Token-weighted training loss and tokens since the last validation, this process's batches
+        # (a tensor: no sync per step); summed over the processes at the validation.
         self._interval_loss: torch.Tensor | float = 0.0
-        self._interval_batches = 0
+        self._interval_tokens = 0
         self._train_loss: float | None = None  # its mean over the last completed validation interval
 
     def state_dict(self) -> dict[str, Any]:
@@ -83,17 +84,23 @@ class RunSummary(pl.Callback):
     ) -> None:
         _synchronize(pl_module.device)
         self._train_seconds += time.perf_counter() - self._batch_started_at
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._interval_loss = self._interval_loss + loss.detach().float()
-            self._interval_batches += 1
+        # CausalLM's training_step returns the loss summed over its tokens beside "loss" (which
+        # Lightning has divided by accumulate_grad_batches by now).
+        if isinstance(outputs, dict) and "loss_sum" in outputs:
+            self._interval_loss = self._interval_loss + outputs["loss_sum"].detach().double()
+            self._interval_tokens += int(outputs["tokens"])
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return  # the sanity pass is never logged as val/loss and would not be comparable
-        if self._interval_batches:
-            self._train_loss = float(self._interval_loss) / self._interval_batches
-            self._interval_loss, self._interval_batches = 0.0, 0
+        # Every process reaches this hook: sum the interval over them (mean per-token loss of the run).
+        loss_sum, tokens = float(self._interval_loss), float(self._interval_tokens)
+        if trainer.world_size > 1:
+            interval = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=pl_module.device)
+            loss_sum, tokens = trainer.strategy.reduce(interval, reduce_op="sum").tolist()
+        if tokens:
+            self._train_loss = loss_sum / tokens
+            self._interval_loss, self._interval_tokens = 0.0, 0
         loss = _metric(trainer, "val/loss")
         if loss is not None and (self._best_val_loss is None or loss < self._best_val_loss):
             self._best_val_loss = loss
@@ -143,8 +150,8 @@ class RunSummary(pl.Callback):
                 trainer, model.num_parameters(), getattr(pl_module, "added_parameters", 0)
             ),
             "train": {
-                # Mean training loss over the batches between the last two validations (process 0's
-                # shard): beside val.loss, the train/validation gap of the memorising regime.
+                # Mean per-token training loss over the batches between the last two validations (all
+                # processes, any accumulation): beside val.loss, the train/validation gap.
                 "loss": self._train_loss,
                 "steps": trainer.global_step,
                 "batches": batches,
@@ -204,7 +211,7 @@ def generation_latency(model: torch.nn.Module, prompt_tokens: int, new_tokens: i
 
 
 def knowledge_bits_record(trainer: pl.Trainer, total_parameters: int, added_parameters: int) -> dict[str, Any] | None:
-    """The final validation's ``val/knowledge_bits[_replay]`` (`midus.data.knowledge_bits`) with bits per
+    """The final validation's ``val/knowledge_bits[_replay]`` (`midus.probes.knowledge_bits`) with bits per
     parameter and per added parameter (null without up-scaling); None when never measured."""
     bits = _metric(trainer, "val/knowledge_bits")
     if bits is None:

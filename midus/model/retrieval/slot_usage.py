@@ -11,7 +11,8 @@ read and the entropy of its retrieval weights. From the counts come the usual di
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -81,9 +82,25 @@ class SlotUsageTracker:
         self._detach()
         self.usages = {}
         for label, keys in product_key_modules(self.model).items():
-            usage = self.usages[label] = SlotUsage(keys.n_heads, keys.n_slots, keys.subkeys.device)
-            self._handles.append(keys.register_forward_hook(_recorder(usage)))
+            self.usages[label] = SlotUsage(keys.n_heads, keys.n_slots, keys.subkeys.device)
+        self._attach()
         return self
+
+    def _attach(self) -> None:
+        for label, keys in product_key_modules(self.model).items():
+            self._handles.append(keys.register_forward_hook(_recorder(self.usages[label])))
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing inside the block (forwards that are not the text measured, e.g. a second
+        pass of the same batch with the memory zeroed); counting goes on after it if it was on."""
+        recording = bool(self._handles)
+        self._detach()
+        try:
+            yield
+        finally:
+            if recording:
+                self._attach()
 
     def _detach(self) -> None:
         for handle in self._handles:

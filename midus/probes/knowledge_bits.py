@@ -65,6 +65,7 @@ from transformers import PreTrainedTokenizerBase
 
 from midus.data.corpus import ATTRIBUTES, value_choices
 from midus.data.recall_probe import TokenizedQuestion
+from midus.probes.processes import Processes
 
 
 @dataclass(frozen=True)
@@ -300,3 +301,39 @@ def share_bits(
     summed = bits_by_attribute(model, mine, candidates)
     attributes = dict.fromkeys(question.attribute for person in sample for question in person)
     return {attribute: summed.get(attribute, 0.0) for attribute in attributes}, scale
+
+
+def knowledge_bits_metrics(
+    model: nn.Module, questions_by_phrasing: dict[str, list[TokenizedQuestion]], tokenizer: PreTrainedTokenizerBase,
+    people: int, processes: Processes,
+) -> dict[str, torch.Tensor]:
+    """``val/knowledge_bits[_replay]`` and per attribute ``…/<attribute>``: bits of the facts stored, per
+    population (asked in the phrasing seen in training), from the first `people` people of each.
+
+    Each process scores every world_size-th sampled person (with collective forwards, as many as every
+    other process); the per-attribute sums are summed over the processes, then scaled and clipped.
+    """
+    populations = {
+        name: questions_by_phrasing[phrasing]
+        for phrasing, name in (("train", "val/knowledge_bits"), ("replay", "val/knowledge_bits_replay"))
+        if questions_by_phrasing.get(phrasing)
+    }
+    if people <= 0 or not populations:
+        return {}
+    values = tokenizer_values(tokenizer)
+    keys, sums = [], []  # per (population, attribute), in the same order on every process
+    for name, questions in populations.items():
+        summed, scale = share_bits(
+            model, questions, people, values, processes.world_size, processes.rank,
+            equal_shares=processes.collective_forwards,
+        )
+        keys += [(name, attribute, scale) for attribute in summed]
+        sums += summed.values()
+    if not keys:
+        return {}
+    totals = processes.sum(torch.tensor(sums, device=processes.device)).tolist()
+    bits = [(name, attribute, clipped_bits(total, scale)) for (name, attribute, scale), total in zip(keys, totals)]
+    metrics = {f"{name}/{attribute}": value for name, attribute, value in bits}
+    for name in dict.fromkeys(name for name, _, _ in bits):
+        metrics[name] = sum(value for population, _, value in bits if population == name)
+    return {name: torch.tensor(value, device=processes.device) for name, value in metrics.items()}

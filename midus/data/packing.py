@@ -1,8 +1,14 @@
 """Tokenise documents and pack them into fixed-length training blocks.
 
-Documents are joined with the end-of-text token and cut into rows of ``block_size + 1``
-tokens (inputs are a row without its last token, targets without its first), so every
-token of a block is trained on and no padding is needed.
+Documents are framed as the tokenizer frames them (`midus.data.framing`: BOS where its
+post-processor puts one, as Llama-3's does), joined with the end-of-text token and cut into
+rows of ``block_size + 1`` tokens (inputs are a row without its last token, targets without
+its first), so every token of a block is trained on and no padding is needed::
+
+    [BOS] doc1 EOS [BOS] doc2 EOS [BOS] doc3 ...   → | row 0 | row 1 | ... (remainder dropped)
+
+The kit's own bpe and char tokenizers frame nothing, so their blocks are the plain
+``doc EOS doc EOS ...`` stream, and their cache names are what they were before framing.
 
 `cached_blocks` keeps packed splits in the data cache, so a second run of an experiment, and
 every process after the first of a multi-process run, reads them instead of packing again.
@@ -17,13 +23,18 @@ from pathlib import Path
 from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from midus.data.framing import frame_documents, framing_of
+
 log = logging.getLogger(__name__)
 
 
 def pack_documents(
     documents: Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, split: str, num_proc: int = 1
 ) -> Dataset:
-    """`documents` with a ``text`` column → dataset with an ``input_ids`` column of rows of block_size+1."""
+    """`documents` with a ``text`` column → dataset with an ``input_ids`` column of rows of block_size+1.
+
+    Each document is `frame_documents`' ids followed by one EOS.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no end-of-text token (eos_token); documents could not be separated")
@@ -31,7 +42,7 @@ def pack_documents(
 
     def tokenize_and_chunk(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         stream: list[int] = []
-        for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
+        for ids in frame_documents(tokenizer, batch["text"]):
             stream.extend(ids)
             stream.append(eos)
         usable = len(stream) - len(stream) % row
@@ -47,7 +58,7 @@ def pack_documents(
         desc=f"packing {split} into blocks of {block_size}",
     )
     if len(packed) == 0:
-        total = sum(len(ids) + 1 for ids in tokenizer(documents[:]["text"], add_special_tokens=False)["input_ids"])
+        total = sum(len(ids) + 1 for ids in frame_documents(tokenizer, documents[:]["text"]))
         raise ValueError(
             f"data.block_size={block_size}: the {split} split has {total} tokens, fewer than one block "
             f"of {row} (block_size + 1); lower data.block_size or add text"
@@ -56,9 +67,19 @@ def pack_documents(
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A short hash of everything that decides a tokenizer's ids (its full serialisation when fast)."""
+    """A short hash of everything that decides a tokenizer's ids (its full serialisation when fast)
+    and, for a tokenizer whose framing adds tokens, of that framing.
+
+    Blocks packed before documents were framed (issue 25) hold no BOS; a framing tokenizer's
+    hash therefore changes, so those caches are not reused. One that frames nothing (the kit's
+    bpe and char) hashes as before: its blocks, and so its caches, are unchanged.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    framing = framing_of(tokenizer)
+    if framing.adds_tokens:
+        # A slow tokenizer's add_bos_token is outside its serialisation: hash the framing itself.
+        text += f"|framing={list(framing.prefix)},{list(framing.suffix)},drop_eos={framing.drops_trailing_eos}"
     return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}".encode()).hexdigest()[:16]
 
 

@@ -5,10 +5,16 @@
 like any built-in model. ``python -m midus lm-eval`` (`midus.evaluation.lm_eval_command`)
 is the command-line front end.
 
+Texts become ids as the harness's own Hugging Face model (``hf``, `lm_eval.models.huggingface.HFLM`)
+makes them, so a kit checkpoint and its Hugging Face export score alike: the tokenizer frames
+contexts and rolling-perplexity texts with its special tokens (Llama-3's BOS), an empty
+context and every rolling window start from `prefix_token_id` (BOS, else EOS), and
+`add_bos_token` overrides the framing as HFLM's does.
+
 The kit's model has no attention mask, so batches are right-padded: the model is causal, so
 padding after a sequence never changes the logits at its real positions, which are the only
-ones read. Contexts longer than `max_length` (by default the block size the checkpoint was
-trained on) are cut from the left, as the harness's own Hugging Face model does.
+ones read. Contexts longer than `max_length` (by default the model's context, `model_context`)
+are cut from the left, as HFLM does.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ except ImportError:  # the kit without its [eval] extra: MidusEvalLM() and the l
     def register_model(*names: str):  # type: ignore[no-redef]
         return lambda cls: cls
 
-__all__ = ["MidusEvalLM", "require_lm_eval"]
+__all__ = ["MidusEvalLM", "model_context", "require_lm_eval"]
 
 INSTALL_HINT = 'the lm-evaluation-harness is not installed: pip install "midus[eval]" (or pip install lm_eval)'
 
@@ -50,7 +56,7 @@ def require_lm_eval() -> None:
 
 DTYPES = {"float32": torch.float32, "auto": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LENGTH = 2048
-"""Context limit when neither `max_length` nor the checkpoint's training block size is known."""
+"""Context limit when neither `max_length` nor the model's context is known (HFLM's default too)."""
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -69,9 +75,13 @@ class MidusEvalLM(TemplateLM):
         device: torch device, e.g. ``cpu`` or ``cuda``.
         dtype: ``float32`` (also ``auto``: kit checkpoints hold float32 weights), ``bfloat16`` or
             ``float16``; log-probabilities are taken in float32 either way.
-        max_length: context limit in tokens; 0 means the checkpoint's training block size.
+        max_length: context limit in tokens; 0 means the model's context (`model_context`).
         max_gen_toks: default generation length when a task does not set one.
         max_batch_size: accepted because the harness passes it; unused.
+        add_bos_token: None frames texts as the tokenizer does (its BOS, if any); True / False
+            forces ``add_special_tokens`` on or off, as HFLM's ``add_bos_token`` does.
+        prefix_token_id: the token an empty context and each rolling window start from;
+            None means BOS, else EOS (HFLM's rule).
     """
 
     def __init__(
@@ -85,6 +95,8 @@ class MidusEvalLM(TemplateLM):
         max_length: int = 0,
         max_gen_toks: int = 256,
         max_batch_size: int | None = None,
+        add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
     ) -> None:
         require_lm_eval()
         super().__init__()
@@ -100,7 +112,9 @@ class MidusEvalLM(TemplateLM):
         self.tokenizer = tokenizer
         self._device = torch.device(device or "cpu")
         self.model = model.to(self._device, DTYPES[dtype]).eval()
-        self.max_length = int(max_length) or trained_length or DEFAULT_MAX_LENGTH
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self.max_length = int(max_length) or model_context(self.model, trained_length)
         self.max_gen_toks = int(max_gen_toks)
         # The harness's "auto" / "auto:N" probes GPU memory with HF models; a fixed size here.
         self.batch_size = (
@@ -115,8 +129,11 @@ class MidusEvalLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        # What an empty context and a rolling window start from: BOS for tokenizers that have
-        # one (imported Llama-style), else end-of-text, which separates documents in training.
+        # What an empty context and a rolling window start from (HFLM.prefix_token_id): a given
+        # id, else BOS for tokenizers that have one (imported Llama-style), else end-of-text,
+        # which separates documents in training.
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.eot_token_id
 
@@ -131,11 +148,24 @@ class MidusEvalLM(TemplateLM):
             "model_num_parameters": self.model.num_parameters(),
             "model_dtype": str(next(self.model.parameters()).dtype),
             "max_length": self.max_length,
+            "add_bos_token": self.add_bos_token,
+            "prefix_token_id": self.prefix_token_id,
         }
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        # Training packs text tokenised without special tokens; score it the same way.
-        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+        """Ids of `string` as HFLM.tok_encode makes them (lm_eval 0.4.13, models/huggingface.py).
+
+        An explicit `add_special_tokens` wins; else `add_bos_token` when set; else the
+        tokenizer's own framing (Llama-3: BOS first), which is also how packing frames training
+        documents (`midus.data.framing`). A string that already starts with the prefix token's
+        text is not framed again. Like HFLM, a trailing EOS a template appends is kept here:
+        equal scores with the harness matter more than the training stream's one-EOS rule.
+        """
+        if add_special_tokens is None:
+            add_special_tokens = True if self.add_bos_token is None else bool(self.add_bos_token)
+            if string.startswith(self.tokenizer.decode(self.prefix_token_id)):
+                add_special_tokens = False
+        return self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"]
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
@@ -226,6 +256,24 @@ class MidusEvalLM(TemplateLM):
         for stop in until:
             text = text.split(stop)[0]
         return text
+
+
+def model_context(model: MidusLM, trained_block_size: int = 0) -> int:
+    """The context a model is meant to read, the default `max_length` of `MidusEvalLM`.
+
+    The kit's config records no position limit (RoPE has none), so it is taken from what
+    the model states, in this order:
+
+    1. Llama-3 RoPE scaling (imported Llama-3.x): original_max_position_embeddings x factor,
+       the ``max_position_embeddings`` the kit's Hugging Face export writes for it
+       (`midus.checkpoint.hf_export`), which HFLM reads from the exported config;
+    2. the block size the checkpoint was trained on (a kit model never saw longer contexts);
+    3. `DEFAULT_MAX_LENGTH`, HFLM's own fallback.
+    """
+    scaling = model.config.rope_scaling
+    if scaling:
+        return int(scaling["original_max_position_embeddings"] * scaling["factor"])
+    return trained_block_size or DEFAULT_MAX_LENGTH
 
 
 def _load(checkpoint: str, tokenizer: Any) -> tuple[MidusLM, PreTrainedTokenizerBase, int]:

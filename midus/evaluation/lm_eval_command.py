@@ -7,9 +7,11 @@
 Prints the harness's results table and writes its results JSON (default
 ``<run dir>/lm_eval/results.json``, the run directory being the folder above ``checkpoints/``).
 Bad input (an unknown task, a task YAML or JSON-lines data file under ``--include_path`` that
-does not parse, a missing checkpoint) is one ``error:`` line and exit status 2, reported before
-the model is loaded or anything is written: the harness itself skips a task YAML it cannot
-read with only a debug log line, which would surface later as a confusing "unknown task".
+does not parse, a hub task whose dataset is neither cached nor downloadable, a missing
+checkpoint) is one ``error:`` line and exit status 2, reported before the model is loaded or
+anything is written: the harness itself skips a task YAML it cannot read with only a debug log
+line, which would surface later as a confusing "unknown task", and an offline hub task would
+end in a ConnectionError traceback after the model had loaded.
 """
 
 from __future__ import annotations
@@ -181,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_length",
         type=int,
         default=0,
-        help="Context limit in tokens (default 0: the block size the checkpoint was trained on).",
+        help="Context limit in tokens (default 0: the model's context: with Llama-3 RoPE scaling "
+        "original_max_position_embeddings x factor, else the block size it was trained on).",
     )
     parser.add_argument(
         "--tokenizer",
@@ -232,6 +235,34 @@ def resolve_tasks(requested: list[str], include_paths: list[str]) -> tuple[list[
     return names, manager
 
 
+def load_tasks(names: list[str], manager: Any) -> list[Any]:
+    """The harness's Task and Group objects of `names`, their datasets loaded now (before the
+    model), for `simple_evaluate`'s ``tasks`` (lm_eval 0.4.13's `TaskManager.load` takes them as is).
+
+    A hub task (``arc_easy``) whose dataset is not in the ``datasets`` cache while the hub cannot
+    be reached (``HF_DATASETS_OFFLINE=1``, no network) is a ValueError naming the task and the
+    way out, instead of the ConnectionError ``datasets`` raises.
+    """
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    built: list[Any] = []
+    for name in names:
+        try:
+            loaded = manager.load(name)
+        except (ConnectionError, LocalEntryNotFoundError) as error:
+            reason = str(error).replace("\n", " ")
+            raise ValueError(
+                f"--tasks: {name} needs its dataset from the Hugging Face hub, which is not in the datasets "
+                f"cache and could not be reached ({reason}); run once with network to download it into "
+                "the cache (~/.cache/huggingface/datasets or $HF_DATASETS_CACHE), after which runs with "
+                "HF_DATASETS_OFFLINE=1 read it from there"
+            ) from None
+        # A group stays one object (its aggregate is reported); a task or a tag gives its tasks.
+        group = loaded["groups"].get(name)
+        built += [group] if group is not None else list(loaded["tasks"].values())
+    return built
+
+
 def default_output(checkpoint_path: str) -> Path:
     """``<run dir>/lm_eval/results.json``: beside the run's TensorBoard events and analyses."""
     from midus.analysis.checkpoint_run import run_dir_of
@@ -257,6 +288,7 @@ def main(args: list[str]) -> None:
         if not requested:
             raise ValueError("--tasks: give at least one task name")
         names, manager = resolve_tasks(requested, parsed.include_path)
+        tasks = load_tasks(names, manager)
         model = MidusEvalLM(
             checkpoint=parsed.ckpt_path,
             tokenizer=parsed.tokenizer,
@@ -272,7 +304,7 @@ def main(args: list[str]) -> None:
 
     results = simple_evaluate(
         model=model,
-        tasks=names,
+        tasks=tasks,
         task_manager=manager,
         num_fewshot=parsed.num_fewshot,
         limit=limit,

@@ -266,10 +266,10 @@ class TextData:
         prompts = self.settings["predict_prompts"] or [item.prompt for item in self._probe_items()[:8]]
         if not prompts:
             raise ValueError("data.predict_prompts is empty and the data source has no recall probe to borrow from")
-        encoded = [
-            {"input_ids": torch.tensor([self.tokenizer.eos_token_id, *ids])}
-            for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        ]
+        from midus.data.framing import frame_prompts
+
+        # A document start as packing frames it: BOS where the tokenizer puts one, else EOS.
+        encoded = [{"input_ids": torch.tensor(ids)} for ids in frame_prompts(self.tokenizer, prompts)]
         return DataLoader(encoded, batch_size=1)
 
     def _probe_items(self, phrasing: str = "train") -> list[RecallItem]:

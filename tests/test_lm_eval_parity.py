@@ -113,9 +113,13 @@ def test_without_bos_both_score_alike_and_differently_from_framed(
 def test_default_max_length_is_the_model_context_not_a_training_block(standin: tuple[Path, Path]) -> None:
     from midus.evaluation.lm_eval_adapter import MidusEvalLM
 
-    _, checkpoint = standin
-    # The stand-in's llama3 RoPE scaling: original_max_position_embeddings 64 x factor 8.
-    assert MidusEvalLM(checkpoint=str(checkpoint)).max_length == 512
+    hf_dir, checkpoint = standin
+    # The stand-in's max_position_embeddings (256; its llama3 RoPE scaling would stretch to 64 x 8 = 512),
+    # as the harness's hf model reads it from the directory.
+    assert MidusEvalLM(checkpoint=str(checkpoint)).max_length == 256
+    from lm_eval.models.huggingface import HFLM
+
+    assert HFLM(pretrained=str(hf_dir), device="cpu").max_length == 256
     assert MidusEvalLM(checkpoint=str(checkpoint), max_length=16).max_length == 16
     lm = MidusEvalLM(checkpoint=str(checkpoint))
     bos = lm.tokenizer.bos_token_id

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase, Qwen3Config
 
 DEFAULT_MAX_POSITIONS = 4096
-"""`max_position_embeddings` written when neither the caller nor Llama-3 RoPE scaling sets
-one. The kit has no learned positions, so the value only informs readers of the config."""
+"""`max_position_embeddings` written when neither the caller, the imported model nor Llama-3 RoPE
+scaling sets one. The kit has no learned positions, so the value only informs readers of the config."""
 
 _KIT_LAYER_NAMES = {kit: hf for hf, kit in LAYER_NAMES.items()}
 _KIT_TOP_NAMES = {kit: hf for hf, kit in TOP_NAMES.items()}
@@ -95,11 +95,11 @@ def llama_config_from_model_config(
 ) -> LlamaConfig:
     """The `transformers.LlamaConfig` of a kit model (the inverse of `model_config_from_hf`).
 
-    `max_position_embeddings` defaults, with Llama-3 RoPE scaling, to the context it
-    stretches to (original_max_position_embeddings x factor: transformers warns unless it is
-    larger than the original), else to `DEFAULT_MAX_POSITIONS`. Special token ids come
-    from `tokenizer`; without one they are null (LlamaConfig's defaults 1 and 2 would be
-    arbitrary ids in the kit's vocabulary).
+    `max_position_embeddings` defaults to the imported model's own (``config.context_length``),
+    else, with Llama-3 RoPE scaling, to the context it stretches to (original_max_position_embeddings
+    x factor: transformers warns unless it is larger than the original), else to `DEFAULT_MAX_POSITIONS`.
+    Special token ids come from `tokenizer`; without one they are null (LlamaConfig's defaults 1 and 2
+    would be arbitrary ids in the kit's vocabulary).
     """
     from transformers import LlamaConfig
 
@@ -125,7 +125,8 @@ def _shared_fields(
         num_key_value_heads=config.kv_heads,
         head_dim=config.head_dim,
         hidden_act="silu",
-        max_position_embeddings=positions if max_position_embeddings is None else max_position_embeddings,
+        # The caller's value, else the imported model's own, else what its RoPE scaling implies.
+        max_position_embeddings=max_position_embeddings or config.context_length or positions,
         initializer_range=config.init_std,
         rms_norm_eps=config.norm_eps,
         rope_parameters=rope,  # transformers 5 keeps theta and scaling together here

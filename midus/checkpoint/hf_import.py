@@ -103,6 +103,7 @@ def model_config_from_hf(hf_config: Any, source: str = "Hugging Face config") ->
         attn_out_bias=out_bias,
         qk_norm=model_type == "qwen3",
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        context_length=int(getattr(hf_config, "max_position_embeddings", None) or 0),
     )
 
 

@@ -261,15 +261,17 @@ class MidusEvalLM(TemplateLM):
 def model_context(model: MidusLM, trained_block_size: int = 0) -> int:
     """The context a model is meant to read, the default `max_length` of `MidusEvalLM`.
 
-    The kit's config records no position limit (RoPE has none), so it is taken from what
-    the model states, in this order:
+    Taken from what the model states, in this order, as HFLM reads an exported directory:
 
-    1. Llama-3 RoPE scaling (imported Llama-3.x): original_max_position_embeddings x factor,
-       the ``max_position_embeddings`` the kit's Hugging Face export writes for it
-       (`midus.checkpoint.hf_export`), which HFLM reads from the exported config;
-    2. the block size the checkpoint was trained on (a kit model never saw longer contexts);
-    3. `DEFAULT_MAX_LENGTH`, HFLM's own fallback.
+    1. ``context_length``: an imported model's ``max_position_embeddings``, which the kit's
+       Hugging Face export writes back (`midus.checkpoint.hf_export`) and HFLM reads;
+    2. Llama-3 RoPE scaling without it (checkpoints from before the field):
+       original_max_position_embeddings x factor;
+    3. the block size the checkpoint was trained on (a kit model never saw longer contexts);
+    4. `DEFAULT_MAX_LENGTH`, HFLM's own fallback.
     """
+    if model.config.context_length:
+        return model.config.context_length
     scaling = model.config.rope_scaling
     if scaling:
         return int(scaling["original_max_position_embeddings"] * scaling["factor"])

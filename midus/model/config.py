@@ -73,6 +73,10 @@ class ModelConfig:
     rope_scaling: dict[str, float] = field(default_factory=dict)
     """Llama-3 style frequency scaling (keys: factor, low_freq_factor, high_freq_factor,
     original_max_position_embeddings); empty means none. Set by the Hugging Face import."""
+    context_length: int = 0
+    """Positions the model was pretrained to read (a Hugging Face config's max_position_embeddings,
+    set by the import and written back by the export); 0: not stated (a kit model reads what it was
+    trained on, its data.block_size). Rotary positions need no table: this only informs evaluation."""
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
     qkv_bias: bool = False

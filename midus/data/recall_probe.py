@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from midus.data.corpus import RecallItem
+from midus.data.framing import frame_documents
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,10 @@ class TokenizedQuestion:
 
 
 def tokenize_probe(items: list[RecallItem], tokenizer: PreTrainedTokenizerBase) -> list[TokenizedQuestion]:
-    """Prompts start after an end-of-text token, as every packed training document does."""
+    """Prompts start as every packed training document does: after an end-of-text token, framed the
+    way the tokenizer frames a document (a Llama-3 tokenizer's BOS first; `midus.data.framing`)."""
     eos = tokenizer.eos_token_id
-    prompts = tokenizer([item.prompt for item in items], add_special_tokens=False)["input_ids"]
+    prompts = frame_documents(tokenizer, [item.prompt for item in items])
     answers = tokenizer([" " + item.answer for item in items], add_special_tokens=False)["input_ids"]
     return [
         TokenizedQuestion([eos, *prompt], answer, item.attribute)

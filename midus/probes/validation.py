@@ -15,8 +15,9 @@ What runs (``model.probes``, `midus.probes.ProbeConfig`), at every full validati
   embedded corpus's questions rather than the validation batches;
 * the recall probe again with the memories zeroed, for ``memory/zeroed/<recall>_drop``.
 
-A partial sanity check (a few batches before training) is not a full validation: it counts
-nothing (torchtitan's validator likewise runs its extra metrics only on its scheduled validations).
+A partial sanity check (a few batches before training) is not a full validation: it measures
+nothing. The shape follows torchtitan's ``components/validate.py``: validation is a component of its
+own, built from its own config section, which the training loop calls without it reaching back.
 """
 
 from __future__ import annotations

@@ -167,8 +167,9 @@ class MidusEvalLM(TemplateLM):
                 add_special_tokens = False
         return self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def tok_decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens)
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        # As HFLM.tok_decode: special tokens (a generated EOS, a BOS) are not text.
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     @torch.no_grad()
     def _loglikelihood_tokens(
@@ -229,7 +230,8 @@ class MidusEvalLM(TemplateLM):
         outputs = []
         for request in requests:
             context, options = request.args[0], dict(request.args[1] or {})
-            until = handle_stop_sequences(options.get("until"), eos=self.tok_decode([self.eot_token_id]))
+            eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+            until = handle_stop_sequences(options.get("until"), eos=eos)
             max_new = int(options.get("max_gen_toks", self.max_gen_toks))
             ids = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.prefix_token_id]
             text = self._greedy(ids, max_new, until)

@@ -14,11 +14,16 @@ Bad input is one line, ``error: <message naming the field or file>``, and exit s
 (`USER_ERROR_EXIT`): a wrong config value, a missing or unreadable file, a corrupt,
 truncated, foreign or unsafe checkpoint (`is_user_error` says which exceptions count). The
 traceback is printed too with ``MIDUS_DEBUG=1`` (`DEBUG_ENV`). A diverged run exits 3.
+
+The kit's log lines (logger ``midus``: prepared data, packed blocks, up-scaled parameter
+counts) go to stderr at INFO, ``MIDUS_LOG_LEVEL`` (`LOG_LEVEL_ENV`) setting another level
+(`configure_logging`).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -95,13 +100,61 @@ def report_user_error(error: BaseException) -> NoReturn:
     raise SystemExit(USER_ERROR_EXIT) from None
 
 
+LOG_LEVEL_ENV = "MIDUS_LOG_LEVEL"
+"""Environment variable: the lowest level of the kit's log lines shown (default ``INFO``;
+``WARNING`` quiets the INFO lines, ``DEBUG`` adds debug lines)."""
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+"""Format of the kit's log lines on stderr: level, logger and message, no timestamp."""
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _KitStderrHandler(logging.StreamHandler):
+    """Writes each record to the `sys.stderr` of the moment (as `logging.lastResort` does), not the
+    one of its creation: it is installed once per process, and stderr may be replaced after that
+    (pytest's capture, a caller's redirect)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)  # not StreamHandler's: it would store a stream
+
+    @property
+    def stream(self) -> Any:  # the attribute StreamHandler.emit and .flush write to
+        return sys.stderr
+
+
+def configure_logging() -> None:
+    """Show the kit's log lines (logger ``midus``) on stderr at `LOG_LEVEL_ENV`'s level (INFO).
+
+    As Lightning does for ``lightning.pytorch``: the level is set on the kit's logger alone (the
+    root logger is left as it is, so libraries stay quiet), and a handler is added only when the
+    root logger has none; a program that configured logging itself gets the kit's records
+    through its own handlers instead. The handler is added once per process: calling this again
+    (``main`` several times in one process) adds no second handler, so no line shows twice.
+    """
+    name = os.environ.get(LOG_LEVEL_ENV, "").strip().upper() or "INFO"
+    if name not in _LOG_LEVELS:
+        raise ValueError(f"{LOG_LEVEL_ENV}={os.environ[LOG_LEVEL_ENV]!r} is not a log level; use one of {_LOG_LEVELS}")
+    logger = logging.getLogger("midus")
+    logger.setLevel(name)
+    if any(isinstance(handler, _KitStderrHandler) for handler in logger.handlers):
+        return
+    if logging.getLogger().hasHandlers():
+        return
+    handler = _KitStderrHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    # Not also to the root logger: a handler it gets later (a library's basicConfig) would print every line twice.
+    logger.propagate = False
+
+
 def main(args: list[str] | dict[str, Any] | None = None) -> Any:
     """Entry point of ``python -m midus`` and the ``midus`` console script.
 
     Returns the `MidusCLI` of a LightningCLI run, or None after an ablation (which exits
     non-zero if an arm failed) or a kit command. Bad input exits 2 (see the module docstring).
+    The kit's log lines show on stderr (`configure_logging`).
     """
     try:
+        configure_logging()
         return _dispatch(args)
     except SystemExit as stop:
         # Kit commands print their own error line and exit 2 while handling the error, so it

@@ -4,6 +4,12 @@ Each loader returns a `DatasetDict` with ``train`` and ``validation`` splits hol
 ``text`` column, plus a short corpus key that names the text in cache paths. Local files
 and hub datasets go through `datasets.load_dataset`, which caches them under the data
 cache; errors name the `data.*` field that needs fixing.
+
+Plain-text files become records in one of four ways (``data.text_sample_by``): ``line`` and
+``document`` are `datasets`' text builder as is; ``paragraph`` and ``article`` are split here
+(`text_records`), because `datasets`' own paragraph split only knows an exactly empty line
+(``"\\n\\n"``): a WikiText file, whose blank lines hold a space, was one record of the whole
+file, and one tokenizer call of 22 MB took 3.5-4.1 GB.
 """
 
 from __future__ import annotations
@@ -12,16 +18,113 @@ import glob
 import hashlib
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, DatasetDict
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, Features, Value
 
 from midus.data.corpus import BiographyCorpus
 
 log = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+TEXT_RECORD_MODES = ("paragraph", "article")
+"""``data.text_sample_by`` values whose .txt records `text_records` makes (the others: `datasets`)."""
+
+MAX_RECORD_CHARS = 1_000_000
+"""Longest .txt record accepted, in characters. Packing tokenizes records in batches of whole
+records; the kit's BPE took about 200 bytes of memory per character of one call (a record of
+22 MB of WikiText: 4.1 GB; of 1.1 MB: 270 MB), so a record of this size costs about 200 MB. A
+longer record means that ``data.text_sample_by`` did not find the file's record boundaries
+(``paragraph``, ``article``, ``line``: an error) or that whole files were asked for
+(``document``: a warning)."""
+
+# Cache-key marker of .txt paragraph records since `text_records` splits them: records split by
+# `datasets` before (whitespace-holding blank lines ignored) must not be read back from the cache.
+_PARAGRAPH_RECORDS_VERSION = "paragraph-records-v2"
+
+
+def is_blank_line(line: str) -> bool:
+    """Whether a line separates paragraphs: empty or whitespace only (WikiText's hold a space)."""
+    return not line.strip()
+
+
+def is_article_heading(line: str) -> bool:
+    """Whether a line is a top-level WikiText heading (`` = Title = ``, not `` = = Section = = ``).
+
+    The test of lm-evaluation-harness's wikitext task (its `EleutherAI/wikitext_document_level`
+    pages): the line with ``= = =`` and then ``= =`` collapsed (``== Section ==``) and stripped
+    starts with ``"= "`` and ends with ``" ="``.
+    """
+    collapsed = line.replace("= = =", "===").replace("= =", "==").strip()
+    return collapsed.startswith("= ") and collapsed.endswith(" =")
+
+
+def _without_blank_ends(lines: list[str]) -> str:
+    """`lines` joined by newlines, less the blank lines at either end ("" when all are blank)."""
+    start, end = 0, len(lines)
+    while start < end and is_blank_line(lines[start]):
+        start += 1
+    while end > start and is_blank_line(lines[end - 1]):
+        end -= 1
+    return "\n".join(lines[start:end])
+
+
+def text_records(path: str, sample_by: str) -> Iterator[str]:
+    """The records of one .txt file, read line by line (one record in memory at a time).
+
+    * ``paragraph``: each run of non-blank lines (`is_blank_line`: whitespace-only lines are
+      blank too), its lines joined by ``\\n`` as in the file.
+    * ``article``: each top-level WikiText heading (`is_article_heading`) starts a record that
+      runs to the next one, its blank lines and sub-headings included, less the blank lines at
+      its ends; non-blank text before the first heading is a record of its own. These are
+      lm-evaluation-harness's wikitext pages (blank ends aside). A file without a heading is one
+      record.
+
+    Lines are read as `datasets` reads them: UTF-8, universal newlines.
+    """
+    if sample_by not in TEXT_RECORD_MODES:
+        raise ValueError(f"data.text_sample_by={sample_by!r}: text_records splits {' or '.join(TEXT_RECORD_MODES)}")
+    lines: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.removesuffix("\n")
+            if sample_by == "paragraph":
+                if not is_blank_line(line):
+                    lines.append(line)
+                elif lines:
+                    yield "\n".join(lines)
+                    lines = []
+                continue
+            if lines and is_article_heading(line):
+                record = _without_blank_ends(lines)
+                if record:
+                    yield record
+                lines = []
+            lines.append(line)
+    record = _without_blank_ends(lines)
+    if record:
+        yield record
+
+
+def _generate_text_records(files: list[str], sample_by: str, stats: list[tuple[str, int, int]]) -> Iterator[dict]:
+    """`Dataset.from_generator`'s generator: the records of `files` in order.
+
+    `stats` (path, size, mtime of each file) is unused here: it is in the arguments so that the
+    cache fingerprint that `datasets` hashes from them changes when a file does. Files without a
+    record give one empty record: `datasets` refuses a generator that yields nothing (with a
+    message naming no file), and the caller drops blank records and says which field holds no text.
+    """
+    records = 0
+    for file in files:
+        for record in text_records(file, sample_by):
+            records += 1
+            yield {"text": record}
+    if not records:
+        yield {"text": ""}
 
 
 def _short_hash(*parts: object) -> str:
@@ -165,22 +268,69 @@ def _check_readable(file: str, field_name: str) -> None:
         raise ValueError(f"{field_name}: {file!r} is empty; expected a file of training text")
 
 
+def _file_stats(files: list[str]) -> list[tuple[str, int, int]]:
+    """(absolute path, size, mtime in ns) of each file: what cache keys of local files hash."""
+    return [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in files]
+
+
 def _load_files(files: list[str], text_field: str, sample_by: str, cache_dir: str, field_name: str) -> Dataset:
     builder = FILE_BUILDERS[Path(files[0]).suffix]
     options = {"sample_by": sample_by} if builder == "text" else {}
     where = f"{field_name} ({files[0]})" if len(files) == 1 else f"{field_name} ({len(files)} files from {files[0]})"
+    hf_cache = str(Path(cache_dir) / "hf_datasets")
     try:
-        dataset = datasets.load_dataset(
-            builder, data_files=files, split="train", cache_dir=str(Path(cache_dir) / "hf_datasets"), **options
-        )
+        if builder == "text" and sample_by in TEXT_RECORD_MODES:
+            dataset = Dataset.from_generator(
+                _generate_text_records,
+                gen_kwargs={"files": files, "sample_by": sample_by, "stats": _file_stats(files)},
+                features=Features({"text": Value("string")}),
+                cache_dir=hf_cache,
+            )
+        else:
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache, **options)
     except datasets.exceptions.DatasetGenerationError as error:
         # The message is generic ("An error occurred while generating the dataset"); its cause says what.
         cause = error.__cause__ or error
         raise ValueError(f"{where}: could not be read as {builder} ({type(cause).__name__}: {cause})") from error
+    if builder == "text":
+        _check_record_size(dataset, sample_by, where)
     dataset = _select_text(dataset, text_field, where)
     if len(dataset) == 0:
         raise ValueError(f"{where}: holds no text (every record is blank); expected training text")
     return dataset
+
+
+def _check_record_size(dataset: Dataset, sample_by: str, where: str) -> None:
+    """Refuse (warn of, for ``document``) a .txt record over `MAX_RECORD_CHARS` characters, naming
+    ``data.text_sample_by``: one tokenizer call of it would take gigabytes."""
+    if len(dataset) == 0:
+        return
+    lengths = pc.utf8_length(dataset.data.column("text"))  # Arrow: no pass over the text in Python
+    longest = pc.max(lengths).as_py() or 0
+    if longest <= MAX_RECORD_CHARS:
+        return
+    index = pc.index(lengths, longest).as_py()
+    start = " ".join(dataset[index]["text"][:60].split())
+    if sample_by == "document":
+        log.warning(
+            "data.text_sample_by=document: %s holds a file of %s characters (record %d, starting %r); one "
+            "tokenizer call of it takes about %.1f GB (about 200 bytes a character). For less memory, "
+            "split the text into records: data.text_sample_by=paragraph (blank lines), article (WikiText "
+            "headings) or line", where, f"{longest:,}", index, start, longest * 200 / 1e9,
+        )
+        return
+    hints = {
+        "paragraph": "the file has no blank lines between paragraphs; use data.text_sample_by=line for a record "
+                     "per line, or article for WikiText files",
+        "article": "the file has no top-level WikiText heading (' = Title = ') in that stretch; use "
+                   "data.text_sample_by=paragraph (blank lines) or line",
+        "line": "the file has a line that long; split it into lines",
+    }
+    raise ValueError(
+        f"data.text_sample_by={sample_by}: {where} gives a record of {longest:,} characters (record {index}, "
+        f"starting {start!r}), over the {MAX_RECORD_CHARS:,} a record may hold (one tokenizer call takes about "
+        f"200 bytes a character): {hints.get(sample_by, 'split the text into smaller records')}"
+    )
 
 
 def _select_text(dataset: Dataset, text_field: str, where: str) -> Dataset:
@@ -212,15 +362,20 @@ def file_splits(
     cache_dir: str,
     seed: int,
 ) -> tuple[DatasetDict, str]:
-    """Local .txt / .jsonl / .parquet files; validation from `val_files` or split off."""
+    """Local .txt / .jsonl / .parquet files; validation from `val_files` or split off.
+
+    `sample_by` is ``data.text_sample_by``: how .txt files become records (``line``,
+    ``paragraph``, ``article``, ``document``; see `text_records`); other files ignore it.
+    """
     if not train_files:
         raise ValueError("data.train_files is empty; data.source=files needs at least one file")
     train_paths = resolve_files(train_files, "data.train_files")
     val_paths = resolve_files(val_files, "data.val_files") if val_files else []
-    stats = [
-        (str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in train_paths + val_paths
-    ]
-    key = "files-" + _short_hash(stats, text_field, sample_by, val_fraction, seed)
+    stats = _file_stats(train_paths + val_paths)
+    key_parts: tuple = (stats, text_field, sample_by, val_fraction, seed)
+    if sample_by == "paragraph" and any(FILE_BUILDERS[Path(p).suffix] == "text" for p in train_paths + val_paths):
+        key_parts += (_PARAGRAPH_RECORDS_VERSION,)  # only here: every other key stays what it was
+    key = "files-" + _short_hash(*key_parts)
     train = _load_files(train_paths, text_field, sample_by, cache_dir, "data.train_files")
     if val_paths:
         validation = _load_files(val_paths, text_field, sample_by, cache_dir, "data.val_files")

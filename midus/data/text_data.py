@@ -108,7 +108,12 @@ class TextData:
         train_files: paths or globs of training files (source=files).
         val_files: paths or globs of validation files; empty splits off `val_fraction`.
         val_fraction: share of training records held out when no validation split exists.
-        text_sample_by: how .txt files become records: per ``line``, ``paragraph`` or ``document``.
+        text_sample_by: how .txt files become records: per ``line``; per ``paragraph`` (runs
+            of lines between blank lines, whitespace-only lines counting as blank); per
+            ``article`` (a WikiText ``= Title =`` heading starts one, as lm-evaluation-harness's
+            wikitext pages); or per ``document`` (a whole file). A record over
+            `midus.data.sources.MAX_RECORD_CHARS` (1,000,000) characters is an error (a warning
+            for ``document``). .jsonl/.parquet records are unaffected.
         hub_dataset: dataset name for `datasets.load_dataset` (source=hub).
         hub_config: dataset configuration name ("" for the default).
         hub_train_split: split used for training.
@@ -134,7 +139,7 @@ class TextData:
         train_files: list[str] = [],
         val_files: list[str] = [],
         val_fraction: float = 0.05,
-        text_sample_by: Literal["line", "paragraph", "document"] = "paragraph",
+        text_sample_by: Literal["line", "paragraph", "article", "document"] = "paragraph",
         hub_dataset: str = "",
         hub_config: str = "",
         hub_train_split: str = "train",

@@ -148,3 +148,15 @@ def test_predict_prompts_are_framed_as_packed_documents(tmp_path: Path) -> None:
         assert batch["input_ids"].tolist() == [[start, *plain]]
         if kind == "hf":  # and the training blocks of the run start documents with BOS
             assert int((data.train_blocks[:]["input_ids"] == start).sum()) > 10
+
+
+def test_long_records_are_tokenised_a_few_at_a_time_and_short_ones_as_before() -> None:
+    from datasets import Dataset
+
+    from midus.data.packing import MAP_BATCH_CHARS, MAP_BATCH_RECORDS, map_batch_size
+
+    short = Dataset.from_dict({"text": ["a biography of some five hundred characters " * 11] * 50})
+    assert map_batch_size(short) == MAP_BATCH_RECORDS  # the embedded corpus packs exactly as before
+    articles = Dataset.from_dict({"text": ["x" * 20_000] * 50})
+    assert map_batch_size(articles) == MAP_BATCH_CHARS // 20_000
+    assert map_batch_size(Dataset.from_dict({"text": ["x" * (MAP_BATCH_CHARS * 2)]})) == 1

@@ -52,7 +52,7 @@ def pack_documents(
     packed = documents.map(
         tokenize_and_chunk,
         batched=True,
-        batch_size=2000,
+        batch_size=map_batch_size(documents),
         remove_columns=documents.column_names,
         num_proc=num_proc if num_proc > 1 else None,
         desc=f"packing {split} into blocks of {block_size}",
@@ -64,6 +64,24 @@ def pack_documents(
             f"of {row} (block_size + 1); lower data.block_size or add text"
         )
     return packed.with_format("torch")
+
+
+MAP_BATCH_RECORDS = 2000
+"""Records tokenised per call, as long as they are short (the embedded corpus's always are)."""
+MAP_BATCH_CHARS = 8_000_000
+"""Text per call at most, in characters: long records (WikiText articles read with
+``data.text_sample_by: article``, ~19k characters each) get fewer per call, so one call's token lists
+stay tens of MB instead of GB."""
+
+
+def map_batch_size(documents: Dataset, sample: int = 1000) -> int:
+    """Records per tokenising call: `MAP_BATCH_RECORDS`, fewer when the first `sample` records' mean
+    length would put more than `MAP_BATCH_CHARS` characters in one call."""
+    if len(documents) == 0:
+        return MAP_BATCH_RECORDS
+    texts = documents.select(range(min(sample, len(documents))))["text"]
+    mean_chars = max(1.0, sum(len(text) for text in texts) / len(texts))
+    return max(1, min(MAP_BATCH_RECORDS, int(MAP_BATCH_CHARS / mean_chars)))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

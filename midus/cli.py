@@ -179,6 +179,7 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
     from midus.host_allocator import keep_freed_memory
     from midus.training.cli import MidusCLI, cli_kwargs
     from midus.training.divergence import EXIT_CODE, NonFiniteLossError
+    from midus.training.moved_keys import check_moved_keys
 
     keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
 
@@ -190,6 +191,7 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
             return MidusCLI(**cli_kwargs(), args=args)
         finally:
             _print_kit_commands()
+    check_moved_keys(command_line)  # before any parsing: a moved key is one line naming its new place
     if run_if_ablation(command_line):
         return None
     try:

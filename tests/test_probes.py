@@ -56,3 +56,20 @@ def test_probes_without_lightning_report_the_zeroed_loss_of_the_batches_observed
     probes.start(model, full=False)
     probes.observe(model, batches[0][:, :-1], batches[0][:, 1:], torch.tensor(1.0), 32)
     assert probes.finish(model, {}, None, Processes()) == {}
+
+
+@pytest.mark.parametrize("where", ["flag", "yaml"])
+def test_a_moved_probe_key_is_one_error_line_naming_its_new_place(tmp_path, capsys, where) -> None:
+    from midus.cli import main
+
+    config = tmp_path / "old.yaml"
+    config.write_text("model:\n  learning_rate: 0.001\n  recall_probe_size: 0\n" if where == "yaml" else "{}\n")
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")]
+    args += ["--model.recall_probe_size", "0"] if where == "flag" else []
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "model.recall_probe_size moved" in error
+    assert "model.probes.recall_questions" in error
+    assert not (tmp_path / "run").exists()  # nothing written

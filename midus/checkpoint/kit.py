@@ -6,6 +6,9 @@
   evaluation needs only the file.
 * ``midus_training_progress``: tokens and sequences trained so far, so a resumed run's
   counts continue (written and read by `CausalLM`).
+* ``midus_model_source``: what building the model from its base gave it beyond its config (the
+  parameters it froze, the base's size), so ``validate``/``test``/``predict``/resume rebuild the
+  trained model from the file alone, base gone (`stored_model_source`).
 
 Model weights are the LightningModule's ``state_dict`` entries under ``model.``. Writing
 (`kit_entries`) and reading (`read_kit_checkpoint`, `load_kit_checkpoint`) live here only;
@@ -15,9 +18,11 @@ files are unpickled as data only (`midus.checkpoint.safe_load`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # MOVED_MODULES is kept importable from here, where it was defined before safe_load.
@@ -30,16 +35,69 @@ MODEL_CONFIG_KEY = "midus_model_config"
 TOKENIZER_KEY = "midus_tokenizer"
 PROGRESS_KEY = "midus_training_progress"
 """Tokens and sequences trained since step 0, which `CausalLM` restores on resume."""
+SOURCE_KEY = "midus_model_source"
+"""``{"frozen_parameters": [names], "base_parameters": int}``: what the base build gave the model."""
 STATE_PREFIX = "model."
+# Path segments that wrappers insert into parameter names: FSDP (use_orig_params), activation
+# checkpointing and torch.compile's OptimizedModule. Stripped as torch's own FSDP state-dict code
+# cleans names (torch.distributed.fsdp._common_utils.clean_tensor_name), so a name is the bare model's.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-def kit_entries(config: ModelConfig, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
-    """The entries a kit checkpoint adds to Lightning's: the model config and, when it can be
+
+def kit_entries(
+    config: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase | None,
+    frozen_parameters: Iterable[str] = (),
+    base_parameters: int = 0,
+) -> dict[str, Any]:
+    """The entries a kit checkpoint adds to Lightning's: the model config, what the base build gave
+    the model (`frozen_parameters`, `base_parameters`; `stored_model_source`) and, when it can be
     stored as strings, the tokenizer."""
-    entries: dict[str, Any] = {MODEL_CONFIG_KEY: dataclasses.asdict(config)}
+    entries: dict[str, Any] = {
+        MODEL_CONFIG_KEY: dataclasses.asdict(config),
+        SOURCE_KEY: {"frozen_parameters": sorted(frozen_parameters), "base_parameters": int(base_parameters)},
+    }
     record = tokenizer_record(tokenizer) if tokenizer is not None else None
     if record is not None:
         entries[TOKENIZER_KEY] = record
     return entries
+
+
+def frozen_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of `model`'s parameters that do not train (``requires_grad`` false), as the bare
+    model names them whatever wraps it (FSDP, activation checkpointing, torch.compile)."""
+    names = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            for segment in _WRAPPER_SEGMENTS:
+                name = name.replace(segment, "")
+            names.append(name)
+    return names
+
+
+def stored_model_source(checkpoint: dict) -> dict | None:
+    """What the base build gave the model of a checkpoint `read_kit_checkpoint` returned:
+    ``{"frozen_parameters": [names], "base_parameters": int}``.
+
+    A checkpoint written before the kit stored it gets the from-scratch answer (nothing frozen, no
+    base) when its hyperparameters name no base; otherwise None: only its base can tell.
+    """
+    source = checkpoint.get(SOURCE_KEY)
+    if isinstance(source, dict):
+        return {
+            "frozen_parameters": [str(name) for name in source.get("frozen_parameters", [])],
+            "base_parameters": int(source.get("base_parameters", 0)),
+        }
+    hyper = checkpoint.get("hyper_parameters")
+    upscale = hyper.get("upscale") if isinstance(hyper, dict) else None
+    if dataclasses.is_dataclass(upscale):
+        upscale = dataclasses.asdict(upscale)
+    upscale = upscale if isinstance(upscale, dict) else {}
+    names_a_base = (
+        not isinstance(hyper, dict) or bool(hyper.get("pretrained"))
+        or bool(upscale.get("base_checkpoint")) or upscale.get("method", "none") != "none"
+    )
+    return None if names_a_base else {"frozen_parameters": [], "base_parameters": 0}
 
 
 def read_kit_checkpoint(path: str | Path, field_name: str = "checkpoint", mmap: bool = False) -> dict:

@@ -126,10 +126,15 @@ class CausalLM(pl.LightningModule):
         return self.model(input_ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The resolved architecture (an up-scaled or imported model reloads without its base) and
-        # the tokenizer (evaluation needs only the file), as plain data: `midus.checkpoint.kit`.
+        # The resolved architecture, what the base build gave it (frozen parameters, the base's size:
+        # validate/test/predict/resume rebuild the model without its base) and the tokenizer
+        # (evaluation needs only the file), as plain data: `midus.checkpoint.kit`.
+        from midus.checkpoint.kit import frozen_parameter_names
+
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        checkpoint.update(kit_entries(self.model.config, tokenizer))
+        checkpoint.update(kit_entries(
+            self.model.config, tokenizer, frozen_parameter_names(self.model), self.base_parameters
+        ))
         # Training progress counted since step 0, so a resumed run's train/tokens continue (and
         # Lightning's Throughput, which needs samples >= the restored global step, accepts them).
         checkpoint[PROGRESS_KEY] = {

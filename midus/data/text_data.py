@@ -119,7 +119,13 @@ class TextData:
         hub_train_split: split used for training.
         hub_val_split: split used for validation ("" or absent: split off `val_fraction`).
         text_field: column holding the text (.jsonl, .parquet, hub datasets).
-        tokenizer: ``bpe`` (trained on the training split), ``char`` or ``hf`` (`tokenizer_path`).
+        tokenizer: ``auto`` (the default): `tokenizer_path` when set, else the starting model's
+            own tokenizer (``python -m midus`` resolves it from ``model.pretrained`` or
+            ``model.upscale.base_checkpoint``, a Hugging Face directory or kit ``.ckpt``, and
+            from a ``--ckpt_path`` of a run that had one), else a ``bpe`` trained on the
+            training split; ``bpe``, ``char`` (one token per character) or ``hf`` (`tokenizer_path`)
+            ask for one kind. A new ``bpe``/``char`` on a pretrained model is refused: its
+            embeddings know the base's token ids, not new ones.
         bpe_vocab_size: vocabulary size of the trained BPE.
         tokenizer_path: local Hugging Face tokenizer directory (tokenizer=hf).
         block_size: tokens per training sequence.
@@ -145,7 +151,7 @@ class TextData:
         hub_train_split: str = "train",
         hub_val_split: str = "validation",
         text_field: str = "text",
-        tokenizer: Literal["bpe", "char", "hf"] = "bpe",
+        tokenizer: Literal["auto", "bpe", "char", "hf"] = "auto",
         bpe_vocab_size: int = 2048,
         tokenizer_path: str = "",
         block_size: int = 128,
@@ -164,6 +170,8 @@ class TextData:
             raise ValueError(f"data.block_size must be >= 1, got {block_size}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if tokenizer == "auto":  # nothing resolved it to the starting model's (TextData knows no model)
+            tokenizer = "hf" if tokenizer_path else "bpe"
         if tokenizer == "hf" and not tokenizer_path:
             raise ValueError("data.tokenizer=hf needs data.tokenizer_path (a local tokenizer directory)")
         if tokenizer == "bpe" and bpe_vocab_size < 260:

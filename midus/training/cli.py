@@ -3,18 +3,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from midus.data.datamodule import LanguageModelingData
 from midus.training.callbacks import CompletionWriter
 from midus.training.lm_module import CausalLM
+from midus.training.model_source import StoredModel, building_from_checkpoint
 from midus.training.run_summary import RunSummary
 
 # Field docstrings of the config dataclasses become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+ARCHITECTURE_FIELDS = ("config", "pretrained", "upscale")
+"""The ``model.*`` sections that say what model is built; with ``--ckpt_path`` the checkpoint decides them."""
+NEW_TOKENIZERS = ("bpe", "char")
+"""``data.tokenizer`` kinds trained on the run's own text."""
+
+
+def starting_model(model: Namespace) -> tuple[str, str, str]:
+    """(config field, path, command that makes it) of the model a run starts from, ``("", "", "")`` for none."""
+    if model["pretrained"]:
+        return "model.pretrained", str(model["pretrained"]), ""
+    if model["upscale"]["base_checkpoint"]:
+        upscale = model["upscale"]
+        return "model.upscale.base_checkpoint", str(upscale["base_checkpoint"]), str(upscale["base_made_by"] or "")
+    return "", "", ""
 
 
 class MidusCLI(LightningCLI):
@@ -23,38 +40,156 @@ class MidusCLI(LightningCLI):
     Every ``fit`` gets a `RunSummary` callback (``summary.json`` in the run directory) unless
     the config lists one already. With ``model.compile: true`` and ``trainer.deterministic`` unset,
     the Trainer gets ``deterministic: warn`` (see `before_instantiate_classes`).
+
+    The data's ``tokenizer: auto`` becomes the starting model's own tokenizer (`instantiate_classes`).
+    With ``--ckpt_path`` of a kit checkpoint the model is built from the architecture the checkpoint
+    stores, so its base may be gone, and ``--model.*`` values given with it are kept or refused
+    (`_parse_ckpt_path`).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        """Compiled runs get Lightning's ``trainer.deterministic: warn`` unless the config sets it.
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        self._args = args  # parsed again without defaults by _given_model_values
+        super().parse_arguments(parser, args)
 
-        Why compiled runs need it: `CausalLM`'s ``compile`` docs. ``warn`` rather than ``true``: an
-        op without a deterministic kernel warns instead of stopping the run. The value lands in the
-        saved config.
+    def before_instantiate_classes(self) -> None:
+        """Refuse what cannot train, then fill in what the config leaves to the kit.
+
+        * ``fit`` with ``trainer.precision: bf16-true`` is refused: the weights themselves are
+          bfloat16 (8 significant bits), so AdamW's updates, far smaller than the weights, round
+          away and the model does not learn (val/loss 7.0312 at steps 2 and 5). ``bf16-mixed``
+          computes in bfloat16 and keeps float32 weights; evaluation may keep ``bf16-true``.
+        * A new ``bpe``/``char`` tokenizer on a pretrained Hugging Face model is refused: its
+          embeddings know the base's token ids (a kit ``.ckpt`` base: `_check_base_tokenizer`).
+        * Compiled runs get Lightning's ``trainer.deterministic: warn`` unless the config sets it.
+          Why compiled runs need it: `CausalLM`'s ``compile`` docs. ``warn`` rather than ``true``: an
+          op without a deterministic kernel warns instead of stopping the run. The value lands in the
+          saved config.
         """
         config = self._subcommand_config()
+        if self.subcommand == "fit" and str(config["trainer"]["precision"]) == "bf16-true":
+            raise ValueError(
+                "trainer.precision=bf16-true keeps the weights in bfloat16, where AdamW's small updates round "
+                "away and fit trains nothing; fit with trainer.precision: bf16-mixed (bfloat16 compute, float32 "
+                "weights); validate, test and predict may use bf16-true"
+            )
+        self._refuse_a_new_tokenizer_on_a_pretrained_model(config)
         if config["model"]["compile"] and config["trainer"]["deterministic"] is None:
             config["trainer"]["deterministic"] = "warn"
+
+    @staticmethod
+    def _refuse_a_new_tokenizer_on_a_pretrained_model(config: Namespace) -> None:
+        kind = config["data"]["tokenizer"]
+        field, base, _ = starting_model(config["model"])
+        # model.pretrained is always a Hugging Face directory; a base_checkpoint only when it is a
+        # directory (a missing one is reported when the model is built, a .ckpt after the data is).
+        if kind in NEW_TOKENIZERS and (field == "model.pretrained" or (base and Path(base).is_dir())):
+            raise ValueError(
+                f"data.tokenizer={kind} trains a new tokenizer, but {field}={base!r} is a pretrained model whose "
+                "embeddings know its own tokenizer's ids; leave data.tokenizer at auto (the default: the base's "
+                "tokenizer) or name one with data.tokenizer: hf and data.tokenizer_path"
+            )
+
+    def instantiate_classes(self) -> None:
+        """Build the data, model and Trainer, with ``data.tokenizer: auto`` resolved (`resolved_tokenizer`)
+        and, after a kit checkpoint's ``--ckpt_path``, the model built from the checkpoint's
+        architecture rather than from its base (`midus.training.model_source.building_from_checkpoint`)."""
+        data = self._subcommand_config()["data"]
+        asked = data["tokenizer"], data["tokenizer_path"]
+        data["tokenizer"], data["tokenizer_path"] = self.resolved_tokenizer()
+        try:
+            with building_from_checkpoint(getattr(self, "_stored_model", None)):
+                super().instantiate_classes()
+        finally:
+            # The saved config.yaml keeps what was asked (auto): a later validate or resume with it
+            # resolves it again, from its checkpoint when the base has moved since.
+            data["tokenizer"], data["tokenizer_path"] = asked
+        self._check_base_tokenizer()
+
+    def resolved_tokenizer(self) -> tuple[str, str]:
+        """``(data.tokenizer, data.tokenizer_path)`` the data is built with.
+
+        What the config says, except ``auto``: ``hf`` with ``data.tokenizer_path`` when that is set;
+        otherwise the tokenizer of the model the run starts from (``model.pretrained`` or
+        ``model.upscale.base_checkpoint``, a Hugging Face directory or kit ``.ckpt``), read from the
+        ``--ckpt_path`` checkpoint when there is one (it stores the tokenizer its run trained with, so
+        the base may be gone); ``bpe`` trained on the run's text when the run has no starting model.
+
+        Raises:
+            FileNotFoundError: ``auto`` and the starting model is missing.
+            ValueError: ``auto`` and the starting model carries no tokenizer.
+        """
+        config = self._subcommand_config()
+        kind, path = config["data"]["tokenizer"], config["data"]["tokenizer_path"]
+        if kind != "auto":
+            return kind, path
+        if path:
+            return "hf", path
+        field, base, made_by = starting_model(config["model"])
+        if not base:
+            return "bpe", ""
+        if getattr(self, "_checkpoint_has_tokenizer", False):
+            return "hf", str(config["ckpt_path"])
+        from midus.checkpoint import base_has_tokenizer
+
+        if not base_has_tokenizer(base, made_by, field):
+            raise ValueError(
+                f"data.tokenizer=auto takes the tokenizer of {field}={base!r}, which carries none (a kit .ckpt "
+                "from before checkpoints stored it, or a directory without tokenizer files); name one with "
+                "data.tokenizer: hf and data.tokenizer_path"
+            )
+        return "hf", base
+
+    def _check_base_tokenizer(self) -> None:
+        """A new ``bpe``/``char`` tokenizer on a kit ``.ckpt`` base must be the one the base was
+        trained with (the same text and settings train the same one); refuse any other.
+
+        Runs once the data is built and before anything is written. Not with a ``--ckpt_path`` of a
+        kit checkpoint: the model is that checkpoint's, whose tokenizer `CausalLM` compares on load.
+        """
+        config = self._subcommand_config()
+        field, base, _ = starting_model(config["model"])
+        kind = config["data"]["tokenizer"]
+        if kind not in NEW_TOKENIZERS or field != "model.upscale.base_checkpoint" or not Path(base).is_file():
+            return
+        if getattr(self, "_stored_model", None) is not None:
+            return
+        from midus.checkpoint import checkpoint_tokenizer, read_kit_checkpoint
+        from midus.data.tokenizers import same_vocabulary
+
+        stored = checkpoint_tokenizer(read_kit_checkpoint(base, field, mmap=True))
+        if stored is not None and not same_vocabulary(stored, self.datamodule.tokenizer):
+            raise ValueError(
+                f"data.tokenizer={kind} trained a tokenizer other than the one {field}={base!r} was trained "
+                "with; leave data.tokenizer at auto (the default: the base's tokenizer)"
+            )
 
     def _subcommand_config(self):
         """The running subcommand's config (the whole config when built with ``run=False``)."""
         return self.config.get(str(self.subcommand), self.config)
 
     def _parse_ckpt_path(self) -> None:
-        """Read ``--ckpt_path`` with the kit's safe reader before Lightning reads it.
+        """Read ``--ckpt_path`` with the kit's safe reader before Lightning reads it, and keep or
+        refuse the ``--model.*`` values Lightning would replace with the checkpoint's.
 
         LightningCLI loads the file here, for its hyperparameters, before anything is
         instantiated or written; the Trainer loads it again when the run starts. Checking it
         first makes a missing, corrupt, truncated, foreign or unsafe file one `CheckpointError`
         (or FileNotFoundError) naming it, and both of Lightning's loads stay weights-only
         unless ``MIDUS_TRUST_CHECKPOINTS=1`` (`midus.checkpoint.safe_load`).
+
+        Lightning parses the checkpoint's hyperparameters over the whole ``model`` section, so on
+        its own every ``--model.*`` flag and YAML value would be silently replaced. A value the
+        command line or a YAML gave (not a default) is put back when it is a training or evaluation
+        setting (``--model.learning_rate``, ``--model.max_new_tokens``, …), and refused when it is
+        part of the architecture (``model.config``, ``model.pretrained``, ``model.upscale``) and
+        differs from the checkpoint's: the model is the checkpoint's.
         """
         import torch
 
-        from midus.checkpoint.kit import read_kit_checkpoint
+        from midus.checkpoint.kit import TOKENIZER_KEY, read_kit_checkpoint
         from midus.checkpoint.safe_load import TRUST_ENV, CheckpointError, kit_safe_globals, trusted, trusted_globals
 
         subcommand = self.config.get("subcommand")
@@ -77,10 +212,43 @@ class MidusCLI(LightningCLI):
         special = ckpt_path.lower() in ("best", "last", "hpc", "registry") or ckpt_path.lower().startswith("registry:")
         if special or "://" in ckpt_path:
             return super()._parse_ckpt_path()  # resolved or fetched by the Trainer, which loads it weights-only
+        checkpoint = read_kit_checkpoint(ckpt_path, "--ckpt_path", mmap=not trusted())
         # Its step tells TensorBoard what to purge on resume (before_fit).
-        self._checkpoint_step = read_kit_checkpoint(ckpt_path, "--ckpt_path", mmap=not trusted()).get("global_step")
+        self._checkpoint_step = checkpoint.get("global_step")
+        # The model to build (instantiate_classes) and where `auto` finds the tokenizer (resolved_tokenizer).
+        self._stored_model = StoredModel.read(checkpoint, ckpt_path)
+        self._checkpoint_has_tokenizer = TOKENIZER_KEY in checkpoint
+        del checkpoint
+        given = self._given_model_values()
         with torch.serialization.safe_globals(trusted_globals(ckpt_path) if trusted() else []):
             super()._parse_ckpt_path()
+        self._keep_given_model_values(given, ckpt_path)
+
+    def _given_model_values(self) -> dict[str, Any]:
+        """The ``model.*`` values the command line and its YAMLs gave, by dotted key (defaults left out)."""
+        args = getattr(self, "_args", None)
+        if isinstance(args, (dict, Namespace)):
+            given = self.parser.parse_object(args, defaults=False)
+        else:
+            given = self.parser.parse_args(args, defaults=False)
+        model = given.get(f"{self.config['subcommand']}.model")
+        return dict(model.items()) if isinstance(model, Namespace) else {}
+
+    def _keep_given_model_values(self, given: dict[str, Any], ckpt_path: str) -> None:
+        """Put the given training and evaluation settings back over the checkpoint's; refuse a given
+        architecture value that differs from the checkpoint's (see `_parse_ckpt_path`)."""
+        model = self.config[self.config["subcommand"]]["model"]  # (self.subcommand is set after this hook)
+        for key, value in given.items():
+            stored = model.get(key)
+            if stored == value:
+                continue
+            if key.split(".")[0] in ARCHITECTURE_FIELDS:
+                raise ValueError(
+                    f"model.{key}={value!r} was given, but --ckpt_path {ckpt_path!r} holds a model made with "
+                    f"model.{key}={stored!r}; with --ckpt_path the architecture (model.config, model.pretrained, "
+                    "model.upscale) comes from the checkpoint: leave the value out or give the checkpoint's"
+                )
+            model[key] = value
 
     def before_fit(self) -> None:
         # Added here rather than as a parser default so that a YAML's callbacks list (which

@@ -1,15 +1,64 @@
-"""Which model a `CausalLM` trains: built from its config, a Hugging Face checkpoint, or an up-scaled base."""
+"""Which model a `CausalLM` trains: built from its config, a Hugging Face checkpoint, an up-scaled
+base, or, when a checkpoint's weights are loaded into it, the architecture that checkpoint stores."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from midus.checkpoint import load_base, load_hf_checkpoint
+from midus.checkpoint.kit import MODEL_CONFIG_KEY, stored_model_source
 from midus.model import MidusLM, ModelConfig
 from midus.upscale import UpscaleConfig, apply_trainable, upscale
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A kit checkpoint's model as the file alone describes it (`midus.checkpoint.kit`): its
+    architecture, the parameters its base build froze, and the size of that base."""
+
+    path: str
+    """The checkpoint, quoted in errors."""
+    config: ModelConfig
+    frozen_parameters: tuple[str, ...] = ()
+    base_parameters: int = 0
+
+    @classmethod
+    def read(cls, checkpoint: dict, path: str) -> StoredModel | None:
+        """The model of `checkpoint` (a `read_kit_checkpoint` result), or None when only its base
+        can tell what the base build gave it (written before the kit stored that, with a base)."""
+        source = stored_model_source(checkpoint)
+        if source is None:
+            return None
+        try:
+            config = ModelConfig(**checkpoint[MODEL_CONFIG_KEY])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--ckpt_path: {path!r} holds an invalid model config ({error})") from None
+        return cls(path, config, tuple(source["frozen_parameters"]), source["base_parameters"])
+
+
+_stored_model: ContextVar[StoredModel | None] = ContextVar("midus_stored_model", default=None)
+
+
+@contextmanager
+def building_from_checkpoint(stored: StoredModel | None) -> Iterator[None]:
+    """Inside it, `build_model` builds `stored`'s model instead of resolving ``model.config`` /
+    ``model.pretrained`` / ``model.upscale``.
+
+    `MidusCLI` builds the `CausalLM` inside it when ``--ckpt_path`` names a kit checkpoint: the
+    Trainer loads the checkpoint's weights into the model right after, so loading the base and
+    redoing the surgery is wasted work, and impossible once the base has moved. ``None``: no change.
+    """
+    token = _stored_model.set(stored)
+    try:
+        yield
+    finally:
+        _stored_model.reset(token)
 
 
 @dataclass
@@ -22,7 +71,8 @@ class ModelSource:
 
 
 def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -> ModelSource:
-    """Resolve ``model.config`` / ``model.pretrained`` / ``model.upscale`` into the model to train."""
+    """Resolve ``model.config`` / ``model.pretrained`` / ``model.upscale`` into the model to train
+    (inside `building_from_checkpoint`: the checkpoint's model, after the same checks of the three)."""
     if pretrained and settings.enabled:
         raise ValueError(
             "model.pretrained and model.upscale.base_checkpoint both name a starting model; "
@@ -30,6 +80,9 @@ def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -
         )
     if settings.enabled and not settings.base_checkpoint:
         raise ValueError(f"model.upscale.method={settings.method!r} needs model.upscale.base_checkpoint")
+    stored = _stored_model.get()
+    if stored is not None:
+        return _stored(stored, config.vocab_size)
     if pretrained:
         source = ModelSource(load_hf_checkpoint(pretrained)[0])
         _check_vocab(source.model, config.vocab_size, f"model.pretrained={pretrained!r}")
@@ -50,9 +103,30 @@ def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -
     return ModelSource(model, base_parameters)
 
 
+def _stored(stored: StoredModel, data_vocab: int) -> ModelSource:
+    """The model of a checkpoint, untrained (its weights are loaded next), with the parameters its
+    base build froze frozen again: a resumed run trains exactly the parameters it trained before."""
+    model = MidusLM(stored.config)
+    parameters = dict(model.named_parameters())
+    unknown = sorted(set(stored.frozen_parameters) - set(parameters))
+    if unknown:
+        raise ValueError(
+            f"--ckpt_path: {stored.path!r} lists frozen parameters its own architecture lacks ({unknown[:3]})"
+        )
+    for name in stored.frozen_parameters:
+        parameters[name].requires_grad_(False)
+    _check_vocab(model, data_vocab, f"--ckpt_path {stored.path!r}")
+    log.info(
+        "--ckpt_path: architecture from %s (%d blocks, %d parameters, %d trainable); model.config, "
+        "model.pretrained and model.upscale are not read", stored.path, stored.config.depth,
+        model.num_parameters(), model.num_parameters(trainable_only=True),
+    )
+    return ModelSource(model, stored.base_parameters)
+
+
 def _check_vocab(model: MidusLM, data_vocab: int, what: str) -> None:
     if data_vocab > model.config.vocab_size:
         raise ValueError(
             f"{what} has {model.config.vocab_size} token embeddings but the data tokenizer has {data_vocab} "
-            "tokens; train with the base's tokenizer (data.tokenizer: hf, data.tokenizer_path: its directory)"
+            "tokens; train with the model's own tokenizer (data.tokenizer: auto takes the base's)"
         )

@@ -260,9 +260,9 @@ def test_cli_refuses_a_data_tokenizer_bigger_than_the_model(tmp_path: Path, tiny
         eos_token_id=None,
     )
     LlamaForCausalLM(config).save_pretrained(small)
-    args = fit_args(tmp_path, tiny_cache, small, "--model.pretrained", str(small))
-    args[args.index("--data.tokenizer") + 1] = "bpe"  # the corpus's own tokenizer, not the model's
-    args += ["--data.bpe_vocab_size", "300"]
+    tokenizer = tmp_path / "tokenizer300"  # an hf tokenizer with more tokens than the model has embeddings
+    tiny_data.tokenizer.save_pretrained(str(tokenizer))
+    args = fit_args(tmp_path, tiny_cache, tokenizer, "--model.pretrained", str(small))
     with pytest.raises(SystemExit) as failure:  # one "error:" line, exit 2
         main(args)
     assert failure.value.code == 2

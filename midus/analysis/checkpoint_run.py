@@ -125,8 +125,11 @@ def load_checkpoint_run(parser: ArgumentParser, args: list[str]) -> CheckpointRu
     section = data_section(Path(checkpoint_path), _flag(args, "config"), _flag(args, "arm"))
     # The run's data settings first, so --data.* flags on the command line override them.
     parsed = parser.parse_args(["--data", yaml.safe_dump(section), *args])
-    data = parser.instantiate_classes(Namespace(data=parsed.data)).data
     stored = checkpoint_tokenizer(checkpoint)
+    if parsed.data.tokenizer == "auto" and not parsed.data.tokenizer_path and stored is not None:
+        # data.tokenizer: auto means the starting model's tokenizer, which the checkpoint carries.
+        parsed.data.tokenizer, parsed.data.tokenizer_path = "hf", str(checkpoint_path)
+    data = parser.instantiate_classes(Namespace(data=parsed.data)).data
     if stored is not None and not same_vocabulary(stored, data.tokenizer):
         raise ValueError(
             "data: its tokenizer is not the one the checkpoint was trained with; "

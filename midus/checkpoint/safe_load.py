@@ -39,6 +39,7 @@ KIT_TYPE_NAMES = (
     "midus.model.memory_config.MemoryConfig",
     "midus.upscale.config.UpscaleConfig",
     "midus.data.text_data.EmbeddedCorpusConfig",
+    "midus.probes.config.ProbeConfig",
 )
 """The kit's plain-data classes a checkpoint may hold, by the name pickle stores them under
 (plus the old names of `MOVED_MODULES`)."""

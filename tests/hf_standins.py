@@ -49,6 +49,16 @@ def bos_tokenizer(texts: list[str], vocab_size: int = 300) -> PreTrainedTokenize
     )
 
 
+def randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every tensor random (norm gains around 1), so a swapped or dropped name shows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(
+                1 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight") else 0.1 * torch.randn_like(param)
+            )
+    return model
+
+
 def llama3_standin(directory: Path, texts: list[str] | None = None, *, layers: int = 2, seed: int = 0,
                    vocab_size: int = 320) -> Path:
     """A random Llama-3.2-shaped checkpoint (llama3 RoPE scaling, tied embeddings, GQA) with a
@@ -64,12 +74,7 @@ def llama3_standin(directory: Path, texts: list[str] | None = None, *, layers: i
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(
-                1 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight") else 0.1 * torch.randn_like(param)
-            )
+    model = randomised(LlamaForCausalLM(config).eval())
     model.save_pretrained(directory)
     tokenizer.save_pretrained(str(directory))
     return directory

@@ -23,6 +23,7 @@ from midus.model.transformer import next_token_loss
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
 from midus.upscale import UpscaleConfig
+from tests.hf_standins import randomised
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_VOCAB = 320  # more embeddings than the 300-token tokenizer, as real checkpoints pad their vocabularies
@@ -39,12 +40,7 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory, tiny_data) -> Path:
         intermediate_size=64, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(
-                1 + 0.3 * torch.randn_like(param) if name.endswith("norm.weight") else 0.1 * torch.randn_like(param)
-            )
+    model = randomised(LlamaForCausalLM(config).eval())
     model.save_pretrained(directory)
     tiny_data.tokenizer.save_pretrained(str(directory))
     return directory

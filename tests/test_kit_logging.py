@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from midus.cli import LOG_LEVEL_ENV, USER_ERROR_EXIT, configure_logging, main
+from tests.test_cli import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 # What TextData logs once per construction (INFO, logger midus.data.text_data).
@@ -23,20 +24,9 @@ DATA_LINE = "INFO midus.data.text_data: data: biographies-s0-n20-d3, vocabulary 
 def tiny_validate(cache: Path, root_dir: Path) -> list[str]:
     """``validate`` of an untrained tiny quickstart model on one batch: seconds, and it logs."""
     return [
-        "validate", "--config", str(ROOT / "experiments" / "quickstart.yaml"),
-        "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.logger", "false",
-        "--trainer.default_root_dir", str(root_dir),
-        "--model.config.d_model", "32",
-        "--model.config.n_layers", "2",
+        "validate", *tiny_overrides(root_dir, cache), "--trainer.limit_val_batches", "1",
+        "--trainer.logger", "false", "--trainer.default_root_dir", str(root_dir),
         "--model.probes.recall_questions", "4",
-        "--data.embedded.num_people", "20",
-        "--data.embedded.docs_per_person", "3",
-        "--data.bpe_vocab_size", "300",
-        "--data.block_size", "32",
-        "--data.batch_size", "8",
-        "--data.cache_dir", str(cache),
     ]
 
 

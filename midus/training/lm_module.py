@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
-from midus.checkpoint.kit import PROGRESS_KEY
+from midus.checkpoint.kit import PROGRESS_KEY, frozen_parameter_names
 from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
@@ -129,8 +129,6 @@ class CausalLM(pl.LightningModule):
         # The resolved architecture, what the base build gave it (frozen parameters, the base's size:
         # validate/test/predict/resume rebuild the model without its base) and the tokenizer
         # (evaluation needs only the file), as plain data: `midus.checkpoint.kit`.
-        from midus.checkpoint.kit import frozen_parameter_names
-
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         checkpoint.update(kit_entries(
             self.model.config, tokenizer, frozen_parameter_names(self.model), self.base_parameters

@@ -507,8 +507,8 @@ def data_vocab_size(data) -> int:
     ``tokenizer: hf`` here names a BPE the kit cached (``<corpus key>-bpe<N>``; see
     `test_dus_vs_midus_reads_what_pretrain_base_writes`), of N entries.
     """
-    if data.tokenizer == "bpe":
-        return data.bpe_vocab_size
+    if data.tokenizer == "bpe" or (data.tokenizer == "auto" and not data.tokenizer_path):
+        return data.bpe_vocab_size  # auto without a starting model (these callers have none) is the BPE
     match = re.fullmatch(r".*-bpe(\d+)", Path(data.tokenizer_path).name)
     assert data.tokenizer == "hf" and match, (
         f"cannot tell the vocabulary of data.tokenizer={data.tokenizer!r} without preparing data"

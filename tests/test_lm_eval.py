@@ -267,11 +267,21 @@ def test_a_hub_task_offline_is_one_error_naming_the_task_before_the_model_loads(
         lm_eval.tasks, "TaskManager", lambda **kwargs: real(**{**kwargs, "include_path": str(arc),
                                                               "include_defaults": False})
     )
+    from midus.checkpoint.kit import kit_entries
+    from midus.evaluation import lm_eval_adapter
+    from midus.model import MidusLM, ModelConfig
+
+    checkpoint = tmp_path / "tiny.ckpt"  # a valid checkpoint whose model must never be built
+    model = MidusLM(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1))
+    torch.save({**kit_entries(model.config, None), "state_dict": {}}, checkpoint)
+
+    def no_model(**kwargs):
+        raise AssertionError("the model was loaded before the task's dataset")
+
+    monkeypatch.setattr(lm_eval_adapter, "MidusEvalLM", no_model)
     output = tmp_path / "results.json"
     with pytest.raises(SystemExit) as exit_:
-        # The checkpoint does not exist: the task's dataset is loaded, and fails, first.
-        main(["lm-eval", "--ckpt_path", str(tmp_path / "none.ckpt"), "--tasks", "arc_easy",
-              "--output_path", str(output)])
+        main(["lm-eval", "--ckpt_path", str(checkpoint), "--tasks", "arc_easy", "--output_path", str(output)])
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: --tasks: arc_easy needs its dataset from the Hugging Face hub")

@@ -287,7 +287,15 @@ def main(args: list[str]) -> None:
         requested = [name.strip() for name in parsed.tasks.split(",") if name.strip()]
         if not requested:
             raise ValueError("--tasks: give at least one task name")
+        # Cheap checks first: the task YAMLs and local data files, then the checkpoint as data
+        # (memory-mapped), so a missing, foreign or unsafe file is refused before any task dataset is
+        # built; the datasets before the model, so an offline hub task is refused before a large
+        # model is loaded.
+        from midus.checkpoint.kit import read_kit_checkpoint
+        from midus.checkpoint.safe_load import trusted
+
         names, manager = resolve_tasks(requested, parsed.include_path)
+        read_kit_checkpoint(parsed.ckpt_path, "--ckpt_path", mmap=not trusted())
         tasks = load_tasks(names, manager)
         model = MidusEvalLM(
             checkpoint=parsed.ckpt_path,

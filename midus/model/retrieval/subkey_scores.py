@@ -14,9 +14,12 @@ at 1024 tokens and 16 heads (benchmarks/branches.py measures the whole branch).
 How it is built, so that `torch.compile` keeps it in one graph: the scoring matmul is a plain
 op run without autograd (autocast and the compiler see it as any matmul), and the selection
 is the ``torch.library`` custom op `kept_subkey_scores`, whose registered backward is the
-sparse one above (its data-dependent grouping, `bag_table_gradient`, is an opaque custom op
-too). The matmul stays outside the custom op because compiled graphs run with autocast off:
-inside, it would run in float32 where eager autocast runs it in bfloat16.
+sparse one above (its grouping of reads by sub-key, `bag_table_gradient`, is an opaque custom
+op too). The backward has no data-dependent shape anywhere (the grouping gives every sub-key
+row a bag, empty when unread), so on CUDA it never waits for a device-to-host copy: no host
+sync per memory block per backward. The matmul stays outside the custom op because compiled
+graphs run with autocast off: inside, it would run in float32 where eager autocast runs it in
+bfloat16.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ benchmarks/branches.py), so `flat_weighted_row_sum` has its own:
 On other devices the stock `embedding_bag` backward is a fused kernel and is used as is.
 
 Why custom operators (``torch.library.custom_op``) and not a ``torch.autograd.Function``:
-the table gradient groups reads with `unique_consecutive`, whose output length depends on
-the data, and the weight gradient builds a sparse CSR tensor. `torch.compile` traces the
+the table gradient once grouped reads with `unique_consecutive`, whose output length depends on
+the data (now it groups them into one bag per table row, see `table_gradient_by_row`), and the
+weight gradient builds a sparse CSR tensor. `torch.compile` traces the
 backward of an autograd.Function at forward time, so both broke the graph (and
 ``fullgraph=True`` failed). A custom op is opaque to the compiler: only its output shapes
 must be known (the fake implementations below), and a dense table gradient has the table's
@@ -87,37 +88,47 @@ def bag_table_gradient(
 ) -> torch.Tensor:
     """d table of out[m] = Σ_j weights[m, j] · table[slots[m, j]], given d out: (M, width).
 
+    The op around `table_gradient_by_row` (the compiler sees only its output shape, the table's).
+    """
+    return table_gradient_by_row(table, slots, weights, grad_out)
+
+
+def table_gradient_by_row(
+    table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """`bag_table_gradient`'s computation, on every device, without a host sync.
+
     Row r's gradient is Σ over the reads (m, j) with slots[m, j] = r of weights[m, j] · d out[m]:
-    a weighted bag sum again, with one bag per touched row. Sorting the flat reads groups them::
+    a weighted bag sum again, with one bag per table row. Sorting the flat reads groups them::
 
-        slots (M, k) ─ flatten ─ sort ─ [r0 r0 r0 | r1 | r2 r2 …]   one run per touched row
+        slots (M, k) ─ flatten ─ sort ─ [r0 r0 r0 | r1 | | r3 r3 …]   one run per row, empty if unread
         order         (position m·k + j of each sorted read; its bag m = order // k)
-        embedding_bag(order // k, d out, offsets = run starts, per_sample_weights = w[order])
-            → per_row (touched rows, width), scattered into a zero table at `rows`
+        offsets       (rows,): where row r's run starts, searchsorted(sorted slots, r)
+        embedding_bag(order // k, d out, offsets, per_sample_weights = w[order]) → (rows, width)
 
-    The number of touched rows depends on the data; the result, a dense table, does not.
+    Every shape is fixed by the input shapes: no `unique_consecutive` (the former grouping, whose
+    output length is the number of touched rows), so on CUDA the sub-key and value backwards
+    wait for no device-to-host copy. An unread row's bag is empty and sums to exactly zero; a read
+    row's bag holds the same reads in the same order as before, so the gradient is the former
+    one bit for bit (tests/test_subkey_sync.py).
     """
     k = slots.shape[1]
     sorted_slots, order = torch.sort(slots.flatten())
-    rows, reads = torch.unique_consecutive(sorted_slots, return_counts=True)
-    offsets = torch.cumsum(reads, 0) - reads
-    per_row = F.embedding_bag(
+    offsets = torch.searchsorted(sorted_slots, torch.arange(table.shape[0], device=slots.device))
+    return F.embedding_bag(
         order // k,
         grad_out.to(table.dtype),
         offsets,
         mode="sum",
         per_sample_weights=weights.flatten()[order].to(table.dtype),
     )
-    grad_table = torch.zeros_like(table)
-    grad_table[rows] = per_row
-    return grad_table
 
 
 @bag_table_gradient.register_fake
 def _bag_table_gradient_shape(
     table: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor
 ) -> torch.Tensor:
-    return torch.empty_like(table)
+    return table.new_empty(table.shape)  # embedding_bag's output: contiguous, the table's shape
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::bag_weight_gradient", mutates_args=())

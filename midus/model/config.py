@@ -53,8 +53,10 @@ class ModelConfig:
     head_width: int = 0
     """Width of one attention head (Hugging Face's head_dim); 0 means d_model / n_heads. Other
     values decouple the attention width n_heads · head_width from d_model (Qwen3-0.6B: 16 heads
-    of 128 on d_model 1024). Set by the Hugging Face import. Memory blocks need
-    n_heads · head_width = d_model."""
+    of 128 on d_model 1024). Set by the Hugging Face import. A memory block on decoupled heads
+    feeds its branch the heads a_1 … a_H (n_heads · head_width wide), and the branch writes back
+    d_model: HML with ``memory.combine: sum``, PKM and multi-head PKM (their query projections
+    read the heads' width); see `branch_input_width`."""
     ffn_hidden: int = 0
     """Hidden width of the SwiGLU FFN. 0 means Llama's rule: 8/3 · d_model rounded up to 64."""
     branch: str = "ffn"
@@ -110,6 +112,18 @@ class ModelConfig:
     def attention_width(self) -> int:
         """Width of the concatenated query heads, n_heads · head_dim (d_model unless `head_width` is set)."""
         return self.n_heads * self.head_dim
+
+    def branch_input_width(self, layer_index: int) -> int:
+        """Width of what layer `layer_index`'s residual branch reads.
+
+        A Transformer block's branch reads norm(x), d_model wide. A memory block's branch reads
+        Attn'(norm x): the heads a_1 … a_H concatenated, n_heads · head_dim wide (d_model when the
+        heads are coupled), or d_model when ``memory.attn_output_projection`` keeps W_O. Branches
+        whose input passes through a projection (PKM's query, the FFN) size it by this.
+        """
+        if self.stack[layer_index].block == "memory" and not self.memory.attn_output_projection:
+            return self.attention_width
+        return self.d_model
 
     @property
     def kv_heads(self) -> int:
@@ -188,13 +202,22 @@ class ModelConfig:
                 f"layers[{index}].branch={spec.branch!r} queries with the attention heads' outputs, which only a "
                 "memory block provides; use block: memory (or memory_layers) for it",
             )
-            # A memory block's branch reads the concatenated heads as a d_model-wide input and HML
-            # writes head_dim-wide outputs per head into the residual stream: both need H·d_h = d.
-            need(
-                spec.block != "memory" or self.attention_width == self.d_model,
-                f"layers[{index}] is a memory block, which needs n_heads · head_dim = d_model; got n_heads="
-                f"{self.n_heads} · head_width={self.head_width} = {self.attention_width} != d_model={self.d_model}",
-            )
+            if spec.block == "memory" and self.attention_width != self.d_model:
+                # Decoupled heads (Qwen3-0.6B): Attn' gives n_heads · head_dim channels, the residual
+                # stream has d_model. The branch must read the former and write the latter; the
+                # branch class says whether (and under which memory settings) it does.
+                if self.memory.internal_residual:
+                    reason = ("memory.internal_residual=true adds x (d_model wide) to the heads a_1 … a_H; set "
+                              "memory.internal_residual: false")
+                else:
+                    reason = branch_class.decoupled_heads_error(self.memory)
+                need(
+                    reason is None,
+                    f"layers[{index}] is a memory block, which needs n_heads · head_dim = d_model; got n_heads="
+                    f"{self.n_heads} · head_width={self.head_width} = {self.attention_width} != d_model="
+                    f"{self.d_model} (decoupled heads), which layers[{index}].branch={spec.branch!r} cannot read "
+                    f"as set: {reason}",
+                )
 
     def require_vocab(self) -> None:
         """Building a model needs a vocabulary; the CLI links it from the tokenizer."""

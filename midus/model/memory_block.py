@@ -4,8 +4,11 @@
        └────────────────────────────────────────────────────────────────────────────────── + ─ out
 
 Only the branch output enters the residual stream: the attention heads are the memory's
-queries, not an update. With zero-initialised memory values, or with ``memory.output_gate``
-(a per-channel gate on the branch output that starts at zero), the block is an exact identity.
+queries, not an update. The heads are n_heads · head_dim wide, which is d_model unless the
+model's heads are decoupled (Qwen3-0.6B); the branch always writes d_model (HML on decoupled
+heads with ``memory.combine: sum``: each head's values end in d_model, the heads are summed).
+With zero-initialised memory values, or with ``memory.output_gate`` (a per-channel gate on the
+branch output that starts at zero), the block is an exact identity.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class MemoryBlock(nn.Module):
         start: int = 0,
     ) -> torch.Tensor:
         # x: (batch, time, d_model) -> same shape
-        heads = self.attn(self.attn_norm(x), rope, cache, start)  # (batch, time, H·d_h), W_O only if kept
+        heads = self.attn(self.attn_norm(x), rope, cache, start)  # (batch, time, H·d_h), W_O (to d) only if kept
         query = x + heads if self.internal_residual else heads
         update = self.branch(query)
         return x + (update * self.output_gate.to(update.dtype) if self.output_gate is not None else update)

@@ -64,7 +64,10 @@ class MemoryConfig:
     (``values: hive`` only)."""
     combine: Literal["concat", "sum"] = "concat"
     """[hml] How the heads form the output: ``concat`` head-wise outputs of head_dim (the paper's
-    default), or ``sum`` of outputs projected to d_model."""
+    default), or ``sum`` of outputs projected to d_model. A model whose heads are decoupled
+    (n_heads · head_dim ≠ d_model, Qwen3-0.6B) needs ``sum``: concat would be n_heads · head_dim
+    wide, and ``sum`` brings every head back to d_model through its own values (HIVE: P_h is
+    latent_dim × d_model), with no projection across heads."""
     # PKM and multi-head PKM only.
     pkm_query_dim: int = 0
     """[pkm, multihead_pkm] Width of each learned query (both halves together); 0 means d_model."""
@@ -73,7 +76,8 @@ class MemoryConfig:
     # The memory block itself.
     internal_residual: bool = False
     """[memory block] Query the branch with x + Attn'(norm x) instead of the attention heads
-    alone (the paper reports this weakens retrieval; kept for the ablation)."""
+    alone (the paper reports this weakens retrieval; kept for the ablation). Needs coupled heads
+    (n_heads · head_dim = d_model): x and the heads are added."""
     output_gate: bool = False
     """[memory block] Multiply the branch output by a learned per-channel gate g (d_model) that starts
     at zero, M(x) = x + g ⊙ branch(·) (LayerScale/ReZero-style): the block is an exact identity at
@@ -82,7 +86,9 @@ class MemoryConfig:
     attn_output_projection: bool = False
     """[memory block] Keep the attention's output projection W_O and query the branch with the
     projected heads (full attention) instead of the paper's Attn′ without W_O: separates the
-    effect of Attn′ from that of the memory. Up-scaling with ``attn_init: copy`` copies W_O too."""
+    effect of Attn′ from that of the memory. Up-scaling with ``attn_init: copy`` copies W_O too.
+    With decoupled heads HML refuses it (the projection no longer splits into head-wise queries);
+    PKM and multi-head PKM then read the d_model-wide projection."""
 
     def validate(self, d_model: int, n_heads: int) -> None:
         """Raise ValueError naming the first ``memory.*`` field that is out of range."""

@@ -12,6 +12,10 @@ base's. A plan entry is one of
                      (``attn_init: copy``) or left random, values from the branch's own
                      initialisation (zero by default: an identity)
 
+A base whose heads are decoupled (n_heads · head_dim ≠ d_model, Qwen3-0.6B and -4B) takes memory
+blocks as well: the copied attention gives n_heads · head_dim wide heads, and the branch returns to
+d_model by itself (HML with ``memory.combine: sum``, PKM, multi-head PKM; see `ModelConfig`).
+
 The functions return the new model and the indices of the inserted blocks (the ones a
 ``trainable: new`` policy trains).
 """
@@ -72,9 +76,19 @@ def build_from_plan(
             "up-scaling a MIDUS model again needs the same memory settings"
         )
     layers = [LayerSpec("memory", memory_branch) if kind == "memory" else base_stack[source] for kind, source in plan]
-    config = dataclasses.replace(
-        base.config, layers=layers, n_layers=len(layers), memory_layers=[], memory=memory or base.config.memory
-    )
+    try:
+        config = dataclasses.replace(
+            base.config, layers=layers, n_layers=len(layers), memory_layers=[], memory=memory or base.config.memory
+        )
+    except ValueError as error:
+        if memory is None:
+            raise
+        # E.g. a base with decoupled heads (Qwen3-0.6B) and HML with memory.combine: concat: the
+        # fields the message names are the up-scaling section's.
+        raise ValueError(
+            f"model.upscale: the memory blocks (branch={memory_branch!r}, memory.* = model.upscale.memory.*) do not "
+            f"fit the base: {error}"
+        ) from error
     device, dtype = base.embed.weight.device, base.embed.weight.dtype
     model = MidusLM(config).to(device=device, dtype=dtype)
     state = model.state_dict()

@@ -10,6 +10,14 @@ space (no query projection). What the k retrieved slots return depends on `memor
 
     output = concat_h o_h                  (combine: concat, the paper's default)
            = Σ_h o_h with o_h of width d   (combine: sum; value rows / P_h then end in d)
+
+Decoupled heads (n_heads · head_dim ≠ d_model, Qwen3-0.6B: 16 heads of 128 on d = 1024): the
+queries are still the heads a_h of width d_h, each in its own product-key space, but concat_h o_h
+would be H·d_h wide, not d. Such a model needs ``combine: sum``: each head's values return to d by
+themselves (HIVE: P_h is d_l × d, so o_h = z_h · P_h; per_head / shared: value rows of width d) and
+the heads' outputs are summed. There is still no mixing across heads before the values and no
+output projection after them; Σ_h z_h · P_h is exactly what a projection of concat_h (z_h · P'_h)
+back to d would compute, folded into the P_h. Zero values still make the output exactly zero.
 """
 
 from __future__ import annotations
@@ -28,6 +36,19 @@ class HeadwiseMemory(MemoryBranch):
     """Head-wise product-key memory reading the attention heads (memory blocks only)."""
 
     reads_attention_heads = True
+
+    @classmethod
+    def decoupled_heads_error(cls, memory) -> str | None:
+        # The heads are the queries, so they must arrive unprojected, and the output must come
+        # back to d_model by the values themselves (combine: sum), see the module docstring.
+        if memory.attn_output_projection:
+            return ("memory.attn_output_projection=true hands HML the d_model-wide W_O projection, which does not "
+                    "split into n_heads queries of head_dim; set memory.attn_output_projection: false")
+        if memory.combine != "sum":
+            return (f"memory.combine={memory.combine!r} concatenates the heads' outputs, n_heads · head_dim wide, "
+                    "into the d_model-wide residual stream; set memory.combine: sum (each head's values, or HIVE "
+                    "projection P_h, then end in d_model and the heads' outputs are summed)")
+        return None
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -50,7 +71,7 @@ class HeadwiseMemory(MemoryBranch):
             self.head_proj = None
 
     def forward(self, heads: torch.Tensor) -> torch.Tensor:
-        # heads: (batch, time, d) = concatenated a_h -> queries (batch, time, H, d_h)
+        # heads: (batch, time, H·d_h) = concatenated a_h -> queries (batch, time, H, d_h)
         weights, slots = self.keys(heads.unflatten(-1, (self.n_heads, self.head_dim)))  # (batch, time, H, k)
         return self.read(weights, slots)
 

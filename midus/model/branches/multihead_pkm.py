@@ -2,6 +2,10 @@
 
 Each head reads k rows of the same n² × d table; the heads' weighted sums are added. That
 sum is one bag of heads × k rows per token, so the lookup is a single weighted bag sum.
+
+In a memory block the query projection reads the concatenated attention heads, n_heads · head_dim
+wide (`ModelConfig.branch_input_width`), so the branch works on decoupled heads (Qwen3-0.6B) too:
+the value rows are d_model wide whatever the heads' width.
 """
 
 from __future__ import annotations
@@ -31,14 +35,19 @@ class MultiHeadProductKeyMemory(MemoryBranch):
         memory = config.memory
         self.n_heads = n_heads or memory.query_heads(config.n_heads)
         query_dim = memory.query_dim(config.d_model)
-        self.query_proj = nn.Linear(config.d_model, self.n_heads * query_dim, bias=False)
+        self.query_proj = nn.Linear(config.branch_input_width(layer_index), self.n_heads * query_dim, bias=False)
         self.keys = ProductKeys(
             self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale,
             memory.key_norm,
         )
         self.values = MemoryValues(memory.n_slots, config.d_model, memory.zero_init_values)
 
+    @classmethod
+    def decoupled_heads_error(cls, memory: object) -> str | None:
+        return None  # the query projection reads the heads' width; the values write d_model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (batch, time, d) -> queries (batch, time, heads, c) -> weights, slots (batch, time, heads, k)
+        # x: (batch, time, branch_input_width) -> queries (batch, time, heads, c)
+        #   -> weights, slots (batch, time, heads, k)
         weights, slots = self.keys(self.query_proj(x).unflatten(-1, (self.n_heads, -1)))
         return self.values(slots.flatten(-2), weights.flatten(-2))  # sum over heads and k: (batch, time, d)

@@ -3,7 +3,9 @@
 A branch is a `Branch` subclass built as ``cls(config, layer_index)`` whose ``forward`` maps
 its input (batch, time, d_model) to an update of the same shape that the block adds to the
 residual stream. In a Transformer block the input is the normalised residual stream; in a
-memory block it is the attention heads' outputs, concatenated (heads × head_dim = d_model).
+memory block it is the attention heads' outputs a_1 … a_H, concatenated: heads × head_dim wide,
+which is d_model unless the model's heads are decoupled (`ModelConfig.head_width`, Qwen3-0.6B);
+`ModelConfig.branch_input_width` gives the width. The output is d_model wide in every case.
 
 Adding a branch is one new file in this package with a ``@register_branch("name")`` class,
 plus one import line in ``midus/model/branches/__init__.py``.
@@ -32,6 +34,16 @@ class Branch(nn.Module):
     """The input is the attention heads' outputs (a_1 … a_H), which only a memory block provides."""
     is_product_key_memory: ClassVar[bool] = False
     """A product-key memory: its parameters count as ``params/memory``; slot diagnostics apply."""
+
+    @classmethod
+    def decoupled_heads_error(cls, memory: Any) -> str | None:
+        """In a memory block whose heads are decoupled (n_heads · head_dim ≠ d_model), why this
+        branch cannot run under `memory` (a `MemoryConfig`), naming the field to change; None when
+        it can. A branch can when it sizes its input by `ModelConfig.branch_input_width` and writes
+        d_model; the default refuses, so a branch that assumes a d_model-wide input fails at
+        config validation, not with a shape error in its first forward."""
+        return (f"branch class {cls.__name__} does not declare that it reads n_heads · head_dim wide heads "
+                "(Branch.decoupled_heads_error); use a branch that does (hml, pkm, multihead_pkm, ffn)")
 
     def value_tables(self) -> list[nn.Parameter]:
         """Memory value tables: their own optimizer group (``memory_lr``, no weight decay)."""

@@ -49,6 +49,10 @@ KIT_COMMANDS: dict[str, tuple[str, str]] = {
         "zero-shot evaluation of a checkpoint with the lm-evaluation-harness",
     ),
     "report": ("midus.report.build", "report.md with the summary table and plots of an experiment folder"),
+    "prepare": (
+        "midus.data.prepare_command",
+        "tokenise a fit YAML's text into token shards once (data.format: shards), resumable",
+    ),
     "export": (
         "midus.checkpoint.export_command",
         "a checkpoint as a transformers directory (custom code for memory models)",

@@ -18,7 +18,8 @@ import glob
 import hashlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -310,7 +311,12 @@ def _check_record_size(dataset: Dataset, sample_by: str, where: str) -> None:
     if longest <= MAX_RECORD_CHARS:
         return
     index = pc.index(lengths, longest).as_py()
-    start = " ".join(dataset[index]["text"][:60].split())
+    _long_record(sample_by, where, longest, index, dataset[index]["text"])
+
+
+def _long_record(sample_by: str, where: str, longest: int, index: int, text: str) -> None:
+    """Warn of (``document``) or refuse record `index` of `where`, `longest` characters long."""
+    start = " ".join(text[:60].split())
     if sample_by == "document":
         log.warning(
             "data.text_sample_by=document: %s holds a file of %s characters (record %d, starting %r); one "
@@ -353,6 +359,16 @@ def _split_off_validation(train: Dataset, val_fraction: float, seed: int, where:
     return DatasetDict(train=parts["train"], validation=parts["test"])
 
 
+def _files_key_parts(
+    train_paths: list[str], val_paths: list[str], text_field: str, sample_by: str, val_fraction: float, seed: int
+) -> tuple:
+    """What the corpus key of local files hashes: the files (path, size, mtime) and how they are read."""
+    key_parts: tuple = (_file_stats(train_paths + val_paths), text_field, sample_by, val_fraction, seed)
+    if sample_by == "paragraph" and any(FILE_BUILDERS[Path(p).suffix] == "text" for p in train_paths + val_paths):
+        key_parts += (_PARAGRAPH_RECORDS_VERSION,)  # only here: every other key stays what it was
+    return key_parts
+
+
 def file_splits(
     train_files: list[str],
     val_files: list[str],
@@ -371,11 +387,7 @@ def file_splits(
         raise ValueError("data.train_files is empty; data.source=files needs at least one file")
     train_paths = resolve_files(train_files, "data.train_files")
     val_paths = resolve_files(val_files, "data.val_files") if val_files else []
-    stats = _file_stats(train_paths + val_paths)
-    key_parts: tuple = (stats, text_field, sample_by, val_fraction, seed)
-    if sample_by == "paragraph" and any(FILE_BUILDERS[Path(p).suffix] == "text" for p in train_paths + val_paths):
-        key_parts += (_PARAGRAPH_RECORDS_VERSION,)  # only here: every other key stays what it was
-    key = "files-" + _short_hash(*key_parts)
+    key = "files-" + _short_hash(*_files_key_parts(train_paths, val_paths, text_field, sample_by, val_fraction, seed))
     train = _load_files(train_paths, text_field, sample_by, cache_dir, "data.train_files")
     if val_paths:
         validation = _load_files(val_paths, text_field, sample_by, cache_dir, "data.val_files")
@@ -412,3 +424,158 @@ def hub_splits(
     if val_split and val_split in loaded:
         return DatasetDict(train=train, validation=_select_text(loaded[val_split], text_field, where)), key
     return _split_off_validation(train, val_fraction, seed, where), key
+
+
+@dataclass(frozen=True)
+class StreamedText:
+    """A run's text as ordered streams of records, read while token shards are prepared
+    (`midus.data.prepare`) instead of converted into `datasets`' Arrow cache first.
+
+    Nothing is read until `open` is called, and a prepared directory that is complete needs no
+    text at all (a hub dataset is then not even resolved).
+    """
+
+    key: str
+    """Names the text in cache paths, as the corpus keys of `embedded_key`, `file_splits` and `hub_splits`."""
+    open: Callable[[], dict[str, Callable[[], Iterable[str]]]]
+    """Resolves the source: a function opening the record stream of ``train``, and of
+    ``validation`` when the source has validation text of its own."""
+    holdout: float
+    """Share of the training stream held out as validation when `open` gives no ``validation``."""
+
+
+def _texts(dataset: Dataset) -> Iterator[str]:
+    for batch in dataset.iter(batch_size=1000):
+        yield from batch["text"]
+
+
+def streamed_embedded(splits: DatasetDict, key: str) -> StreamedText:
+    """The embedded corpus's splits (`embedded_splits`, in memory) as streams, in their order."""
+    streams = {name: (lambda split=splits[name]: _texts(split)) for name in ("train", "validation")}
+    return StreamedText(key, lambda: streams, 0.0)
+
+
+def _stream_records(
+    rows: Iterable[dict], text_field: str, where: str, reading: str, sample_by: str | None = None
+) -> Iterator[str]:
+    """The non-blank `text_field` of each row, as `_select_text` keeps them; read errors name `where`.
+
+    With `sample_by` (a .txt file), a record over `MAX_RECORD_CHARS` is refused (warned of for
+    ``document``) as `_check_record_size` does.
+    """
+    iterator = iter(rows)
+    index = kept = 0
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            if not kept:
+                raise ValueError(f"{where}: holds no text (every record is blank); expected training text") from None
+            return
+        except Exception as error:  # pyarrow, json, fsspec, decoding: the cause says what
+            raise ValueError(f"{where}: could not be read as {reading} ({type(error).__name__}: {error})") from error
+        if text_field not in row:
+            raise ValueError(f"data.text_field={text_field!r} is not a column of {where}; its columns are {list(row)}")
+        text = row[text_field]
+        if sample_by is not None and len(text) > MAX_RECORD_CHARS:
+            _long_record(sample_by, where, len(text), index, text)
+        index += 1
+        if text and text.strip():
+            kept += 1
+            yield text
+
+
+def _file_rows(files: list[str], sample_by: str) -> Iterable[dict]:
+    """The rows of `files` in order, as `_load_files` reads them, streamed (no Arrow copy)."""
+    builder = FILE_BUILDERS[Path(files[0]).suffix]
+    if builder == "text" and sample_by in TEXT_RECORD_MODES:
+        return ({"text": record} for file in files for record in text_records(file, sample_by))
+    options = {"sample_by": sample_by} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **options)
+
+
+def streamed_files(
+    train_files: list[str],
+    val_files: list[str],
+    val_fraction: float,
+    text_field: str,
+    sample_by: str,
+    seed: int,
+) -> StreamedText:
+    """Local .txt / .jsonl / .parquet files read record by record, in file order.
+
+    The files are checked (they exist, can be read, are of one type) at once. Without
+    `val_files`, `val_fraction` of the training records are held out as they stream past
+    (`midus.data.token_shards.held_out`), not by `file_splits`' seeded shuffle, so the key
+    differs from `file_splits`'; with `val_files` it is the same (the same text, so a trained
+    tokenizer is shared).
+    """
+    if not train_files:
+        raise ValueError("data.train_files is empty; data.source=files needs at least one file")
+    train_paths = resolve_files(train_files, "data.train_files")
+    val_paths = resolve_files(val_files, "data.val_files") if val_files else []
+    if not val_paths and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction}")
+    # With val_files the text is file_splits' and so is the key; the streamed holdout does not
+    # depend on data.seed, so its key does not either (a new seed prepares nothing again).
+    key_seed = seed if val_paths else 0
+    key_parts = _files_key_parts(train_paths, val_paths, text_field, sample_by, val_fraction, key_seed)
+    key = "files-" + _short_hash(*key_parts, *(() if val_paths else ("streamed-holdout",)))
+
+    def stream(paths: list[str], field_name: str) -> Callable[[], Iterator[str]]:
+        where = f"{field_name} ({paths[0]})" if len(paths) == 1 else (
+            f"{field_name} ({len(paths)} files from {paths[0]})"
+        )
+        builder = FILE_BUILDERS[Path(paths[0]).suffix]
+        return lambda: _stream_records(
+            _file_rows(paths, sample_by), text_field, where, builder, sample_by if builder == "text" else None
+        )
+
+    streams = {"train": stream(train_paths, "data.train_files")}
+    if val_paths:
+        streams["validation"] = stream(val_paths, "data.val_files")
+    return StreamedText(key, lambda: streams, 0.0 if val_paths else val_fraction)
+
+
+def streamed_hub(
+    name: str,
+    config_name: str,
+    train_split: str,
+    val_split: str,
+    val_fraction: float,
+    text_field: str,
+) -> StreamedText:
+    """A dataset by hub name (or local dataset directory) read with ``load_dataset(streaming=True)``:
+    nothing is downloaded whole or converted; records arrive in the dataset's order.
+
+    Without `val_split` among its splits, `val_fraction` of the training records are held out as
+    they stream past (`midus.data.token_shards.held_out`), so the key is not `hub_splits`'. The
+    key is made without contacting the hub (a prepared directory is found offline).
+    """
+    if not name:
+        raise ValueError("data.hub_dataset is empty; data.source=hub needs a dataset name")
+    key = "hub-" + _short_hash(name, config_name, train_split, val_split, text_field, val_fraction, "streamed")
+    where = f"dataset {name!r}"
+
+    def open_streams() -> dict[str, Callable[[], Iterator[str]]]:
+        try:
+            loaded = datasets.load_dataset(name, config_name or None, streaming=True)
+        except Exception as error:  # datasets raises many types for "offline" / "not found"
+            raise ValueError(
+                f"data.hub_dataset={name!r} could not be loaded ({type(error).__name__}: {error}). If this machine "
+                "is offline, prepare the shards where the hub is reachable (python -m midus prepare) and copy "
+                "data.prepared_dir here, or point data.source=files and data.train_files at local files."
+            ) from error
+        if train_split not in loaded:
+            raise ValueError(f"data.hub_train_split={train_split!r} is not a split of {name!r}; it has {list(loaded)}")
+        streams = {"train": lambda: _stream_records(loaded[train_split], text_field, where, "a dataset")}
+        if val_split and val_split in loaded:
+            streams["validation"] = lambda: _stream_records(loaded[val_split], text_field, where, "a dataset")
+        elif not 0.0 < val_fraction < 1.0:
+            raise ValueError(
+                f"data.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction} "
+                f"({name!r} has no split {val_split!r})"
+            )
+        return streams
+
+    return StreamedText(key, open_streams, val_fraction)

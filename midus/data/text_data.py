@@ -23,9 +23,20 @@ from transformers import PreTrainedTokenizerBase
 from midus.data.corpus import BiographyCorpus, RecallItem
 from midus.data.corpus.names import NAME_SPACE_SIZE
 from midus.data.packing import cached_blocks
+from midus.data.prepare import prepare_shards
 from midus.data.recall_probe import TokenizedQuestion, tokenize_probe
 from midus.data.resumable_loader import EpochShuffleSampler, ResumableLoader, ShardSampler
-from midus.data.sources import embedded_key, embedded_splits, file_splits, hub_splits, shared_names
+from midus.data.sources import (
+    embedded_key,
+    embedded_splits,
+    file_splits,
+    hub_splits,
+    shared_names,
+    streamed_embedded,
+    streamed_files,
+    streamed_hub,
+)
+from midus.data.token_shards import TokenBlocks
 from midus.data.tokenizers import cached_tokenizer, load_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -98,6 +109,41 @@ def _replay_people(embedded: EmbeddedCorpusConfig) -> int:
     return embedded.replay_num_people or embedded.num_people
 
 
+SHARD_SETTINGS = {"prepared_dir": "", "max_tokens": 0, "num_proc": 0, "shard_tokens": 1 << 26}
+"""Settings of ``data.format: shards`` and their defaults (another value needs that format)."""
+
+
+def _check_shard_settings(
+    data_format: str, prepared_dir: str, max_tokens: int, num_proc: int, shard_tokens: int
+) -> None:
+    """Refuse a shard setting given for packed blocks (it would do nothing) or out of range."""
+    given = {"prepared_dir": prepared_dir, "max_tokens": max_tokens, "num_proc": num_proc, "shard_tokens": shard_tokens}
+    if data_format != "shards":
+        for name, value in given.items():
+            if value != SHARD_SETTINGS[name]:
+                raise ValueError(
+                    f"data.{name}={value!r} applies to token shards; set data.format: shards as well "
+                    f"(data.format is {data_format})"
+                )
+    for name in ("max_tokens", "num_proc"):
+        if given[name] < 0:
+            raise ValueError(f"data.{name} must be >= 0 (0: {'all' if name == 'max_tokens' else 'one per core'}), "
+                             f"got {given[name]}")
+    if shard_tokens < 1:
+        raise ValueError(f"data.shard_tokens must be >= 1, got {shard_tokens}")
+
+
+def _shard_blocks(directory: Path, split: str, name: str, block_size: int) -> TokenBlocks:
+    """The blocks of a prepared split; a split shorter than one block is refused as packing refuses it."""
+    blocks = TokenBlocks(directory, split, block_size)
+    if len(blocks) == 0:
+        raise ValueError(
+            f"data.block_size={block_size}: the {name} split has {blocks.tokens} tokens, fewer than one block "
+            f"of {block_size + 1} (block_size + 1); lower data.block_size or add text"
+        )
+    return blocks
+
+
 class TextData:
     """Packed causal-LM blocks from the embedded corpus, local files, or a Hugging Face dataset.
 
@@ -136,6 +182,25 @@ class TextData:
             global seed (``seed_everything``) at construction, so seeds vary the data order.
         predict_prompts: prompts that ``predict`` continues; empty uses the first recall-probe
             prompts of the embedded corpus.
+        format: how the tokenised text is kept. ``blocks`` (the default): packed blocks of
+            `block_size` in the data cache (`midus.data.packing`), prepared in one process from
+            text converted into `datasets`' cache. ``shards``: token shards prepared once
+            (`midus.data.prepare`; ``python -m midus prepare`` or the first run that needs them):
+            the text streamed (local files record by record, hub datasets with ``streaming=True``),
+            tokenised in `num_proc` processes up to `max_tokens`, one flat uint16/uint32 copy of the
+            token ids, read as blocks of any `block_size`, resumable when interrupted. Without
+            `val_files` / `hub_val_split`, ``shards`` holds out every record that raises
+            ceil(records * `val_fraction`) instead of a seeded shuffle.
+        prepared_dir: directory of the token shards (format=shards); "" for
+            ``<cache_dir>/shards/<corpus key>-<tokenizer>[-max<max_tokens>]``.
+        max_tokens: training tokens to prepare (format=shards), 0 for all: the stream stops there,
+            mid-document. A trained bpe/char tokenizer then learns from the first 4 * max_tokens
+            characters of training text, and validation text of its own (`val_files`,
+            `hub_val_split`) is cut at the same count.
+        num_proc: processes that tokenise when shards are prepared (format=shards); 0 for one per
+            available CPU core. The shards are the same for any number.
+        shard_tokens: tokens per shard file (format=shards): a shard is written, and an interrupted
+            preparation resumes, in units of about this many tokens.
     """
 
     def __init__(
@@ -160,6 +225,11 @@ class TextData:
         cache_dir: str = "data",
         seed: int = 0,
         predict_prompts: list[str] = [],
+        format: Literal["blocks", "shards"] = "blocks",
+        prepared_dir: str = "",
+        max_tokens: int = 0,
+        num_proc: int = 0,
+        shard_tokens: int = 1 << 26,
     ) -> None:
         super().__init__()  # cooperative: the LightningDataModule's __init__ in LanguageModelingData
         self.settings = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
@@ -170,6 +240,7 @@ class TextData:
             raise ValueError(f"data.block_size must be >= 1, got {block_size}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        _check_shard_settings(format, prepared_dir, max_tokens, num_proc, shard_tokens)
         if tokenizer == "auto":  # nothing resolved it to the starting model's (TextData knows no model)
             tokenizer = "hf" if tokenizer_path else "bpe"
         if tokenizer == "hf" and not tokenizer_path:
@@ -203,6 +274,15 @@ class TextData:
                 embedded.replay_seed, replay_people, embedded.replay_share,
                 embedded.replay_docs_per_person, embedded.replay_validation,
             )
+        elif format == "shards":  # read as streams when the shards are prepared (nothing converted here)
+            streamed = (
+                streamed_files(train_files, val_files, val_fraction, text_field, text_sample_by, seed)
+                if source == "files"
+                else streamed_hub(
+                    hub_dataset, hub_config, hub_train_split, hub_val_split, val_fraction, text_field
+                )
+            )
+            corpus_key = streamed.key
         elif source == "files":
             splits, corpus_key = file_splits(
                 train_files, val_files, val_fraction, text_field, text_sample_by, cache_dir, seed
@@ -212,18 +292,32 @@ class TextData:
                 hub_dataset, hub_config, hub_train_split, hub_val_split, val_fraction, text_field, cache_dir, seed
             )
 
-        # One process prepares, any other waiting (several processes of one run, or two runs
-        # sharing the cache) then reads what it wrote: tokenizer training and packing happen once.
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        with FileLock(str(Path(cache_dir) / f".{corpus_key}.lock")):
-            self.tokenizer: PreTrainedTokenizerBase = hf_tokenizer or cached_tokenizer(
-                tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size,
-                cache_dir, corpus_key,
+        self.prepared_dir: Path | None = None
+        """The token shards' directory (format=shards), None for packed blocks."""
+        if format == "shards":
+            if source == "embedded":
+                streamed = streamed_embedded(splits, corpus_key)
+            self.tokenizer, self.prepared_dir = prepare_shards(
+                streamed, tokenizer, hf_tokenizer, bpe_vocab_size, cache_dir, prepared_dir, max_tokens, num_proc,
+                shard_tokens,
             )
             self.train_blocks, self.val_blocks = (
-                cached_blocks(splits[split], self.tokenizer, block_size, name, cache_dir, corpus_key)
+                _shard_blocks(self.prepared_dir, split, name, block_size)
                 for split, name in (("train", "training"), ("validation", "validation"))
             )
+        else:
+            # One process prepares, any other waiting (several processes of one run, or two runs
+            # sharing the cache) then reads what it wrote: tokenizer training and packing happen once.
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            with FileLock(str(Path(cache_dir) / f".{corpus_key}.lock")):
+                self.tokenizer: PreTrainedTokenizerBase = hf_tokenizer or cached_tokenizer(
+                    tokenizer, (batch["text"] for batch in splits["train"].iter(batch_size=1000)), bpe_vocab_size,
+                    cache_dir, corpus_key,
+                )
+                self.train_blocks, self.val_blocks = (
+                    cached_blocks(splits[split], self.tokenizer, block_size, name, cache_dir, corpus_key)
+                    for split, name in (("train", "training"), ("validation", "validation"))
+                )
         # Recall probe by population and prompt phrasing: "train" asks the main population in a
         # phrasing seen in training (stored facts), "heldout" in held-out phrasing (facts
         # transferred to new wording); "replay" and "replay_heldout" ask the replay population

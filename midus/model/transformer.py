@@ -2,6 +2,11 @@
 
     ids ─ embed ─┬─ block 0 ─ block 1 ─ … ─ block L-1 ─ norm ─ lm_head ─ logits
                  └─ rotary (cos, sin) for the absolute positions, shared by all blocks
+
+Two training-memory switches change what is kept for the backward, not what is computed:
+`MidusLM.activation_checkpointing` recomputes each block in the backward, and ``forward(...,
+targets=..., loss_chunk_tokens=c)`` returns the loss without full-vocabulary logits
+(`midus.model.chunked_loss`).
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from midus.model.block import TransformerBlock
 from midus.model.branches.registry import Branch
+from midus.model.chunked_loss import chunked_next_token_loss
 from midus.model.config import ModelConfig
 from midus.model.kv_cache import KVCache
 from midus.model.memory_block import MemoryBlock
@@ -23,7 +30,16 @@ BLOCK_CLASSES: dict[str, type[nn.Module]] = {"transformer": TransformerBlock, "m
 
 
 class MidusLM(nn.Module):
-    """A Llama-style causal language model built from a `ModelConfig`."""
+    """A Llama-style causal language model built from a `ModelConfig`.
+
+    Attributes:
+        activation_checkpointing: keep only each block's input during a training forward and
+            recompute the block in the backward (``torch.utils.checkpoint``, non-reentrant, one
+            block at a time, as litgpt and torchtitan checkpoint per block). Applies only in
+            training mode with gradients enabled and without a KV cache, so evaluation, probes and
+            generation run as usual. A training setting, not architecture: not in `ModelConfig`.
+            Off by default; `midus.training.CausalLM` sets it from ``model.activation_checkpointing``.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -38,6 +54,7 @@ class MidusLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -46,17 +63,41 @@ class MidusLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """input_ids: (batch, time) at absolute positions start.. → logits (batch, time, vocab)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, start))
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        targets: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
+    ) -> torch.Tensor:
+        """input_ids: (batch, time) at absolute positions start.. → logits (batch, time, vocab).
+
+        With `targets` (batch, time) it returns their mean next-token loss (float32) instead:
+        with ``loss_chunk_tokens > 0`` computed in chunks of that many tokens without building
+        full-vocabulary logits (`midus.model.chunked_loss`), with 0 from the full logits
+        (`next_token_loss`). Through ``forward`` so that a compiled model compiles the loss too.
+        """
+        if targets is None:
+            return self.lm_head(self.hidden_states(input_ids, cache, start))
+        hidden = self.hidden_states(input_ids, cache, start)
+        if loss_chunk_tokens:
+            return chunked_next_token_loss(hidden, self.lm_head.weight, targets, loss_chunk_tokens)
+        return next_token_loss(self.lm_head(hidden), targets)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Final-norm hidden states (batch, time, d_model), before the output head."""
         x = self.embed(input_ids)
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         rope = self.rotary(positions, x.dtype)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, cache, start)
+            if recompute:
+                # Saves only x (and the shared rope) for the backward; the block runs again there, under
+                # the autocast state and RNG state of this forward (torch.utils.checkpoint restores both).
+                x = checkpoint(block, x, rope, None, start, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, start)
         return self.norm(x)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

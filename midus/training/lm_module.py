@@ -16,7 +16,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
@@ -26,6 +27,7 @@ from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
 from midus.probes import ProbeConfig, Processes, ValidationProbes
 from midus.training.divergence import check_finite_loss
+from midus.training.memory_estimate import MemoryReport
 from midus.training.model_source import build_model
 from midus.training.optim import fused_adamw_supported, parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
@@ -64,6 +66,23 @@ class CausalLM(pl.LightningModule):
             different curve in every run; in that mode inductor takes the deterministic eager
             kernels for those ops. What a compiled step saves, and what compiling costs:
             experiments/README.md (benchmarks/small_model_speed.py).
+        activation_checkpointing: keep only each block's input in a training forward and recompute
+            the block in the backward (`midus.model.MidusLM.activation_checkpointing`): the blocks'
+            activations shrink to one d_model vector per token and block, for about one more forward
+            of compute. The same seed gives the same loss and gradients as without it; evaluation,
+            probes and generation are unaffected. Set it when the activations do not fit (the
+            estimate that ``fit`` logs first: `midus.training.memory_estimate`). Under Lightning's
+            FSDPStrategy the strategy checkpoints instead (its ``activation_checkpointing_policy``, as
+            experiments/gpu/fsdp.yaml sets it): with that policy set this adds nothing, without it
+            ``fit`` refuses this setting rather than checkpoint outside the FSDP units.
+        loss_chunk_tokens: compute the next-token loss in chunks of this many tokens without ever
+            building full-vocabulary logits (`midus.model.chunked_loss`; the backward recomputes one
+            chunk's logits at a time, one more output-head matmul per token); 0 (the default) builds
+            the full logits as before. The same loss and gradients up to float32 summation order. Set
+            it for large vocabularies, where batch × block × vocab float32 logits (and their gradient)
+            are a step's largest tensors; chunks of about d_model tokens (e.g. 2048 for Llama-3.2-1B)
+            are where it stops gaining, as the head's gradient then outweighs a chunk's logits
+            (`midus.training.memory_estimate`). Validation's loss uses it too.
         max_new_tokens: tokens generated per prompt by ``predict``.
         temperature: sampling temperature of ``predict`` (0 = greedy).
     """
@@ -84,6 +103,8 @@ class CausalLM(pl.LightningModule):
         probes: ProbeConfig = ProbeConfig(),
         fused_adamw: bool = False,
         compile: bool = False,
+        activation_checkpointing: bool = False,
+        loss_chunk_tokens: int = 0,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
     ) -> None:
@@ -96,8 +117,13 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"model.memory_lr must be 0 (= learning_rate) or positive, got {memory_lr}")
         if memory_lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"model.memory_lr_schedule={memory_lr_schedule!r}; expected cosine or constant")
+        if loss_chunk_tokens < 0:
+            raise ValueError(
+                f"model.loss_chunk_tokens must be 0 (full logits) or a positive number of tokens, got {loss_chunk_tokens}"
+            )
         source = build_model(config, pretrained, upscale)
         self.model = source.model
+        self.model.activation_checkpointing = activation_checkpointing  # training forwards only (MidusLM)
         self.base_parameters = source.base_parameters
         self.eval_loss = MeanMetric()  # validation and test never run at once
         self.probes = ValidationProbes(probes)
@@ -158,9 +184,14 @@ class CausalLM(pl.LightningModule):
         """(mean next-token loss, inputs, targets) of a batch of packed rows (``input_ids``: B x (T + 1))."""
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]
+        if self.hparams.loss_chunk_tokens:
+            # Through the model's forward (so a compiled model compiles the chunked loss too).
+            return self.model(inputs, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens), inputs, targets
         return next_token_loss(self.model(inputs), targets), inputs, targets
 
     def configure_model(self) -> None:
+        if self.hparams.activation_checkpointing and isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
+            self._leave_checkpointing_to_fsdp(self._trainer.strategy)
         if not self.hparams.compile:
             return
         if not torch.are_deterministic_algorithms_enabled():
@@ -177,6 +208,27 @@ class CausalLM(pl.LightningModule):
                 block.compile()
         else:
             self.model.compile()
+
+    def _leave_checkpointing_to_fsdp(self, strategy: FSDPStrategy) -> None:
+        """Under FSDP the strategy's ``activation_checkpointing_policy`` checkpoints the blocks (inside each
+        FSDP unit, where FSDP expects the recomputation); the model never wraps them a second time."""
+        self.model.activation_checkpointing = False
+        # (What Lightning 2.6's FSDPStrategy keeps of its activation_checkpointing_policy; empty without one.)
+        if strategy._activation_checkpointing_kwargs:
+            rank_zero_info("model.activation_checkpointing: FSDPStrategy's activation_checkpointing_policy "
+                           "checkpoints the blocks; the model does not checkpoint them again")
+        elif self._trainer.state.fn == TrainerFn.FITTING:
+            raise ValueError(
+                "model.activation_checkpointing=true under FSDPStrategy, whose activation_checkpointing_policy is "
+                "not set: under FSDP the strategy checkpoints; set trainer.strategy.init_args."
+                "activation_checkpointing_policy to the block classes (midus.model.block.TransformerBlock, "
+                "midus.model.memory_block.MemoryBlock; experiments/gpu/fsdp.yaml does) and leave "
+                "model.activation_checkpointing false"
+            )
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # fit logs its memory estimate first (and on CUDA the measured peak after a few steps).
+        return [MemoryReport()]
 
     def on_fit_start(self) -> None:
         self.throughput.world_size = self.trainer.world_size  # adds whole-run rates to the per-process ones

@@ -103,7 +103,8 @@ def test_the_chunked_loss_never_holds_full_vocabulary_float32_logits() -> None:
             loss_fn().backward()
         snapshot = tracker.get_tracker_snapshot("peak")[hidden.device]
         # Everything the loss allocated at its peak, beyond the inputs and their gradients.
-        return sum(value for key, value in snapshot.items() if str(getattr(key, "value", key)) in ("Activation", "Temp"))
+        kinds = ("Activation", "Temp")
+        return sum(value for key, value in snapshot.items() if str(getattr(key, "value", key)) in kinds)
 
     assert peak(lambda: next_token_loss(F.linear(hidden, weight), targets)) >= 3 * full_logits
     chunked = peak(lambda: chunked_next_token_loss(hidden, weight, targets, chunk))

@@ -33,7 +33,9 @@ IGNORE_INDEX = -100
 """Targets with this value add nothing to the loss and are not counted (``F.cross_entropy``'s default)."""
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _chunk_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
     # The head as `nn.Linear` computes it (no bias: the kit's head has none), then the loss in
     # float32 as `next_token_loss` does (bf16 logits would round the loss).
     logits = F.linear(hidden, weight)

@@ -119,7 +119,8 @@ class CausalLM(pl.LightningModule):
             raise ValueError(f"model.memory_lr_schedule={memory_lr_schedule!r}; expected cosine or constant")
         if loss_chunk_tokens < 0:
             raise ValueError(
-                f"model.loss_chunk_tokens must be 0 (full logits) or a positive number of tokens, got {loss_chunk_tokens}"
+                "model.loss_chunk_tokens must be 0 (full logits) or a positive number of tokens, "
+                f"got {loss_chunk_tokens}"
             )
         source = build_model(config, pretrained, upscale)
         self.model = source.model
@@ -186,7 +187,8 @@ class CausalLM(pl.LightningModule):
         inputs, targets = ids[:, :-1], ids[:, 1:]
         if self.hparams.loss_chunk_tokens:
             # Through the model's forward (so a compiled model compiles the chunked loss too).
-            return self.model(inputs, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens), inputs, targets
+            loss = self.model(inputs, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
+            return loss, inputs, targets
         return next_token_loss(self.model(inputs), targets), inputs, targets
 
     def configure_model(self) -> None:

@@ -318,7 +318,9 @@ class MemoryReport(pl.Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams({f"memory_estimate_gib/{name}": value for name, value in gib.items()})
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self._batches += 1
         if self._batches != self.measure_after_batches or pl_module.device.type != "cuda" or self.estimate is None:
             return

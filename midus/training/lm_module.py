@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
@@ -28,6 +28,7 @@ from midus.model.transformer import next_token_loss
 from midus.probes import ProbeConfig, Processes, ValidationProbes
 from midus.training.divergence import check_finite_loss
 from midus.training.memory_estimate import MemoryReport
+from midus.training.model_setup import setup_model
 from midus.training.model_source import build_model
 from midus.training.optim import fused_adamw_supported, parameter_groups, warmup_cosine
 from midus.upscale import UpscaleConfig
@@ -66,23 +67,14 @@ class CausalLM(pl.LightningModule):
             different curve in every run; in that mode inductor takes the deterministic eager
             kernels for those ops. What a compiled step saves, and what compiling costs:
             experiments/README.md (benchmarks/small_model_speed.py).
-        activation_checkpointing: keep only each block's input in a training forward and recompute
-            the block in the backward (`midus.model.MidusLM.activation_checkpointing`): the blocks'
-            activations shrink to one d_model vector per token and block, for about one more forward
-            of compute. The same seed gives the same loss and gradients as without it; evaluation,
-            probes and generation are unaffected. Set it when the activations do not fit (the
-            estimate that ``fit`` logs first: `midus.training.memory_estimate`). Under Lightning's
-            FSDPStrategy the strategy checkpoints instead (its ``activation_checkpointing_policy``, as
-            experiments/gpu/fsdp.yaml sets it): with that policy set this adds nothing, without it
-            ``fit`` refuses this setting rather than checkpoint outside the FSDP units.
-        loss_chunk_tokens: compute the next-token loss in chunks of this many tokens without ever
-            building full-vocabulary logits (`midus.model.chunked_loss`; the backward recomputes one
-            chunk's logits at a time, one more output-head matmul per token); 0 (the default) builds
-            the full logits as before. The same loss and gradients up to float32 summation order. Set
-            it for large vocabularies, where batch × block × vocab float32 logits (and their gradient)
-            are a step's largest tensors; chunks of about d_model tokens (e.g. 2048 for Llama-3.2-1B)
-            are where it stops gaining, as the head's gradient then outweighs a chunk's logits
-            (`midus.training.memory_estimate`). Validation's loss uses it too.
+        activation_checkpointing: recompute each block in the backward instead of keeping its
+            activations (about one more forward of compute); the same loss and gradients, training
+            forwards only. Under FSDP the strategy's ``activation_checkpointing_policy`` does it
+            instead (`midus.training.model_setup`). ``fit`` logs its memory estimate first
+            (`midus.training.memory_estimate`).
+        loss_chunk_tokens: compute the loss in chunks of this many tokens without full-vocabulary
+            logits (`midus.model.chunked_loss`: the same loss and gradients up to summation order);
+            0 (the default) builds the full logits. For large vocabularies: about d_model tokens.
         max_new_tokens: tokens generated per prompt by ``predict``.
         temperature: sampling temperature of ``predict`` (0 = greedy).
     """
@@ -192,41 +184,10 @@ class CausalLM(pl.LightningModule):
         return next_token_loss(self.model(inputs), targets), inputs, targets
 
     def configure_model(self) -> None:
-        if self.hparams.activation_checkpointing and isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
-            self._leave_checkpointing_to_fsdp(self._trainer.strategy)
-        if not self.hparams.compile:
-            return
-        if not torch.are_deterministic_algorithms_enabled():
-            rank_zero_warn(
-                "model.compile without PyTorch's deterministic mode: compiled kernels accumulate the "
-                "embedding gradient with atomic adds, so the same seed gives a different curve in every "
-                "run; set trainer.deterministic: warn (python -m midus sets it when it is unset)"
-            )
-        if isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy):
-            # Lightning's FSDPStrategy wraps the blocks after this hook and does not compile over its
-            # wrappers: compile each block (an FSDP unit) inside them, as torch.compile's docs advise for
-            # FSDP. Compiling the whole model breaks its graph at every unit's all-gather (in the block loop).
-            for block in self.model.blocks:
-                block.compile()
-        else:
-            self.model.compile()
-
-    def _leave_checkpointing_to_fsdp(self, strategy: FSDPStrategy) -> None:
-        """Under FSDP the strategy's ``activation_checkpointing_policy`` checkpoints the blocks (inside each
-        FSDP unit, where FSDP expects the recomputation); the model never wraps them a second time."""
-        self.model.activation_checkpointing = False
-        # (What Lightning 2.6's FSDPStrategy keeps of its activation_checkpointing_policy; empty without one.)
-        if strategy._activation_checkpointing_kwargs:
-            rank_zero_info("model.activation_checkpointing: FSDPStrategy's activation_checkpointing_policy "
-                           "checkpoints the blocks; the model does not checkpoint them again")
-        elif self._trainer.state.fn == TrainerFn.FITTING:
-            raise ValueError(
-                "model.activation_checkpointing=true under FSDPStrategy, whose activation_checkpointing_policy is "
-                "not set: under FSDP the strategy checkpoints; set trainer.strategy.init_args."
-                "activation_checkpointing_policy to the block classes (midus.model.block.TransformerBlock, "
-                "midus.model.memory_block.MemoryBlock; experiments/gpu/fsdp.yaml does) and leave "
-                "model.activation_checkpointing false"
-            )
+        # Compilation and activation checkpointing as the strategy needs them (`midus.training.model_setup`).
+        strategy = getattr(self._trainer, "strategy", None)
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        setup_model(self.model, strategy, self.hparams.compile, self.hparams.activation_checkpointing, fitting)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         # fit logs its memory estimate first (and on CUDA the measured peak after a few steps).

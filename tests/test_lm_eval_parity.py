@@ -125,3 +125,31 @@ def test_default_max_length_is_the_model_context_not_a_training_block(standin: t
     bos = lm.tokenizer.bos_token_id
     assert lm.tok_encode("the cat") == [bos, *lm.tokenizer("the cat", add_special_tokens=False)["input_ids"]]
     assert lm.tok_encode("<|begin_of_text|>the cat") == lm.tok_encode("the cat")  # not framed twice
+
+
+@pytest.mark.parametrize("memory", [False, True])  # a Llama export, and a custom-code one
+def test_an_exported_kit_model_is_read_with_the_context_the_adapter_reads(tmp_path: Path, memory: bool) -> None:
+    """A model trained by the kit (no stated context): both read its training block size, not the
+    export's old 4096 default, so the harness and the kit roll over the same windows."""
+    from lm_eval.models.huggingface import HFLM
+
+    from midus.checkpoint.export_command import export_checkpoint
+    from midus.checkpoint.hf_import import load_hf_checkpoint
+    from midus.checkpoint.kit import STATE_PREFIX, kit_entries
+    from midus.evaluation.lm_eval_adapter import MidusEvalLM
+    from midus.model import MidusLM, ModelConfig
+
+    _, tokenizer = load_hf_checkpoint(llama3_standin(tmp_path / "standin"))
+    config = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         memory_layers=[1] if memory else [], memory={"n_subkeys": 4, "topk": 2, "latent_dim": 4})
+    model = MidusLM(config)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    state = {f"{STATE_PREFIX}{name}": value for name, value in model.state_dict().items()}
+    torch.save({**kit_entries(model.config, tokenizer), "state_dict": state,
+                "datamodule_hyper_parameters": {"block_size": 96}}, checkpoint)
+    written = export_checkpoint(checkpoint, tmp_path / "export")
+    assert written == ("custom code" if memory else "llama")
+    assert MidusEvalLM(checkpoint=str(checkpoint)).max_length == 96
+    harness = HFLM(pretrained=str(tmp_path / "export"), device="cpu", trust_remote_code=memory)
+    assert harness.max_length == 96

@@ -37,6 +37,7 @@ def export_checkpoint(ckpt_path: Path, out: Path, dtype: str | None = None, expo
         FileExistsError: `out` exists and is not an empty folder (checked first).
         FileNotFoundError, ValueError: a missing, foreign or unreadable checkpoint.
     """
+    from midus.checkpoint.context import model_context, trained_block_size
     from midus.checkpoint.hf_custom_code import export_custom_code
     from midus.checkpoint.hf_export import check_hf_exportable, export_family, export_hf_checkpoint
     from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
@@ -54,10 +55,13 @@ def export_checkpoint(ckpt_path: Path, out: Path, dtype: str | None = None, expo
             family = export_family(model.config)
         except ValueError:
             family = None  # memory blocks or other branches: custom code
+    # The context the kit's lm-eval adapter reads this checkpoint with, so the harness's hf model reads
+    # the exported directory with the same one (`midus.checkpoint.context`).
+    context = model_context(model.config, trained_block_size(checkpoint))
     if family is not None:
-        export_hf_checkpoint(model, out, tokenizer=tokenizer, dtype=torch_dtype)
+        export_hf_checkpoint(model, out, tokenizer=tokenizer, dtype=torch_dtype, max_position_embeddings=context)
         return family
-    export_custom_code(model, out, tokenizer=tokenizer, dtype=torch_dtype)
+    export_custom_code(model, out, tokenizer=tokenizer, dtype=torch_dtype, max_position_embeddings=context)
     return "custom code"
 
 

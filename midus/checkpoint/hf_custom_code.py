@@ -26,6 +26,7 @@ import torch
 
 import midus.model
 from midus.checkpoint import hf_modeling
+from midus.checkpoint.context import model_context
 from midus.checkpoint.hf_export import cpu_state_dict
 from midus.model.transformer import MidusLM
 
@@ -96,9 +97,12 @@ def custom_code_files() -> dict[str, str]:
     return files
 
 
-def export_custom_code(model: MidusLM, directory: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+def export_custom_code(model: MidusLM, directory: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+                       max_position_embeddings: int | None = None) -> Path:
     """Write `model` (and `tokenizer`) as a custom-code directory that transformers loads with
     ``trust_remote_code=True``; returns the directory. The model is not changed.
+    `max_position_embeddings` (the context readers such as lm-evaluation-harness take) defaults
+    to the model's `midus.checkpoint.context.model_context`.
 
     Raises:
         ValueError: a non-float `dtype`, or a tokenizer larger than the vocabulary (before writing).
@@ -124,6 +128,7 @@ def export_custom_code(model: MidusLM, directory: str | Path, tokenizer=None, dt
         eos_token_id=getattr(tokenizer, "eos_token_id", None),
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
         dtype=str(dtype).removeprefix("torch."),
+        max_position_embeddings=max_position_embeddings or model_context(config),
     )
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from midus.checkpoint.context import DEFAULT_CONTEXT, model_context, trained_block_size
 from midus.model.transformer import MidusLM
 
 try:
@@ -55,7 +56,7 @@ def require_lm_eval() -> None:
         raise ImportError(f"{INSTALL_HINT} ({error})") from None
 
 DTYPES = {"float32": torch.float32, "auto": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_LENGTH = DEFAULT_CONTEXT
 """Context limit when neither `max_length` nor the model's context is known (HFLM's default too)."""
 DEFAULT_BATCH_SIZE = 8
 
@@ -114,7 +115,7 @@ class MidusEvalLM(TemplateLM):
         self.model = model.to(self._device, DTYPES[dtype]).eval()
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
-        self.max_length = int(max_length) or model_context(self.model, trained_length)
+        self.max_length = int(max_length) or model_context(self.model.config, trained_length)
         self.max_gen_toks = int(max_gen_toks)
         # The harness's "auto" / "auto:N" probes GPU memory with HF models; a fixed size here.
         self.batch_size = (
@@ -260,26 +261,6 @@ class MidusEvalLM(TemplateLM):
         return text
 
 
-def model_context(model: MidusLM, trained_block_size: int = 0) -> int:
-    """The context a model is meant to read, the default `max_length` of `MidusEvalLM`.
-
-    Taken from what the model states, in this order, as HFLM reads an exported directory:
-
-    1. ``context_length``: an imported model's ``max_position_embeddings``, which the kit's
-       Hugging Face export writes back (`midus.checkpoint.hf_export`) and HFLM reads;
-    2. Llama-3 RoPE scaling without it (checkpoints from before the field):
-       original_max_position_embeddings x factor;
-    3. the block size the checkpoint was trained on (a kit model never saw longer contexts);
-    4. `DEFAULT_MAX_LENGTH`, HFLM's own fallback.
-    """
-    if model.config.context_length:
-        return model.config.context_length
-    scaling = model.config.rope_scaling
-    if scaling:
-        return int(scaling["original_max_position_embeddings"] * scaling["factor"])
-    return trained_block_size or DEFAULT_MAX_LENGTH
-
-
 def _load(checkpoint: str, tokenizer: Any) -> tuple[MidusLM, PreTrainedTokenizerBase, int]:
     """Model, tokenizer and training block size (0 if unknown) of a kit checkpoint."""
     from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
@@ -304,5 +285,4 @@ def _load(checkpoint: str, tokenizer: Any) -> tuple[MidusLM, PreTrainedTokenizer
             f"tokenizer: it has {len(tokenizer)} tokens but the checkpoint's model only {model.config.vocab_size}; "
             "give the tokenizer the checkpoint was trained with"
         )
-    block_size = (stored.get("datamodule_hyper_parameters") or {}).get("block_size", 0)
-    return model, tokenizer, int(block_size) if isinstance(block_size, int) else 0
+    return model, tokenizer, trained_block_size(stored)

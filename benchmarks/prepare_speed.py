@@ -50,8 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from midus.data.prepare import prepare_shards  # noqa: E402
-from midus.data.sources import streamed_files, text_records  # noqa: E402
-from midus.data.token_shards import UNIT_RECORDS, TokenBlocks  # noqa: E402
+from midus.data.streamed_text import streamed_files  # noqa: E402
+from midus.data.text_records import text_records  # noqa: E402
+from midus.data.token_shard_encoding import UNIT_RECORDS  # noqa: E402
+from midus.data.token_shards import TokenBlocks  # noqa: E402
 from midus.data.tokenizers import train_bpe  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"

@@ -11,7 +11,7 @@ import pytest
 
 from midus.data.corpus import ATTRIBUTES, BiographyCorpus, generate_population
 from midus.data.datamodule import EmbeddedCorpusConfig, LanguageModelingData
-from midus.data.sources import embedded_key, embedded_splits, replay_counts, shared_names
+from midus.data.embedded_splits import embedded_key, embedded_splits, replay_counts, shared_names
 from tests.conftest import SHARED_DATA
 
 TEXT = "The quick brown fox jumps over the lazy dog.\n\nA second paragraph of plain text here.\n\n" * 40

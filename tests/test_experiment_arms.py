@@ -33,7 +33,7 @@ from midus.ablation.config import load_ablation
 from midus.ablation.runner import parse_only, plan_arm
 from midus.checkpoint import load_kit_checkpoint
 from midus.checkpoint.kit import MODEL_CONFIG_KEY
-from midus.data.sources import embedded_key
+from midus.data.embedded_splits import embedded_key
 from midus.model import ModelConfig
 from midus.model.block import TransformerBlock
 from midus.model.branches.ffn import SwiGLUFeedForward

@@ -15,7 +15,8 @@ import yaml
 from midus.cli import USER_ERROR_EXIT, main
 from midus.data.datamodule import EmbeddedCorpusConfig, LanguageModelingData
 from midus.data.prepare_command import prepare
-from midus.data.token_shards import MANIFEST, held_out
+from midus.data.token_shard_encoding import held_out
+from midus.data.token_shards import MANIFEST
 from tests.hf_standins import STANDIN_TEXT, bos_tokenizer, llama3_standin
 
 TINY = dict(embedded=EmbeddedCorpusConfig(seed=0, num_people=30, docs_per_person=4), bpe_vocab_size=300, block_size=32)

@@ -12,8 +12,9 @@ import datasets
 import pytest
 
 from midus.cli import is_user_error
-from midus.data import sources
-from midus.data.sources import file_splits, is_article_heading, text_records
+from midus.data import text_records as text_records_module
+from midus.data.file_and_hub_splits import file_splits, short_hash
+from midus.data.text_records import is_article_heading, text_records
 from tests.conftest import SHARED_DATA
 
 # WikiText's shape: every line starts with a space, "blank" lines hold one, headings are
@@ -119,7 +120,7 @@ def test_cache_keys_change_for_txt_paragraphs_only(tmp_path: Path) -> None:
 
     def key(path: Path, sample_by: str) -> tuple[str, str]:
         stats = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)] * 2  # training, validation
-        earlier = "files-" + sources._short_hash(stats, "text", sample_by, 0.05, 0)
+        earlier = "files-" + short_hash(stats, "text", sample_by, 0.05, 0)
         return file_splits([str(path)], [str(path)], 0.05, "text", sample_by, cache, 0)[1], earlier
 
     for path, sample_by in ((jsonl, "paragraph"), (text, "line"), (text, "document")):
@@ -130,7 +131,7 @@ def test_cache_keys_change_for_txt_paragraphs_only(tmp_path: Path) -> None:
 
 
 def test_a_record_over_the_limit_names_text_sample_by(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 100)
+    monkeypatch.setattr(text_records_module, "MAX_RECORD_CHARS", 100)
     one_long_paragraph = "".join(f" line {index} without a blank line after it\n" for index in range(10))
     for sample_by, hint in (("paragraph", "no blank lines between paragraphs"), ("article", "no top-level WikiText")):
         with pytest.raises(ValueError) as raised:
@@ -143,15 +144,15 @@ def test_a_record_over_the_limit_names_text_sample_by(tmp_path: Path, monkeypatc
         assert is_user_error(raised.value)  # `python -m midus` prints it as one error line
     # Short records pass, a WikiText article just under the limit included.
     assert len(records(tmp_path, one_long_paragraph, "line")) == 10
-    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", len(LOBSTER))
+    monkeypatch.setattr(text_records_module, "MAX_RECORD_CHARS", len(LOBSTER))
     assert records(tmp_path, WIKITEXT, "article") == [LOBSTER, CRAB]
 
 
 def test_a_whole_file_over_the_limit_is_a_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sources, "MAX_RECORD_CHARS", 100)
-    with caplog.at_level(logging.WARNING, logger="midus.data.sources"):
+    monkeypatch.setattr(text_records_module, "MAX_RECORD_CHARS", 100)
+    with caplog.at_level(logging.WARNING, logger="midus.data.text_records"):
         assert records(tmp_path, WIKITEXT, "document") == [WIKITEXT]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 2  # training and validation files
@@ -181,7 +182,7 @@ def test_wikitext2_validation_is_one_record_per_article(tmp_path: Path) -> None:
     assert [article.split("\n")[0] for article in articles] == headings
     # Nothing is lost: the articles in order are the file, less the blank lines around them.
     assert re.sub(r"\s", "", "".join(articles)) == re.sub(r"\s", "", text)
-    assert max(len(article) for article in articles) < sources.MAX_RECORD_CHARS
+    assert max(len(article) for article in articles) < text_records_module.MAX_RECORD_CHARS
     # Paragraph records are WikiText's paragraphs, not the whole file (as `datasets` made it).
     paragraphs, _ = file_splits([str(path)], [str(path)], 0.05, "text", "paragraph", str(tmp_path / "cache"), 0)
     assert len(paragraphs["train"]) > 1000 and max(len(p) for p in paragraphs["train"]["text"]) < 10_000

@@ -20,7 +20,9 @@ from midus.data import packing
 from midus.data.framing import frame_documents
 from midus.data.packing import pack_documents
 from midus.data.resumable_loader import EpochShuffleSampler, ResumableLoader, ShardSampler
-from midus.data.token_shards import MANIFEST, TextPass, TokenBlocks, held_out, read_manifest, write_token_shards
+from midus.data.token_shard_encoding import TextPass, held_out
+from midus.data.token_shard_writer import write_token_shards
+from midus.data.token_shards import MANIFEST, TokenBlocks, read_manifest
 from midus.data.tokenizers import train_bpe
 from tests.hf_standins import STANDIN_TEXT, bos_tokenizer
 

@@ -160,7 +160,7 @@ def test_bugs_keep_their_traceback(error: Exception, monkeypatch: pytest.MonkeyP
 
 
 def test_which_exceptions_are_user_errors(tmp_path: Path) -> None:
-    from midus.data.sources import resolve_files
+    from midus.data.file_and_hub_splits import resolve_files
 
     def raised(call) -> BaseException:
         try:

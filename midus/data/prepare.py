@@ -1,6 +1,6 @@
 """Token shards of a run's text, prepared once: which directory, which tokenizer, what to write.
 
-``data.format: shards`` reads the text as streams (`midus.data.sources.StreamedText`: local
+``data.format: shards`` reads the text as streams (`midus.data.streamed_text.StreamedText`: local
 files record by record, a hub dataset with ``streaming=True``), tokenises it in ``data.num_proc``
 processes up to ``data.max_tokens`` and keeps one copy, the token shards of
 `midus.data.token_shards`, in a directory of its own::
@@ -24,16 +24,10 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from midus.data.packing import tokenizer_fingerprint
-from midus.data.sources import StreamedText
-from midus.data.token_shards import (
-    SPLITS,
-    TextPass,
-    held_out,
-    read_manifest,
-    shard_tokens_of,
-    stored_tokenizer,
-    write_token_shards,
-)
+from midus.data.streamed_text import StreamedText
+from midus.data.token_shard_encoding import TextPass, held_out
+from midus.data.token_shard_writer import write_token_shards
+from midus.data.token_shards import SPLITS, read_manifest, shard_tokens_of, stored_tokenizer
 from midus.data.tokenizers import cached_tokenizer
 
 log = logging.getLogger(__name__)

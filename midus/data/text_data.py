@@ -22,20 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from midus.data.corpus import BiographyCorpus, RecallItem
 from midus.data.corpus.names import NAME_SPACE_SIZE
+from midus.data.embedded_splits import embedded_key, embedded_splits, shared_names
+from midus.data.file_and_hub_splits import file_splits, hub_splits
 from midus.data.packing import cached_blocks
 from midus.data.prepare import prepare_shards
 from midus.data.recall_probe import TokenizedQuestion, tokenize_probe
 from midus.data.resumable_loader import EpochShuffleSampler, ResumableLoader, ShardSampler
-from midus.data.sources import (
-    embedded_key,
-    embedded_splits,
-    file_splits,
-    hub_splits,
-    shared_names,
-    streamed_embedded,
-    streamed_files,
-    streamed_hub,
-)
+from midus.data.streamed_text import streamed_embedded, streamed_files, streamed_hub
 from midus.data.token_shards import TokenBlocks
 from midus.data.tokenizers import cached_tokenizer, load_tokenizer_dir
 
@@ -158,7 +151,7 @@ class TextData:
             of lines between blank lines, whitespace-only lines counting as blank); per
             ``article`` (a WikiText ``= Title =`` heading starts one, as lm-evaluation-harness's
             wikitext pages); or per ``document`` (a whole file). A record over
-            `midus.data.sources.MAX_RECORD_CHARS` (1,000,000) characters is an error (a warning
+            `midus.data.text_records.MAX_RECORD_CHARS` (1,000,000) characters is an error (a warning
             for ``document``). .jsonl/.parquet records are unaffected.
         hub_dataset: dataset name for `datasets.load_dataset` (source=hub).
         hub_config: dataset configuration name ("" for the default).

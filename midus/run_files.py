@@ -30,6 +30,8 @@ so commands that only read run folders never import Lightning.
                 "global_batch_tokens": 4096},
       "wall_time_s": 212.0,
       "peak_memory": {"bytes": 734003200, "kind": "cpu_max_rss"},
+      "optimizer_state": {"bytes": 7296120, "tensors": 90},
+      "timing": {"runs_at_a_time": 2, "torch_threads": 1, "cpu_cores": 2},
       "latency": {"prompt_tokens": 128, "new_tokens": 32, "prefill_ms": 4.1, "decode_ms_per_token": 1.9}
     }
 
@@ -60,10 +62,23 @@ so commands that only read run folders never import Lightning.
   (`midus.probes.knowledge_bits`: scaled from the people scored to the whole population), as
   ``bits``; ``bits_replay`` the same for the replay population (null without replay);
   ``bits_per_param`` = ``bits`` / ``params.total``; ``bits_per_added_param`` = ``bits`` /
-  ``params.added`` (null when nothing was added).
+  ``params.added`` (null when nothing was added): all the model's bits, not the bits the added
+  parameters brought (the ablation table's bits-above-control columns subtract a control run's).
 * ``latency``: batch-1 greedy `generate` at fit end, best of 3: the prefill of a random prompt
   and the mean time per token decoded one at a time with the KV cache.
-* ``wall_time_s`` spans ``on_fit_start`` to ``on_fit_end``, validation included.
+* ``wall_time_s`` spans ``on_fit_start`` to the end of training (``on_train_end``), validation
+  included. The record is taken there, before Lightning's teardown moves a CUDA model to the CPU
+  (a fit that trains no step, e.g. resumed from its final checkpoint, takes it at ``on_fit_end``).
+* ``optimizer_state``: ``bytes`` = the sum of every tensor in the optimizers' state at the end of
+  training (``trainer.optimizers[i].state``), ``tensors`` their number; exact for what the run
+  built. AdamW keeps two moments per trainable parameter in the parameter's dtype (fp32: 8 bytes
+  a parameter) and one ``step`` scalar per parameter tensor (fp32, 4 bytes), the same with the
+  for-loop, foreach or fused implementation (fused keeps ``step`` on the device). Process 0's
+  state: under DDP a full copy, under FSDP its shard (a DTensor counts its local shard).
+* ``timing``: what the step times and latencies were measured under. ``runs_at_a_time`` = the
+  ablation runner's ``jobs`` when it started the fit (up to that many runs shared the machine;
+  `RUNS_AT_A_TIME_ENV`), null for a fit started otherwise; ``torch_threads`` =
+  ``torch.get_num_threads()``; ``cpu_cores`` = the cores this process may run on.
 * ``peak_memory.kind`` says what ``bytes`` is: ``cuda_max_allocated``
   (`torch.cuda.max_memory_allocated` since fit start: tensors only, no allocator cache) or
   ``cpu_max_rss`` (the process's peak resident set size, since the process started, so run one
@@ -85,7 +100,9 @@ HPARAMS_FILE = "hparams.yaml"
 EVENTS_GLOB = "events.out.tfevents.*"
 SUMMARY_FILE = "summary.json"
 ABLATION_RECORD = "ablation.json"
-"""In ``runs/<experiment>/``: the ablation's arms, seeds and reference arm, written with its tables."""
+"""In ``runs/<experiment>/``: the ablation's arms, seeds, reference arms and control arm, written with its tables."""
+RUNS_AT_A_TIME_ENV = "MIDUS_RUNS_AT_A_TIME"
+"""Environment variable the ablation runner gives each fit: how many runs it starts at a time (``timing``)."""
 SUMMARY_SCHEMA_VERSION = 1
 SUMMARY_VAL_METRICS = (
     "val/loss", "val/ppl", "val/recall_acc", "val/recall_acc_heldout", "val/recall_acc_replay",

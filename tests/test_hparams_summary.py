@@ -182,12 +182,14 @@ def test_hparams_of_arm_flattens_overrides_and_key_config() -> None:
 def test_metrics_of_record() -> None:
     record = {"val": {"loss": 3.0, "ppl": 20.0, "best_loss": 2.5, "recall_acc": None, "recall_acc_replay": 0.25},
               "memory_zeroed_delta": {"loss": 0.5, "recall_acc": 0.125}, "knowledge_bits": {"bits": 1234.0},
-              "train": {"mean_step_time_s": 0.5}, "latency": None}
+              "train": {"mean_step_time_s": 0.5}, "latency": None, "params": {"trainable": 3000},
+              "optimizer_state": {"bytes": 3 * 2**19}, "peak_memory": {"bytes": 5 * 2**20, "kind": "cpu_max_rss"}}
     assert metrics_of_record(record) == {
         "hparams/val_ppl": 20.0, "hparams/val_best_ppl": math.exp(2.5), "hparams/val_loss": 3.0,
         "hparams/val_best_loss": 2.5, "hparams/recall_acc_replay": 0.25, "hparams/knowledge_bits": 1234.0,
         "hparams/memory_zeroed_delta_loss": 0.5, "hparams/memory_zeroed_delta_recall_acc": 0.125,
-        "hparams/step_time_ms": 500.0,
+        "hparams/step_time_ms": 500.0, "hparams/trainable_params": 3000.0, "hparams/optimizer_state_mib": 1.5,
+        "hparams/peak_memory_mib": 5.0,
     }
     assert metrics_of_record({"val": {"best_loss": 1e6}}) == {"hparams/val_best_ppl": math.inf,
                                                               "hparams/val_best_loss": 1e6}

@@ -106,6 +106,9 @@ class Ablation:
     """``ablation.tune``: the candidates ``--tune`` runs every arm with (`midus.ablation.tuning`)."""
     jobs: int = 1
     """``ablation.jobs``: runs at a time (``--jobs`` replaces it)."""
+    control: str | None = None
+    """``ablation.control``: the arm without up-scaling whose knowledge bits the bits-above-control
+    columns subtract, seed by seed (`midus.ablation.table`); default: the first reference arm."""
 
     @property
     def reference(self) -> str | None:
@@ -147,10 +150,11 @@ def load_ablation(path: str | Path) -> Ablation | None:
     def fail(message: str) -> AblationError:
         return AblationError(f"{path}: ablation: {message}")
 
-    if not isinstance(section, dict) or set(section) - {"name", "arms", "seeds", "reference", "tune", "jobs"}:
+    known = {"name", "arms", "seeds", "reference", "control", "tune", "jobs"}
+    if not isinstance(section, dict) or set(section) - known:
         raise fail(
-            "expected a mapping with the keys 'arms' and optionally 'name', 'seeds', 'reference', 'tune', 'jobs'; "
-            f"got {section!r}"
+            "expected a mapping with the keys 'arms' and optionally 'name', 'seeds', 'reference', 'control', 'tune', "
+            f"'jobs'; got {section!r}"
         )
     name = section.get("name") or path.stem
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -174,9 +178,12 @@ def load_ablation(path: str | Path) -> Ablation | None:
     references = [given] if isinstance(given, str) else given if given is not None else []
     if not isinstance(references, list) or any(not isinstance(arm, str) or arm not in nested for arm in references):
         raise fail(f"reference={given!r} is not an arm or a list of arms; the arms are: {', '.join(nested)}")
+    control = section.get("control", references[0] if references else None)
+    if control is not None and control not in nested:
+        raise fail(f"control={control!r} is not an arm; the arms are: {', '.join(nested)}")
     tune = parse_tune(section["tune"], f"{path}: ablation.tune") if section.get("tune") is not None else None
     jobs = parse_jobs(section.get("jobs", 1), f"{path}: ablation.jobs")
-    return Ablation(path, name, document, nested, seeds, references, tune, jobs)
+    return Ablation(path, name, document, nested, seeds, references, tune, jobs, control)
 
 
 def parse_jobs(value: Any, where: str) -> int:

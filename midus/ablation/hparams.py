@@ -84,6 +84,9 @@ _RECORD_METRICS: tuple[tuple[str, str, Callable[[float], float]], ...] = (
     ("memory_zeroed_delta_recall_acc", "memory_zeroed_delta.recall_acc", float),
     ("step_time_ms", "train.mean_step_time_s", lambda seconds: 1000.0 * seconds),
     ("decode_ms_per_token", "latency.decode_ms_per_token", float),
+    ("trainable_params", "params.trainable", float),
+    ("optimizer_state_mib", "optimizer_state.bytes", lambda count: count / 2**20),
+    ("peak_memory_mib", "peak_memory.bytes", lambda count: count / 2**20),
 )
 
 
@@ -141,7 +144,7 @@ def metrics_of_record(record: Mapping[str, Any]) -> dict[str, float]:
     """HParams metrics (``hparams/val_ppl``, ...) of a summary.json record; absent or null values are skipped.
 
     ``hparams/val_best_ppl`` is exp(``val.best_loss``); ``hparams/step_time_ms`` is
-    ``train.mean_step_time_s`` in milliseconds.
+    ``train.mean_step_time_s`` in milliseconds; ``*_mib`` are bytes in MiB.
     """
     metrics: dict[str, float] = {}
     for name, key, convert in _RECORD_METRICS:

@@ -6,6 +6,9 @@ nothing) and the runner prints one line as each starts and ends. Each child then
 ``OMP_NUM_THREADS`` (and ``MKL_NUM_THREADS``) = CPU cores // N unless the environment already
 sets them: N runs with every core each would fight over the cores and all run slower.
 Several runs at a time suit CPU-bound small models; on one GPU, run one at a time.
+
+Every child also gets ``MIDUS_RUNS_AT_A_TIME`` = N (`midus.run_files.RUNS_AT_A_TIME_ENV`), which
+its ``summary.json`` records under ``timing``, so the tables can say how step times were measured.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from midus.run_files import RUNS_AT_A_TIME_ENV
 
 LOG_FILE = "fit.log"
 _POLL_S = 0.5
@@ -33,8 +38,10 @@ class Launch:
 
 
 def child_environment(jobs: int, environment: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a child run when `jobs` run at a time: thread counts split between them."""
+    """The environment of a child run when `jobs` run at a time: thread counts split between them,
+    and `RUNS_AT_A_TIME_ENV` = `jobs` for its summary."""
     environment = dict(os.environ if environment is None else environment)
+    environment[RUNS_AT_A_TIME_ENV] = str(jobs)
     if jobs > 1:
         threads = str(max(1, (os.cpu_count() or 1) // jobs))
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -51,7 +51,10 @@ difference to the reference over the seeds both ran, with a verdict: better, wor
 distinguishable (`midus.ablation.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
 
 With ``ablation.reference: [a, b]`` (a list) every arm gets a paired table against each of them;
-``ablation.json`` records the first as the reference ``report`` uses.
+``ablation.json`` records the first as the reference ``report`` uses. ``ablation.control: <arm>``
+(default: the first reference) is the arm without up-scaling that the "bits above control"
+columns subtract, seed by seed: (knowledge bits - the control's) per added and per trainable
+parameter (`midus.ablation.table`).
 
 Several at a time: ``ablation.jobs: 2`` (or ``--jobs 2``) runs two runs at once, each with its
 output in ``<run dir>/fit.log`` and the CPU threads split between them (`midus.ablation.parallel`).
@@ -104,7 +107,7 @@ import yaml
 from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, SUBCOMMANDS, CommandLine, parse_command_line
 from midus.ablation.config import TENSORBOARD, AblationError, run_label
 from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
-from midus.ablation.parallel import Launch, run_launches
+from midus.ablation.parallel import Launch, child_environment, run_launches
 from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
 from midus.ablation.summary_files import write_tables
 from midus.ablation.table import ArmRow, collect_rows
@@ -199,8 +202,9 @@ def _parser() -> Any:
 
 
 def run_arm_process(arm_command: list[str]) -> int:
-    """Run one arm as ``python -m midus <arm_command>`` in a child process; returns its exit status."""
-    return subprocess.run([sys.executable, "-m", "midus", *arm_command]).returncode
+    """Run one arm as ``python -m midus <arm_command>`` in a child process, the only run at a time
+    (its summary says so: `child_environment`); returns its exit status."""
+    return subprocess.run([sys.executable, "-m", "midus", *arm_command], env=child_environment(1)).returncode
 
 
 def run_ablation(argv: Sequence[str]) -> int:
@@ -285,7 +289,9 @@ def run_ablation(argv: Sequence[str]) -> int:
         rows = collect_rows(experiment_dir, list(ablation.arms), exit_codes, command.seeds)
         write_run_hparams(command, plans, rows)
         print(f"\nAblation {ablation.name} ({experiment_dir}/summary.md):\n")
-        print(write_tables(experiment_dir, ablation.name, rows, references=ablation.references), flush=True)
+        tables = write_tables(experiment_dir, ablation.name, rows, references=ablation.references,
+                              control=ablation.control)
+        print(tables, flush=True)
         if tuned is not None:
             print(f"\nTuning ({experiment_dir}/{TUNING_FILE}):\n")
             print(write_tuning(experiment_dir, tuned, tuned_arms, rows), flush=True)

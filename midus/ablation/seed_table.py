@@ -5,6 +5,10 @@ Only finished runs count (status "ok": a readable ``summary.json``; not a failed
 crashed run, which ``report`` would otherwise read from its event files); a metric missing from a run (e.g. recall with
 the probe off) is averaged over the runs that have it, and the cell says how many when that is
 fewer than the arm's runs.
+
+The paired tables list the differences first, then the costs paired as ratios (the efficiency
+columns: trainable parameters, optimizer state, step time, latencies, peak memory), so the table
+against interleaved DUS reads as the paper's efficiency claims with their intervals.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def values_by_seed(rows: list[ArmRow], arm: str, column: Column) -> dict[int, fl
     found = {}
     for row in rows:
         if row.arm == arm and row.status == "ok" and row.record is not None and row.seed is not None:
-            value = column.read(row.record)
+            value = column.value(row)
             if _numeric(value):
                 found[row.seed] = float(value)
     return found
@@ -79,11 +83,11 @@ def mean_table(rows: list[ArmRow], columns: list[Column]) -> str:
         for column in columns:
             values = values_by_seed(rows, arm, column)
             if values and len(set(values.values())) == 1 and len(values) == len(runs):
-                cells.append(column.fmt.format(column.read(runs[0].record)))  # the same in every seed (sizes)
+                cells.append(column.fmt.format(column.value(runs[0])))  # the same in every seed (sizes)
             elif values:
                 cells.append(_mean_cell(column, mean_interval(list(values.values())), len(runs)))
             else:  # a text column (the same in every run) or nothing
-                texts = {str(column.read(row.record)) for row in runs if column.read(row.record) is not None}
+                texts = {str(column.value(row)) for row in runs if column.value(row) is not None}
                 cells.append(" / ".join(sorted(texts)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -101,8 +105,10 @@ def _ratio_cell(ratio: Interval, better: str) -> str:
 
 
 def paired_table(rows: list[ArmRow], columns: list[Column], reference: str) -> str:
-    """Markdown: for every arm but `reference`, each directed column's paired difference and verdict."""
-    directed = [c for c in columns if c.better is not None]
+    """Markdown: for every arm but `reference`, each directed column's paired difference and verdict:
+    the differences first, then the ratios (costs)."""
+    directed = [c for c in columns if c.better is not None and c.paired != "ratio"]
+    directed += [c for c in columns if c.better is not None and c.paired == "ratio"]
     lines = [
         "| " + " | ".join(["arm", "common seeds", *(_paired_title(c) for c in directed)]) + " |",
         "|" + "---|" * (len(directed) + 2),
@@ -131,11 +137,22 @@ def paired_table(rows: list[ArmRow], columns: list[Column], reference: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def seed_sections(rows: list[ArmRow], columns: list[Column], references: Sequence[str] = ()) -> str:
+def control_note(control: str | None) -> str:
+    """The caption line naming the control arm the "bits above control" columns subtract."""
+    if control is None:
+        return "No control arm (ablation.control or ablation.reference): the bits-above-control columns are empty.\n"
+    return (f"Control: {control} (bits above control = a run's knowledge bits - {control}'s of the same seed, "
+            "divided by the run's added or trainable parameters).\n")
+
+
+def seed_sections(
+    rows: list[ArmRow], columns: list[Column], references: Sequence[str] = (), control: str | None = None
+) -> str:
     """The Markdown sections of a seeded ablation: means over seeds, then the paired differences
-    to each of the `references` arms."""
+    to each of the `references` arms; `rows` carry their `control` records (`with_control`)."""
     seeds = sorted({row.seed for row in rows if row.seed is not None})
-    text = f"## Mean over seeds {', '.join(map(str, seeds))}\n\n{INTERVAL_NOTE}\n\n{mean_table(rows, columns)}"
+    notes = f"{INTERVAL_NOTE}\n\n{control_note(control)}"
+    text = f"## Mean over seeds {', '.join(map(str, seeds))}\n\n{notes}\n{mean_table(rows, columns)}"
     for arm in references:
         text += f"\n## Paired differences to {arm}\n\n{PAIRED_NOTE}\n\n{paired_table(rows, columns, arm)}"
     return text

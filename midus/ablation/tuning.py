@@ -60,7 +60,8 @@ def tuning_ablation(ablation: Ablation, arms: list[str]) -> Ablation:
             expanded[tuning_arm(arm, candidate)] = deep_merge(merged, expand_dotted(values))
     base = {**ablation.base, "seed_everything": spec.seed}
     return dataclasses.replace(
-        ablation, name=f"{ablation.name}_tune", base=base, arms=expanded, seeds=None, references=[], tune=None
+        ablation, name=f"{ablation.name}_tune", base=base, arms=expanded, seeds=None, references=[], tune=None,
+        control=None,
     )
 
 

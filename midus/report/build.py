@@ -17,8 +17,11 @@ An arm without ``summary.json`` (crashed, still running) gets its row from its e
 
 A seeded ablation's ``<arm>/seed<k>/`` runs are drawn per arm: the mean over seeds with a band
 from the lowest to the highest seed (loss curve) or an error bar (perplexity point); the table
-adds each metric's mean and 95 % t-interval over seeds and, against the reference arm, the
-paired differences with their verdicts (`midus.ablation.seed_table`).
+adds each metric's mean and 95 % t-interval over seeds and, against each reference arm the
+ablation recorded in ``ablation.json`` (or the one ``--reference`` names), the paired
+differences with their verdicts (`midus.ablation.seed_table`). The bits-above-control columns
+subtract the recorded control arm's bits (default: the first recorded reference), and a caption
+says how the runs were timed (`midus.ablation.table`).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from midus.ablation.seed_table import seed_sections
-from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table
+from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
 from midus.report.arms import Arm, NoRunError, collect_arms, tokens_at
 from midus.report.plots import loss_curves, plot_val_loss, plot_val_ppl, ppl_points
 from midus.report.seed_bands import arms_of, seed_bands
@@ -50,14 +54,17 @@ def report_columns() -> list[Column]:
 
 
 def render_markdown(experiment: str, arms: list[Arm], curve_notes: list[str], ppl_notes: list[str],
-                    loss_png: str = LOSS_PNG, ppl_png: str = PPL_PNG, reference: str | None = None) -> str:
+                    loss_png: str = LOSS_PNG, ppl_png: str = PPL_PNG, references: Sequence[str] = (),
+                    control: str | None = None) -> str:
     """The text of report.md (images linked relative to it); seeded runs get the means over seeds
-    with their intervals and, with a `reference` arm, the paired verdicts."""
-    rows = [ArmRow(arm.arm or arm.name, arm.status, arm.record, arm.seed) for arm in arms]
+    with their intervals and the paired verdicts against each of `references`; `control` is the
+    arm the bits-above-control columns subtract."""
+    rows = with_control([ArmRow(arm.arm or arm.name, arm.status, arm.record, arm.seed) for arm in arms], control)
     table = markdown_table(rows, report_columns())
     if any(row.seed is not None for row in rows):
-        table = seed_sections(rows, report_columns(), [reference] if reference else []) + "\n## Every run\n\n" + table
-    lines = [f"# Report: {experiment}", "", table,
+        table = seed_sections(rows, report_columns(), references, control) + "\n## Every run\n\n" + table
+    timing = timing_note(rows)
+    lines = [f"# Report: {experiment}", "", *([timing] if timing else []), table,
              "## Validation loss against training tokens", "",
              f"![validation loss against training tokens]({loss_png})", ""]
     lines += [f"- {note}" for note in curve_notes] + ([""] if curve_notes else [])
@@ -76,17 +83,19 @@ def render_markdown(experiment: str, arms: list[Arm], curve_notes: list[str], pp
 def write_report(experiment_dir: Path, out: Path | None = None, reference: str | None = None) -> Path:
     """Write report.md (default ``experiment_dir/report.md``) and its two PNGs next to it; returns its path.
 
-    `reference` (default: the ablation's ``reference``, recorded in ``ablation.json``) is the arm
-    seeded runs are paired against. Everything is read before anything is written: bad input
-    raises and leaves no file behind.
+    `reference` (default: every reference arm recorded in ``ablation.json``) is the arm seeded
+    runs are paired against; the control arm is the recorded one. Everything is read before
+    anything is written: bad input raises and leaves no file behind.
     """
     experiment_dir = Path(experiment_dir)
     arms = collect_arms(experiment_dir)
     experiment = experiment_dir.resolve().name
-    reference = reference or recorded_reference(experiment_dir)
-    if reference is not None and reference not in {arm.arm for arm in arms}:
-        raise NoRunError(f"--reference {reference!r}: no such arm in {experiment_dir}; "
-                         f"the arms are: {', '.join(dict.fromkeys(arm.arm for arm in arms))}")
+    recorded_references, control = recorded_layout(experiment_dir)
+    references = [reference] if reference else recorded_references
+    for name in references:
+        if name not in {arm.arm for arm in arms}:
+            raise NoRunError(f"--reference {name!r}: no such arm in {experiment_dir}; "
+                             f"the arms are: {', '.join(dict.fromkeys(arm.arm for arm in arms))}")
     curves, xlabel, curve_notes = loss_curves(arms)
     # A seed still running or crashed is listed in the table, but enters no band (as no mean).
     unfinished = [arm.name for arm in arms if arm.seed is not None and arm.status != "ok"]
@@ -99,17 +108,22 @@ def write_report(experiment_dir: Path, out: Path | None = None, reference: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_val_loss(bands, xlabel, f"{experiment}: validation loss", out.parent / LOSS_PNG)
     plot_val_ppl(points, ppl_label, f"{experiment}: final validation perplexity", out.parent / PPL_PNG, spread)
-    text = render_markdown(experiment, arms, curve_notes + band_notes, ppl_notes, reference=reference)
+    text = render_markdown(experiment, arms, curve_notes + band_notes, ppl_notes, references=references,
+                           control=control)
     out.write_text(text, encoding="utf-8")
     return out
 
 
-def recorded_reference(experiment_dir: Path) -> str | None:
-    """The reference arm the ablation runner recorded in ``ablation.json`` (None without one)."""
+def recorded_layout(experiment_dir: Path) -> tuple[list[str], str | None]:
+    """The reference arms and the control arm the ablation runner recorded in ``ablation.json``
+    (([], None) without the file). A file written before the control was recorded gives its first
+    reference as the control (the runner's default)."""
     try:
-        return json.loads((experiment_dir / ABLATION_RECORD).read_text(encoding="utf-8")).get("reference")
-    except (OSError, ValueError, AttributeError):
-        return None
+        layout = json.loads((experiment_dir / ABLATION_RECORD).read_text(encoding="utf-8"))
+        references = layout.get("references") or ([layout["reference"]] if layout.get("reference") else [])
+        return list(references), layout.get("control", references[0] if references else None)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return [], None
 
 
 def mean_points(
@@ -136,8 +150,8 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="path of the report (default: <experiment_dir>/report.md); the PNGs go next to it")
     parser.add_argument("--reference", default=None,
-                        help="seeded runs: the arm every other arm is paired against (default: the ablation's "
-                             "reference, from <experiment_dir>/ablation.json)")
+                        help="seeded runs: the arm every other arm is paired against (default: each of the "
+                             "ablation's references, from <experiment_dir>/ablation.json)")
     options = parser.parse_args(sys.argv[1:] if args is None else args)
     try:
         path = write_report(options.experiment_dir, options.out, options.reference)

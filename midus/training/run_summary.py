@@ -1,7 +1,11 @@
 """`RunSummary`: the callback that writes a fit's ``summary.json`` (format: `midus.run_files`).
 
 The CLI adds it to every ``fit``. At the end of training it writes
-``<trainer.log_dir>/summary.json`` (``runs/<experiment>/<version>/summary.json``).
+``<trainer.log_dir>/summary.json`` (``runs/<experiment>/<version>/summary.json``): at
+``on_train_end``, while the model and the optimizer state are still where they trained (Lightning's
+teardown, before ``on_fit_end``, moves a CUDA model to the CPU, where peak memory and latency
+would be the CPU's); a fit that trained no step (resumed from its final checkpoint) writes it at
+``on_fit_end``.
 
 A run resumed with ``--ckpt_path`` reports the whole run, not only the process that finished
 it: batches and tokens are `CausalLM`'s own checkpointed counters, and this callback's
@@ -12,6 +16,7 @@ a multi-process run the tokens are world_size times one process's, the time that
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -22,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from midus.run_files import SUMMARY_FILE, SUMMARY_SCHEMA_VERSION, SUMMARY_VAL_METRICS
+from midus.run_files import RUNS_AT_A_TIME_ENV, SUMMARY_FILE, SUMMARY_SCHEMA_VERSION, SUMMARY_VAL_METRICS
 from midus.training.memory_health import memory_engaged, memory_usage, memory_zeroed_delta
 
 
@@ -52,6 +57,7 @@ class RunSummary(pl.Callback):
         self._interval_loss: torch.Tensor | float = 0.0
         self._interval_tokens = 0
         self._train_loss: float | None = None  # its mean over the last completed validation interval
+        self._written = False  # this fit's summary.json is written (on_train_end, else on_fit_end)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +78,7 @@ class RunSummary(pl.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._fit_started_at = time.perf_counter()
+        self._written = False
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -107,10 +114,18 @@ class RunSummary(pl.Callback):
         if self._memory_engaged_step is None and memory_engaged(trainer):
             self._memory_engaged_step = trainer.global_step
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, pl_module)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._written:  # training ran no loop (nothing left to train): Lightning skips on_train_end
+            self._write(trainer, pl_module)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A collective call first, on every process: the run directory (the logger broadcasts it
         # from process 0); only then does process 0 alone write.
         run_dir = trainer.log_dir or trainer.default_root_dir
+        self._written = True
         if not trainer.is_global_zero:
             return
         record = self.summary(trainer, pl_module, str(run_dir))
@@ -166,6 +181,8 @@ class RunSummary(pl.Callback):
             },
             "wall_time_s": self._earlier_wall_s + time.perf_counter() - self._fit_started_at,
             "peak_memory": peak_memory(pl_module.device),
+            "optimizer_state": optimizer_state(trainer.optimizers),
+            "timing": timing_conditions(),
             # Under FSDP the weights outside a forward are shards: generate would fail (null = not measured).
             "latency": None if isinstance(trainer.strategy, FSDPStrategy)
             else generation_latency(model, self.latency_prompt_tokens, self.latency_new_tokens),
@@ -179,6 +196,34 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return {"bytes": max_rss if sys.platform == "darwin" else max_rss * 1024, "kind": "cpu_max_rss"}
+
+
+def optimizer_state(optimizers: list[torch.optim.Optimizer]) -> dict[str, int] | None:
+    """Bytes and number of the tensors in `optimizers`' state (AdamW: moments and step counters);
+    a DTensor counts its local shard. None without an optimizer."""
+    if not optimizers:
+        return None
+    total, count = 0, 0
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    local = value.to_local() if hasattr(value, "to_local") else value
+                    total += local.numel() * local.element_size()
+                    count += 1
+    return {"bytes": total, "tensors": count}
+
+
+def timing_conditions() -> dict[str, int | None]:
+    """What this process's times were measured under: the ablation runner's runs at a time (None
+    outside it), torch's threads and the CPU cores this process may use."""
+    at_a_time = os.environ.get(RUNS_AT_A_TIME_ENV)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "runs_at_a_time": int(at_a_time) if at_a_time and at_a_time.isdigit() else None,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_cores": cores,
+    }
 
 
 @torch.no_grad()
@@ -212,7 +257,8 @@ def generation_latency(model: torch.nn.Module, prompt_tokens: int, new_tokens: i
 
 def knowledge_bits_record(trainer: pl.Trainer, total_parameters: int, added_parameters: int) -> dict[str, Any] | None:
     """The final validation's ``val/knowledge_bits[_replay]`` (`midus.probes.knowledge_bits`) with bits per
-    parameter and per added parameter (null without up-scaling); None when never measured."""
+    parameter and all bits per added parameter (null without up-scaling; the ablation table's
+    bits-above-control columns subtract a control run's bits first); None when never measured."""
     bits = _metric(trainer, "val/knowledge_bits")
     if bits is None:
         return None

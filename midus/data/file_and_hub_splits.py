@@ -14,6 +14,7 @@ import glob
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict, Features, Value
@@ -155,6 +156,22 @@ def file_splits(
     return _split_off_validation(train, val_fraction, seed, "data.train_files"), key
 
 
+def load_hub_dataset(name: str, config_name: str, train_split: str, offline_hint: str, **options: Any) -> Any:
+    """``datasets.load_dataset(name, config_name, **options)`` with one error naming data.hub_dataset
+    (and `offline_hint`, what to do without network) or data.hub_train_split."""
+    if not name:
+        raise ValueError("data.hub_dataset is empty; data.source=hub needs a dataset name")
+    try:
+        loaded = datasets.load_dataset(name, config_name or None, **options)
+    except Exception as error:  # datasets raises many types for "offline" / "not found"
+        raise ValueError(
+            f"data.hub_dataset={name!r} could not be loaded ({type(error).__name__}: {error}). {offline_hint}"
+        ) from error
+    if train_split not in loaded:
+        raise ValueError(f"data.hub_train_split={train_split!r} is not a split of {name!r}; it has {list(loaded)}")
+    return loaded
+
+
 def hub_splits(
     name: str,
     config_name: str,
@@ -166,18 +183,12 @@ def hub_splits(
     seed: int,
 ) -> tuple[DatasetDict, str]:
     """A dataset by Hugging Face hub name (or local dataset directory) via `load_dataset`."""
-    if not name:
-        raise ValueError("data.hub_dataset is empty; data.source=hub needs a dataset name")
-    try:
-        loaded = datasets.load_dataset(name, config_name or None, cache_dir=str(Path(cache_dir) / "hf_datasets"))
-    except Exception as error:  # datasets raises many types for "offline" / "not found"
-        raise ValueError(
-            f"data.hub_dataset={name!r} could not be loaded ({type(error).__name__}: {error}). "
-            "If this machine is offline, load it once on a machine with network access (it is then cached "
-            "under data/hf_datasets), or point data.source=files and data.train_files at local files."
-        ) from error
-    if train_split not in loaded:
-        raise ValueError(f"data.hub_train_split={train_split!r} is not a split of {name!r}; it has {list(loaded)}")
+    loaded = load_hub_dataset(
+        name, config_name, train_split,
+        "If this machine is offline, load it once on a machine with network access (it is then cached "
+        "under data/hf_datasets), or point data.source=files and data.train_files at local files.",
+        cache_dir=str(Path(cache_dir) / "hf_datasets"),
+    )
     where = f"dataset {name!r}"
     train = select_text(loaded[train_split], text_field, where)
     key = "hub-" + short_hash(name, config_name, train_split, val_split, text_field, val_fraction, seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
-from midus.data.file_and_hub_splits import FILE_BUILDERS, files_key_parts, resolve_files, short_hash
+from midus.data.file_and_hub_splits import FILE_BUILDERS, files_key_parts, load_hub_dataset, resolve_files, short_hash
 from midus.data.text_records import TEXT_RECORD_MODES, stream_records, text_records
 
 
@@ -123,16 +123,12 @@ def streamed_hub(
     where = f"dataset {name!r}"
 
     def open_streams() -> dict[str, Callable[[], Iterator[str]]]:
-        try:
-            loaded = datasets.load_dataset(name, config_name or None, streaming=True)
-        except Exception as error:  # datasets raises many types for "offline" / "not found"
-            raise ValueError(
-                f"data.hub_dataset={name!r} could not be loaded ({type(error).__name__}: {error}). If this machine "
-                "is offline, prepare the shards where the hub is reachable (python -m midus prepare) and copy "
-                "data.prepared_dir here, or point data.source=files and data.train_files at local files."
-            ) from error
-        if train_split not in loaded:
-            raise ValueError(f"data.hub_train_split={train_split!r} is not a split of {name!r}; it has {list(loaded)}")
+        loaded = load_hub_dataset(
+            name, config_name, train_split,
+            "If this machine is offline, prepare the shards where the hub is reachable (python -m midus prepare) "
+            "and copy data.prepared_dir here, or point data.source=files and data.train_files at local files.",
+            streaming=True,
+        )
         streams = {"train": lambda: stream_records(loaded[train_split], text_field, where, "a dataset")}
         if val_split and val_split in loaded:
             streams["validation"] = lambda: stream_records(loaded[val_split], text_field, where, "a dataset")

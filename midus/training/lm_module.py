@@ -9,12 +9,10 @@ called from the validation hooks here.
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -31,6 +29,7 @@ from midus.training.memory_estimate import MemoryReport
 from midus.training.model_setup import setup_model
 from midus.training.model_source import build_model
 from midus.training.optim import fused_adamw_supported, parameter_groups, warmup_cosine
+from midus.training.progress import TrainingProgress
 from midus.upscale import UpscaleConfig
 
 
@@ -120,21 +119,17 @@ class CausalLM(pl.LightningModule):
         self.base_parameters = source.base_parameters
         self.eval_loss = MeanMetric()  # validation and test never run at once
         self.probes = ValidationProbes(probes)
-        self.throughput = Throughput(window_size=10)
-        self._fit_started_at = 0.0
-        self._tokens_seen = 0
-        self._sequences_seen = 0
-        self._batches_seen = 0  # training batches, several per optimizer step under gradient accumulation
+        self.progress = TrainingProgress()
 
     @property
     def tokens_seen(self) -> int:
         """Tokens trained on by this process since step 0 (checkpointed: resumes continue it)."""
-        return self._tokens_seen
+        return self.progress.tokens
 
     @property
     def batches_seen(self) -> int:
         """Training batches of this process since step 0, several per step under accumulation."""
-        return self._batches_seen
+        return self.progress.batches
 
     @property
     def added_parameters(self) -> int:
@@ -154,16 +149,10 @@ class CausalLM(pl.LightningModule):
         ))
         # Training progress counted since step 0, so a resumed run's train/tokens continue (and
         # Lightning's Throughput, which needs samples >= the restored global step, accepts them).
-        checkpoint[PROGRESS_KEY] = {
-            "tokens": self._tokens_seen, "sequences": self._sequences_seen, "batches": self._batches_seen
-        }
+        checkpoint[PROGRESS_KEY] = self.progress.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        progress = checkpoint.get(PROGRESS_KEY) or {}
-        self._tokens_seen = int(progress.get("tokens", 0))
-        # Checkpoints from before the count was stored: the step count keeps Throughput valid.
-        self._sequences_seen = int(progress.get("sequences", checkpoint.get("global_step", 0)))
-        self._batches_seen = int(progress.get("batches", checkpoint.get("global_step", 0)))
+        self.progress.load_state_dict(checkpoint.get(PROGRESS_KEY) or {}, checkpoint.get("global_step", 0))
         # validate/test --ckpt_path with other data: a retrained tokenizer would score garbage.
         stored = checkpoint_tokenizer(checkpoint)
         tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
@@ -194,7 +183,7 @@ class CausalLM(pl.LightningModule):
         return [MemoryReport()]
 
     def on_fit_start(self) -> None:
-        self.throughput.world_size = self.trainer.world_size  # adds whole-run rates to the per-process ones
+        self.progress.start(self.trainer.world_size)
         counts = {
             "params/total": self.model.num_parameters(),
             "params/trainable": self.model.num_parameters(trainable_only=True),
@@ -204,7 +193,6 @@ class CausalLM(pl.LightningModule):
         }
         for logger in self.loggers:
             logger.log_hyperparams(counts)
-        self._fit_started_at = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> dict[str, torch.Tensor | int]:
         loss, _, targets = self.next_token_loss(batch)
@@ -217,37 +205,25 @@ class CausalLM(pl.LightningModule):
             self.log("train/lr", rates.get("decay", next(iter(rates.values()))))
             if "memory" in rates:
                 self.log("train/lr_memory", rates["memory"])
-        self._tokens_seen += tokens
-        self._sequences_seen += batch["input_ids"].shape[0]
-        self._batches_seen += 1
+        self.progress.add_batch(tokens, batch["input_ids"].shape[0])
         # Lightning divides "loss" by accumulate_grad_batches before callbacks see it; the undivided
         # token-weighted sum goes beside it, for the run summary's mean training loss.
         return {"loss": loss, "loss_sum": loss.detach() * tokens, "tokens": tokens}
 
     def on_train_batch_end(self, outputs, batch, batch_index: int) -> None:
-        self.throughput.update(
-            time=time.perf_counter() - self._fit_started_at,
-            batches=self._batches_seen,  # not global_step: it stands still inside an accumulation
-            samples=self._sequences_seen,
-            lengths=self._tokens_seen,
-        )
+        self.progress.update_rate()
         if not self._logging_step():
             return
-        rates = self.throughput.compute()
-        # Every process trains on a batch of the same size: the run's counts are world_size times this one's.
-        rate = rates.get("items_per_sec", rates.get("device/items_per_sec"))
+        rate = self.progress.tokens_per_sec()
         if rate is not None:
             self.log("train/tokens_per_sec", rate, prog_bar=True)
-        self.log("train/tokens", float(self._tokens_seen * self.trainer.world_size))
+        # Every process trains on a batch of the same size: the run's counts are world_size times this one's.
+        self.log("train/tokens", float(self.progress.tokens * self.trainer.world_size))
 
     def _logging_step(self) -> bool:
-        """Whether the logger writes this step's values (every ``trainer.log_every_n_steps``).
-
-        Each ``self.log`` costs Lightning about half a millisecond; the four this gates were 4-5 % of a small
-        model's step on CPU (benchmarks/small_model_speed.py), so values that only the logger reads are
-        logged on the steps it writes, as Lightning's own LearningRateMonitor decides; ``train/loss`` is logged every
-        step (the progress bar and ``trainer.callback_metrics`` show the newest).
-        """
+        """Whether the logger writes this step's values (every ``trainer.log_every_n_steps``): values only
+        the logger reads are logged on those steps, as Lightning's LearningRateMonitor decides, since each
+        ``self.log`` has a cost (experiments/README.md); ``train/loss`` is logged every step."""
         return bool(self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:

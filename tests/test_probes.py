@@ -23,10 +23,10 @@ def test_recall_prompts_start_as_packed_documents_do(tiny_data) -> None:
     kit = tiny_data.tokenizer  # the kit's BPE frames nothing: the prompts are as they always were
     plain = kit([item.prompt for item in ITEMS], add_special_tokens=False)["input_ids"]
     assert [q.prompt for q in tokenize_probe(ITEMS, kit)] == [[kit.eos_token_id, *ids] for ids in plain]
-    llama = bos_tokenizer(STANDIN_TEXT)  # prepends BOS as Llama-3's does: so do the prompts, after the EOS
+    llama = bos_tokenizer(STANDIN_TEXT)  # prepends BOS as Llama-3's does: so do the prompts (frame_prompts)
     plain = llama([item.prompt for item in ITEMS], add_special_tokens=False)["input_ids"]
     questions = tokenize_probe(ITEMS, llama)
-    assert [q.prompt for q in questions] == [[llama.eos_token_id, llama.bos_token_id, *ids] for ids in plain]
+    assert [q.prompt for q in questions] == [[llama.bos_token_id, *ids] for ids in plain]
     assert questions[0].answer == llama(" Lima", add_special_tokens=False)["input_ids"]  # answers are not framed
 
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
+from midus.data.starting_tokenizer import StartingModel, refuse_a_new_tokenizer, resolve_tokenizer
 from midus.data.text_data import TextData
 
 log = logging.getLogger(__name__)
@@ -77,17 +78,15 @@ def _config_document(config: str) -> dict[str, Any]:
     return document
 
 
-def _starting_model(document: dict[str, Any], parsed: Namespace) -> tuple[str, str, str]:
-    """(field, path, made_by) of the model the run starts from, as fit finds it; ``("", "", "")`` for none."""
+def _starting_model(document: dict[str, Any], parsed: Namespace) -> StartingModel:
+    """The model the run starts from, as fit finds it (the flags over the YAML's ``model:`` section)."""
     model = document.get("model") or {}
     upscale = model.get("upscale") or {}
-    pretrained = parsed.model.pretrained or model.get("pretrained") or ""
-    if pretrained:
-        return "model.pretrained", str(pretrained), ""
-    base = parsed.model.upscale.base_checkpoint or upscale.get("base_checkpoint") or ""
-    if base:
-        return "model.upscale.base_checkpoint", str(base), str(upscale.get("base_made_by") or "")
-    return "", "", ""
+    return StartingModel.of(
+        parsed.model.pretrained or model.get("pretrained"),
+        parsed.model.upscale.base_checkpoint or upscale.get("base_checkpoint"),
+        upscale.get("base_made_by"),
+    )
 
 
 def prepare(args: list[str]) -> TextData:
@@ -110,17 +109,9 @@ def prepare(args: list[str]) -> TextData:
             f"data.format={data.format}: prepare writes token shards, which fit reads with data.format: shards; "
             "add format: shards to the YAML's data: section (or give --data.format shards to both commands)"
         )
-    if data.tokenizer == "auto" and not data.tokenizer_path:
-        field, base, made_by = _starting_model(document, parsed)
-        if base:
-            from midus.checkpoint import base_has_tokenizer
-
-            if not base_has_tokenizer(base, made_by, field):
-                raise ValueError(
-                    f"data.tokenizer=auto takes the tokenizer of {field}={base!r}, which carries none; name one "
-                    "with data.tokenizer: hf and data.tokenizer_path"
-                )
-            data.tokenizer, data.tokenizer_path = "hf", base
+    start = _starting_model(document, parsed)
+    refuse_a_new_tokenizer(data.tokenizer, start)
+    data.tokenizer, data.tokenizer_path = resolve_tokenizer(data.tokenizer, data.tokenizer_path, start)
     return parser.instantiate_classes(Namespace(data=data)).data
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from midus.data.corpus import RecallItem
-from midus.data.framing import frame_documents
+from midus.data.framing import frame_prompts
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,12 @@ class TokenizedQuestion:
 
 
 def tokenize_probe(items: list[RecallItem], tokenizer: PreTrainedTokenizerBase) -> list[TokenizedQuestion]:
-    """Prompts start as every packed training document does: after an end-of-text token, framed the
-    way the tokenizer frames a document (a Llama-3 tokenizer's BOS first; `midus.data.framing`)."""
-    eos = tokenizer.eos_token_id
-    prompts = frame_documents(tokenizer, [item.prompt for item in items])
+    """Prompts start as a document does (`midus.data.framing.frame_prompts`, the rule predict prompts
+    and lm-eval contexts follow too): the tokenizer's BOS first (Llama-3), else the end-of-text token
+    every packed document of the kit's own tokenizers follows."""
+    prompts = frame_prompts(tokenizer, [item.prompt for item in items])
     answers = tokenizer([" " + item.answer for item in items], add_special_tokens=False)["input_ids"]
     return [
-        TokenizedQuestion([eos, *prompt], answer, item.attribute)
+        TokenizedQuestion(prompt, answer, item.attribute)
         for prompt, answer, item in zip(prompts, answers, items)
     ]

@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -87,16 +86,6 @@ def _start_worker(encoder: DocumentEncoder) -> None:
 
 def _encode_in_worker(texts: dict[str, list[str]]) -> dict[str, np.ndarray]:
     return _WORKER_ENCODER(texts)
-
-
-class _Done:
-    """A result computed in this process, read like a pool's `AsyncResult`."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def get(self) -> Any:
-        return self.value
 
 
 @contextmanager

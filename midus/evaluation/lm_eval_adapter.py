@@ -43,7 +43,7 @@ except ImportError:  # the kit without its [eval] extra: MidusEvalLM() and the l
     def register_model(*names: str):  # type: ignore[no-redef]
         return lambda cls: cls
 
-__all__ = ["MidusEvalLM", "model_context", "require_lm_eval"]
+__all__ = ["MidusEvalLM", "require_lm_eval"]
 
 INSTALL_HINT = 'the lm-evaluation-harness is not installed: pip install "midus[eval]" (or pip install lm_eval)'
 

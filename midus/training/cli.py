@@ -10,6 +10,12 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from midus.data.datamodule import LanguageModelingData
+from midus.data.starting_tokenizer import (
+    NEW_TOKENIZERS,
+    StartingModel,
+    refuse_a_new_tokenizer,
+    resolve_tokenizer,
+)
 from midus.training.callbacks import CompletionWriter
 from midus.training.lm_module import CausalLM
 from midus.training.model_source import StoredModel, building_from_checkpoint
@@ -20,18 +26,12 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 ARCHITECTURE_FIELDS = ("config", "pretrained", "upscale")
 """The ``model.*`` sections that say what model is built; with ``--ckpt_path`` the checkpoint decides them."""
-NEW_TOKENIZERS = ("bpe", "char")
-"""``data.tokenizer`` kinds trained on the run's own text."""
 
 
-def starting_model(model: Namespace) -> tuple[str, str, str]:
-    """(config field, path, command that makes it) of the model a run starts from, ``("", "", "")`` for none."""
-    if model["pretrained"]:
-        return "model.pretrained", str(model["pretrained"]), ""
-    if model["upscale"]["base_checkpoint"]:
-        upscale = model["upscale"]
-        return "model.upscale.base_checkpoint", str(upscale["base_checkpoint"]), str(upscale["base_made_by"] or "")
-    return "", "", ""
+def starting_model(model: Namespace) -> StartingModel:
+    """The model a run's ``model:`` section starts from."""
+    upscale = model["upscale"]
+    return StartingModel.of(model["pretrained"], upscale["base_checkpoint"], upscale["base_made_by"])
 
 
 class MidusCLI(LightningCLI):
@@ -75,22 +75,9 @@ class MidusCLI(LightningCLI):
                 "away and fit trains nothing; fit with trainer.precision: bf16-mixed (bfloat16 compute, float32 "
                 "weights); validate, test and predict may use bf16-true"
             )
-        self._refuse_a_new_tokenizer_on_a_pretrained_model(config)
+        refuse_a_new_tokenizer(config["data"]["tokenizer"], starting_model(config["model"]))
         if config["model"]["compile"] and config["trainer"]["deterministic"] is None:
             config["trainer"]["deterministic"] = "warn"
-
-    @staticmethod
-    def _refuse_a_new_tokenizer_on_a_pretrained_model(config: Namespace) -> None:
-        kind = config["data"]["tokenizer"]
-        field, base, _ = starting_model(config["model"])
-        # model.pretrained is always a Hugging Face directory; a base_checkpoint only when it is a
-        # directory (a missing one is reported when the model is built, a .ckpt after the data is).
-        if kind in NEW_TOKENIZERS and (field == "model.pretrained" or (base and Path(base).is_dir())):
-            raise ValueError(
-                f"data.tokenizer={kind} trains a new tokenizer, but {field}={base!r} is a pretrained model whose "
-                "embeddings know its own tokenizer's ids; leave data.tokenizer at auto (the default: the base's "
-                "tokenizer) or name one with data.tokenizer: hf and data.tokenizer_path"
-            )
 
     def instantiate_classes(self) -> None:
         """Build the data, model and Trainer, with ``data.tokenizer: auto`` resolved (`resolved_tokenizer`)
@@ -109,38 +96,15 @@ class MidusCLI(LightningCLI):
         self._check_base_tokenizer()
 
     def resolved_tokenizer(self) -> tuple[str, str]:
-        """``(data.tokenizer, data.tokenizer_path)`` the data is built with.
-
-        What the config says, except ``auto``: ``hf`` with ``data.tokenizer_path`` when that is set;
-        otherwise the tokenizer of the model the run starts from (``model.pretrained`` or
-        ``model.upscale.base_checkpoint``, a Hugging Face directory or kit ``.ckpt``), read from the
-        ``--ckpt_path`` checkpoint when there is one (it stores the tokenizer its run trained with, so
-        the base may be gone); ``bpe`` trained on the run's text when the run has no starting model.
-
-        Raises:
-            FileNotFoundError: ``auto`` and the starting model is missing.
-            ValueError: ``auto`` and the starting model carries no tokenizer.
-        """
+        """``(data.tokenizer, data.tokenizer_path)`` the data is built with (`midus.data.starting_tokenizer`);
+        ``auto`` after a ``--ckpt_path`` of a kit checkpoint takes the tokenizer that checkpoint stores,
+        so the base may be gone."""
         config = self._subcommand_config()
         kind, path = config["data"]["tokenizer"], config["data"]["tokenizer_path"]
-        if kind != "auto":
-            return kind, path
-        if path:
-            return "hf", path
-        field, base, made_by = starting_model(config["model"])
-        if not base:
-            return "bpe", ""
-        if getattr(self, "_checkpoint_has_tokenizer", False):
+        start = starting_model(config["model"])
+        if kind == "auto" and not path and start.path and getattr(self, "_checkpoint_has_tokenizer", False):
             return "hf", str(config["ckpt_path"])
-        from midus.checkpoint import base_has_tokenizer
-
-        if not base_has_tokenizer(base, made_by, field):
-            raise ValueError(
-                f"data.tokenizer=auto takes the tokenizer of {field}={base!r}, which carries none (a kit .ckpt "
-                "from before checkpoints stored it, or a directory without tokenizer files); name one with "
-                "data.tokenizer: hf and data.tokenizer_path"
-            )
-        return "hf", base
+        return resolve_tokenizer(kind, path, start)
 
     def _check_base_tokenizer(self) -> None:
         """A new ``bpe``/``char`` tokenizer on a kit ``.ckpt`` base must be the one the base was
@@ -150,8 +114,8 @@ class MidusCLI(LightningCLI):
         kit checkpoint: the model is that checkpoint's, whose tokenizer `CausalLM` compares on load.
         """
         config = self._subcommand_config()
-        field, base, _ = starting_model(config["model"])
-        kind = config["data"]["tokenizer"]
+        start = starting_model(config["model"])
+        field, base, kind = start.field, start.path, config["data"]["tokenizer"]
         if kind not in NEW_TOKENIZERS or field != "model.upscale.base_checkpoint" or not Path(base).is_file():
             return
         if getattr(self, "_stored_model", None) is not None:

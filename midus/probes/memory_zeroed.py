@@ -48,7 +48,9 @@ class ZeroedMemoryLoss:
         for _, blocks in self.settings:
             with zeroed_memory(model, blocks):
                 losses.append(next_token_loss(model(inputs), targets))
-        self.sums[:, 0] += torch.stack([loss.double().cpu() for loss in losses]) * tokens
+        stacked = torch.stack([loss.double() for loss in losses])
+        self.sums = self.sums.to(stacked.device)  # kept where the model runs: no host sync per batch
+        self.sums[:, 0] += stacked * tokens
         self.sums[:, 1] += tokens
 
     def deltas(self, sum_over_processes: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str

@@ -103,6 +103,9 @@ def test_a_failed_candidate_loses_and_a_missing_one_leaves_the_arm_unchosen(
         ({"candidates": {"a b": {"x": 1}, "c": {"x": 2}}}, r"name 'a b' must be a directory name"),
         ({**TUNE, "seed": -1}, r"ablation.tune.seed: expected a non-negative integer"),
         ({**TUNE, "grid": {}}, r"ablation.tune: expected a mapping with 'candidates'"),
+        ({**TUNE, "keep": {"deep": "model.learning_rate"}}, r"ablation.tune.keep: expected arm -> a list"),
+        ({**TUNE, "keep": {"deep": ["model.memory_lr"]}}, r"tune.keep.deep: model.memory_lr is not set by an arm"),
+        ({**TUNE, "keep": {"wide": ["model.learning_rate"]}}, r"tune.keep.wide: .* the arms are: ref, deep"),
     ],
 )
 def test_bad_tune_sections_name_the_field(tmp_path: Path, tune: dict, message: str) -> None:
@@ -176,3 +179,24 @@ def test_two_jobs_run_at_the_same_time_with_their_output_in_each_run_dir(tmp_pat
     codes.clear()
     run_launches(launches[:1], 1, lambda arguments: ran.append(arguments) or 0, lambda *_: None, codes)
     assert ran == [[str(marks[0]), str(marks[1]), "0"]] and codes == {"a": 0}
+
+
+def test_a_kept_key_holds_under_every_candidate_and_an_arm_that_trains_no_step_is_not_tuned(
+    tmp_path: Path, tiny_cache: Path, monkeypatch
+) -> None:
+    # deep keeps its own rate (0.01) under both candidates; the un-continued reference (0 steps) is
+    # measured, never tuned.
+    configs = fake_tuning_runs(monkeypatch, {(2, 0.001): 3.1, (2, 0.01): 3.4, (3, 0.01): 3.0})
+    path = tuned_ablation(tmp_path, {**TUNE, "keep": {"deep": ["model.learning_rate"]}})
+    document = yaml.safe_load(path.read_text())
+    document["ablation"]["arms"]["untrained"] = {"trainer.max_steps": 0}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    assert run_ablation(command(path, tmp_path, tiny_cache, "--tune")) == 0
+    assert [c["run"] for c in configs] == ["ref.slow", "ref.fast", "deep.slow", "deep.fast"]
+    assert [c["model"]["learning_rate"] for c in configs] == [0.001, 0.01, 0.01, 0.01]
+    table = (tmp_path / "runs" / "tiny_tune" / "tuning.md").read_text()
+    assert "`deep` keeps its own `model.learning_rate` under every candidate." in table
+    assert "| deep | 3.0000 | 3.0000 | slow | uses it |" in table  # its kept rate is its own, whichever wins
+    assert "untrained" not in table
+    with pytest.raises(AblationError, match="no selected arm trains a step"):
+        run_ablation(command(path, tmp_path, tiny_cache, "--tune", "--arm", "untrained"))

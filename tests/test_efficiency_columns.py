@@ -16,7 +16,7 @@ from test_ablation import command, fake_finished_runs, write_ablation
 from test_report import write_events
 from test_training import quiet_trainer, tiny_config
 
-from midus.ablation.config import AblationError, load_ablation
+from midus.ablation.config import AblationError, load_ablation, parse_control
 from midus.ablation.parallel import child_environment
 from midus.ablation.runner import run_ablation
 from midus.ablation.summary_files import write_tables
@@ -280,3 +280,31 @@ def test_a_real_fit_records_adamw_state_of_the_trainable_parameters_before_teard
     assert train_ends.calls == 0
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["train"]["steps"] == 3 and resumed["optimizer_state"] == summary["optimizer_state"]
+
+
+def test_each_arm_subtracts_its_own_control_and_bad_controls_name_the_field(tmp_path: Path) -> None:
+    # mem is frozen: its control is mem's own untrained start, here played by base with fewer bits.
+    untrained = [ArmRow("untrained", "ok", record("base", seed) | {"knowledge_bits": {"bits": 100.0}}, seed)
+                 for seed in SEEDS]
+    controls = {"base": "base", "dus": "base", "untrained": "untrained", "mem": "untrained"}
+    markdown = write_tables(tmp_path, "hand", rows() + untrained, references=["base"], control=controls)
+    means = section(markdown, "Mean over seeds 0, 1, 2")
+    per_seed = [(BITS["mem"][seed] - 100.0) / 200 for seed in SEEDS]
+    assert means["mem"]["bits above control / added param"] == (
+        f"{sum(per_seed) / 3:.4f} ± {half_width(per_seed):.4f}")
+    dus = [(BITS["dus"][seed] - BITS["base"][seed]) / 400 for seed in SEEDS]
+    assert means["dus"]["bits above control / added param"] == f"{sum(dus) / 3:.4f} ± {half_width(dus):.4f}"
+    assert "Controls: base for base, dus; untrained for untrained, mem" in markdown
+    assert json.loads((tmp_path / "ablation.json").read_text())["control"] == controls
+
+    arms = {"base": {}, "base_continued": {}, "dus": {}, "dus_frozen": {}}
+    fail = AblationError
+    given = {"base": ["dus_frozen"], "base_continued": ["dus"]}
+    assert parse_control(given, arms, fail) == {
+        "base": "base", "dus_frozen": "base", "base_continued": "base_continued", "dus": "base_continued"}
+    with pytest.raises(AblationError, match="control: 'wide' is not an arm"):
+        parse_control({"base": ["wide"]}, arms, fail)
+    with pytest.raises(AblationError, match="control: 'dus' has two controls, 'base' and 'base_continued'"):
+        parse_control({"base": ["dus"], "base_continued": ["dus"]}, arms, fail)
+    with pytest.raises(AblationError, match="control: expected an arm, or a mapping"):
+        parse_control({"base": "dus"}, arms, fail)

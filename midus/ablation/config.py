@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
+
+from midus.run_files import value_at
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 # Arm and experiment names become directory names.
@@ -44,7 +46,7 @@ def run_label(arm: str, seed: int | None) -> str:
     return arm if seed is None else f"{arm}/seed{seed}"
 
 
-_TUNE_KEYS = {"seed", "metric", "overrides", "candidates"}
+_TUNE_KEYS = {"seed", "metric", "overrides", "candidates", "keep"}
 
 
 @dataclass
@@ -58,13 +60,16 @@ class TuneSpec:
     """Flat dotted overrides every tuning run gets after its arm's (nested by `expand_dotted`)."""
     candidates: dict[str, dict[str, Any]]
     """Candidate name → flat dotted overrides, applied last."""
+    keep: dict[str, list[str]] = field(default_factory=dict)
+    """Arm → dotted keys the arm keeps from its own overrides under every candidate: an arm defined
+    by a setting a candidate would change (memory at the base rate) is tuned with that setting held."""
 
 
 def parse_tune(section: Any, where: str) -> TuneSpec:
     """`section` (the YAML's ``ablation.tune``) as a `TuneSpec`; an `AblationError` naming `where` otherwise."""
     if not isinstance(section, dict) or set(section) - _TUNE_KEYS or "candidates" not in section:
         raise AblationError(
-            f"{where}: expected a mapping with 'candidates' and optionally 'seed', 'metric', 'overrides'; "
+            f"{where}: expected a mapping with 'candidates' and optionally 'seed', 'metric', 'overrides', 'keep'; "
             f"got {section!r}"
         )
     seed = section.get("seed", 0)
@@ -86,7 +91,41 @@ def parse_tune(section: Any, where: str) -> TuneSpec:
             )
         if not isinstance(values, dict) or not values:
             raise AblationError(f"{where}.candidates.{name}: expected a non-empty mapping of dotted keys")
-    return TuneSpec(seed, metric, dict(overrides), {str(name): dict(values) for name, values in candidates.items()})
+    keep = section.get("keep") or {}
+    if not isinstance(keep, dict) or not all(
+        isinstance(keys, list) and keys and all(isinstance(key, str) and key for key in keys) for keys in keep.values()
+    ):
+        raise AblationError(
+            f"{where}.keep: expected arm -> a list of dotted keys (e.g. [model.memory_lr]), got {keep!r}"
+        )
+    return TuneSpec(
+        seed, metric, dict(overrides), {str(name): dict(values) for name, values in candidates.items()},
+        {str(arm): list(keys) for arm, keys in keep.items()},
+    )
+
+
+def parse_control(
+    given: Any, arms: dict[str, Any], fail: Callable[[str], AblationError]
+) -> str | dict[str, str] | None:
+    """``ablation.control``: an arm (every arm's control), or a mapping of control arms to the arms
+    each is the control of (an arm with no control is left out), returned as arm → its control with
+    each control its own. A frozen arm's control is the base that trains nothing, a trainable arm's
+    the base that continues: ``{base: [dus_frozen], base_continued: [dus]}``."""
+    if given is None or isinstance(given, str):
+        if given is not None and given not in arms:
+            raise fail(f"control={given!r} is not an arm; the arms are: {', '.join(arms)}")
+        return given
+    if not isinstance(given, dict) or not all(isinstance(controlled, list) for controlled in given.values()):
+        raise fail(f"control: expected an arm, or a mapping of control arms to lists of arms; got {given!r}")
+    per_arm: dict[str, str] = {}
+    for control, controlled in given.items():
+        for arm in [control, *controlled]:
+            if arm not in arms:
+                raise fail(f"control: {arm!r} is not an arm; the arms are: {', '.join(arms)}")
+            if per_arm.get(arm, control) != control:
+                raise fail(f"control: {arm!r} has two controls, {per_arm[arm]!r} and {control!r}")
+            per_arm[arm] = control
+    return per_arm
 
 
 @dataclass
@@ -106,9 +145,10 @@ class Ablation:
     """``ablation.tune``: the candidates ``--tune`` runs every arm with (`midus.ablation.tuning`)."""
     jobs: int = 1
     """``ablation.jobs``: runs at a time (``--jobs`` replaces it)."""
-    control: str | None = None
+    control: str | dict[str, str] | None = None
     """``ablation.control``: the arm without up-scaling whose knowledge bits the bits-above-control
-    columns subtract, seed by seed (`midus.ablation.table`); default: the first reference arm."""
+    columns subtract, seed by seed (`midus.ablation.table`); default: the first reference arm. Or
+    per arm (`parse_control`): each control arm → the arms it is the control of."""
 
     @property
     def reference(self) -> str | None:
@@ -178,10 +218,14 @@ def load_ablation(path: str | Path) -> Ablation | None:
     references = [given] if isinstance(given, str) else given if given is not None else []
     if not isinstance(references, list) or any(not isinstance(arm, str) or arm not in nested for arm in references):
         raise fail(f"reference={given!r} is not an arm or a list of arms; the arms are: {', '.join(nested)}")
-    control = section.get("control", references[0] if references else None)
-    if control is not None and control not in nested:
-        raise fail(f"control={control!r} is not an arm; the arms are: {', '.join(nested)}")
+    control = parse_control(section.get("control", references[0] if references else None), nested, fail)
     tune = parse_tune(section["tune"], f"{path}: ablation.tune") if section.get("tune") is not None else None
+    for arm, keys in (tune.keep if tune else {}).items():
+        missing = [key for key in keys if arm not in nested or value_at(nested[arm], key) is None]
+        if missing:
+            raise fail(
+                f"tune.keep.{arm}: {', '.join(missing)} is not set by an arm {arm!r}; the arms are: {', '.join(nested)}"
+            )
     jobs = parse_jobs(section.get("jobs", 1), f"{path}: ablation.jobs")
     return Ablation(path, name, document, nested, seeds, references, tune, jobs, control)
 

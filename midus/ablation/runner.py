@@ -111,7 +111,7 @@ from midus.ablation.parallel import Launch, child_environment, run_launches
 from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
 from midus.ablation.summary_files import write_tables
 from midus.ablation.table import ArmRow, collect_rows
-from midus.ablation.tuning import TUNING_FILE, tuning_ablation, write_tuning
+from midus.ablation.tuning import TUNING_FILE, tuned_arms, tuning_ablation, write_tuning
 from midus.run_files import ARM_CONFIG, value_at
 
 CKPT_FLAG = "--ckpt_path"
@@ -217,7 +217,7 @@ def run_ablation(argv: Sequence[str]) -> int:
     command = parse_command_line(argv)
     if command is None:
         raise AblationError("no --config names an ablation YAML (one with a top-level 'ablation:' section)")
-    tuned, tuned_arms = (command.ablation, command.arms) if command.tune else (None, [])
+    tuned, arms_tuned = (command.ablation, tuned_arms(command.ablation, command.arms)) if command.tune else (None, [])
     if tuned is not None:  # the tuning runs, as an ablation of their own (`midus.ablation.tuning`)
         tuning = tuning_ablation(tuned, command.arms)
         command = dataclasses.replace(command, ablation=tuning, arms=list(tuning.arms))
@@ -294,7 +294,7 @@ def run_ablation(argv: Sequence[str]) -> int:
         print(tables, flush=True)
         if tuned is not None:
             print(f"\nTuning ({experiment_dir}/{TUNING_FILE}):\n")
-            print(write_tuning(experiment_dir, tuned, tuned_arms, rows), flush=True)
+            print(write_tuning(experiment_dir, tuned, arms_tuned, rows), flush=True)
     return 1 if any(exit_codes.values()) else 0
 
 

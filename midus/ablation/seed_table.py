@@ -26,7 +26,7 @@ from midus.ablation.intervals import (
     ratio_verdict,
     verdict,
 )
-from midus.ablation.table import ArmRow, Column
+from midus.ablation.table import ArmRow, Column, Control
 
 INTERVAL_NOTE = (
     f"Cells: mean ± half-width of the {CONFIDENCE:.0%} Student-t confidence interval over seeds "
@@ -137,16 +137,23 @@ def paired_table(rows: list[ArmRow], columns: list[Column], reference: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def control_note(control: str | None) -> str:
-    """The caption line naming the control arm the "bits above control" columns subtract."""
+def control_note(control: Control | None) -> str:
+    """The caption line naming the control arm(s) the "bits above control" columns subtract."""
     if control is None:
         return "No control arm (ablation.control or ablation.reference): the bits-above-control columns are empty.\n"
-    return (f"Control: {control} (bits above control = a run's knowledge bits - {control}'s of the same seed, "
-            "divided by the run's added or trainable parameters).\n")
+    if isinstance(control, str):
+        return (f"Control: {control} (bits above control = a run's knowledge bits - {control}'s of the same seed, "
+                "divided by the run's added or trainable parameters).\n")
+    grouped: dict[str, list[str]] = {}
+    for arm, its_control in control.items():
+        grouped.setdefault(its_control, []).append(arm)
+    listed = "; ".join(f"{name} for {', '.join(arms)}" for name, arms in grouped.items())
+    return (f"Controls: {listed} (bits above control = a run's knowledge bits - its control's of the same seed, "
+            "divided by the run's added or trainable parameters; other arms have no control).\n")
 
 
 def seed_sections(
-    rows: list[ArmRow], columns: list[Column], references: Sequence[str] = (), control: str | None = None
+    rows: list[ArmRow], columns: list[Column], references: Sequence[str] = (), control: Control | None = None
 ) -> str:
     """The Markdown sections of a seeded ablation: means over seeds, then the paired differences
     to each of the `references` arms; `rows` carry their `control` records (`with_control`)."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from midus.ablation.seed_table import seed_sections, write_seed_csv
-from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
+from midus.ablation.table import COLUMNS, ArmRow, Column, Control, markdown_table, timing_note, with_control
 from midus.run_files import ABLATION_RECORD
 
 
@@ -21,7 +21,7 @@ def write_tables(
     rows: list[ArmRow],
     columns: list[Column] = COLUMNS,
     references: Sequence[str] = (),
-    control: str | None = None,
+    control: Control | None = None,
 ) -> str:
     """Write ``summary.md`` and ``summary.csv`` (one line per run) into `experiment_dir`; returns the
     Markdown. Rows with seeds add the means and intervals over seeds, the paired differences to

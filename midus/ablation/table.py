@@ -185,13 +185,25 @@ def collect_rows(
     return rows
 
 
-def with_control(rows: list[ArmRow], control: str | None) -> list[ArmRow]:
-    """The rows, each with the record of the `control` arm's finished run of the same seed (the
+Control = str | dict[str, str]
+"""``ablation.control``: one control arm for every arm, or arm → its own control arm (arms not
+named have none), e.g. the un-continued base for frozen arms and the continued one for trainable."""
+
+
+def control_of(control: Control | None, arm: str) -> str | None:
+    """The arm whose bits `arm`'s bits-above-control columns subtract (None: no control)."""
+    return control.get(arm) if isinstance(control, dict) else control
+
+
+def with_control(rows: list[ArmRow], control: Control | None) -> list[ArmRow]:
+    """The rows, each with the record of its control arm's finished run of the same seed (the
     control's own rows included); unchanged when `control` is None."""
     if control is None:
         return rows
-    records = {row.seed: row.record for row in rows if row.arm == control and row.status == "ok"}
-    return [dataclasses.replace(row, control=records.get(row.seed)) for row in rows]
+    records = {(row.arm, row.seed): row.record for row in rows if row.status == "ok"}
+    return [
+        dataclasses.replace(row, control=records.get((control_of(control, row.arm), row.seed))) for row in rows
+    ]
 
 
 def timing_note(rows: list[ArmRow]) -> str:

@@ -48,16 +48,31 @@ def tuning_arm(arm: str, candidate: str) -> str:
     return f"{arm}.{candidate}"
 
 
+def trains_no_step(ablation: Ablation, arm: str) -> bool:
+    """Whether the arm is a reference measured before any step (``trainer.max_steps: 0``): nothing to tune."""
+    return value_at(deep_merge(ablation.base, ablation.arms[arm]), "trainer.max_steps") == 0
+
+
+def tuned_arms(ablation: Ablation, arms: list[str]) -> list[str]:
+    """The arms of `arms` that ``--tune`` runs: all but those that train no step."""
+    return [arm for arm in arms if not trains_no_step(ablation, arm)]
+
+
 def tuning_ablation(ablation: Ablation, arms: list[str]) -> Ablation:
-    """The ablation ``<name>_tune``: each of `arms` once per candidate, one seed, no reference."""
+    """The ablation ``<name>_tune``: each of `arms` that trains once per candidate, one seed, no
+    reference; an arm's `TuneSpec.keep` keys keep the arm's own values under every candidate."""
     spec = ablation.tune
     if spec is None:
         raise AblationError(f"{ablation.path}: {TUNE_FLAG} needs an ablation.tune section (candidates to tune over)")
     expanded = {}
-    for arm in arms:
+    for arm in tuned_arms(ablation, arms):
+        held = {key: value_at(ablation.arms[arm], key) for key in spec.keep.get(arm, [])}
         for candidate, values in spec.candidates.items():
             merged = deep_merge(ablation.arms[arm], expand_dotted(spec.overrides))
-            expanded[tuning_arm(arm, candidate)] = deep_merge(merged, expand_dotted(values))
+            merged = deep_merge(merged, expand_dotted(values))
+            expanded[tuning_arm(arm, candidate)] = deep_merge(merged, expand_dotted(held))
+    if not expanded:
+        raise AblationError(f"{ablation.path}: no selected arm trains a step (trainer.max_steps: 0): nothing to tune")
     base = {**ablation.base, "seed_everything": spec.seed}
     return dataclasses.replace(
         ablation, name=f"{ablation.name}_tune", base=base, arms=expanded, seeds=None, references=[], tune=None,
@@ -102,9 +117,11 @@ def choose(spec: TuneSpec, arms: list[str], rows: list[ArmRow]) -> list[Choice]:
 
 
 def _uses(ablation: Ablation, arm: str, values: dict[str, Any]) -> list[str]:
-    """The dotted keys of `values` where the arm as defined (base ← arm) differs from them."""
+    """The dotted keys of `values` where the arm as defined (base ← arm) differs from them; the
+    keys the arm keeps under tuning (`TuneSpec.keep`) are its own and never differ."""
     config = deep_merge(ablation.base, ablation.arms[arm])
-    return [key for key, value in values.items() if value_at(config, key) != value]
+    kept = set(ablation.tune.keep.get(arm, [])) if ablation.tune else set()
+    return [key for key, value in values.items() if key not in kept and value_at(config, key) != value]
 
 
 def tuning_markdown(ablation: Ablation, choices: list[Choice]) -> str:
@@ -117,7 +134,9 @@ def tuning_markdown(ablation: Ablation, choices: list[Choice]) -> str:
         "",
         f"Every arm ran each of the {len(candidates)} candidates once (seed {spec.seed}), with "
         + (", ".join(f"`{key}: {value}`" for key, value in spec.overrides.items()) or "no further overrides")
-        + f"; chosen: the lowest `{spec.metric}` (summary.json).",
+        + f"; chosen: the lowest `{spec.metric}` (summary.json)."
+        + "".join(f" `{arm}` keeps its own `{'`, `'.join(keys)}` under every candidate."
+                  for arm, keys in spec.keep.items()),
         "",
         "| arm | " + " | ".join(candidates) + " | chosen | the YAML's arm |",
         "|---|" + "---|" * (len(candidates) + 2),

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from midus.ablation.seed_table import seed_sections
-from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
+from midus.ablation.table import COLUMNS, ArmRow, Column, Control, markdown_table, timing_note, with_control
 from midus.report.arms import Arm, NoRunError, collect_arms, tokens_at
 from midus.report.plots import loss_curves, plot_val_loss, plot_val_ppl, ppl_points
 from midus.report.seed_bands import arms_of, seed_bands
@@ -55,7 +55,7 @@ def report_columns() -> list[Column]:
 
 def render_markdown(experiment: str, arms: list[Arm], curve_notes: list[str], ppl_notes: list[str],
                     loss_png: str = LOSS_PNG, ppl_png: str = PPL_PNG, references: Sequence[str] = (),
-                    control: str | None = None) -> str:
+                    control: Control | None = None) -> str:
     """The text of report.md (images linked relative to it); seeded runs get the means over seeds
     with their intervals and the paired verdicts against each of `references`; `control` is the
     arm the bits-above-control columns subtract."""
@@ -114,8 +114,8 @@ def write_report(experiment_dir: Path, out: Path | None = None, reference: str |
     return out
 
 
-def recorded_layout(experiment_dir: Path) -> tuple[list[str], str | None]:
-    """The reference arms and the control arm the ablation runner recorded in ``ablation.json``
+def recorded_layout(experiment_dir: Path) -> tuple[list[str], Control | None]:
+    """The reference arms and the control arm (or arm → its control) the ablation runner recorded in ``ablation.json``
     (([], None) without the file). A file written before the control was recorded gives its first
     reference as the control (the runner's default)."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -87,6 +88,32 @@ def test_summary_train_loss_is_the_per_token_loss_whatever_the_accumulation(tiny
         assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(losses[accumulation], abs=0.05)
     assert losses[4] == pytest.approx(losses[1], rel=1e-5)  # not a quarter of it
     assert abs(losses[1] - math.log(tiny_data.vocab_size)) < 0.5  # an untrained model's loss, about log V
+
+
+def test_a_fit_of_zero_steps_reports_the_starting_model_from_its_full_sanity_pass(tiny_data, tmp_path: Path) -> None:
+    from midus.training.run_summary import RunSummary
+
+    # An ablation's un-continued reference arm: trainer.max_steps 0 and a full sanity pass.
+    pl.seed_everything(0)
+    module = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0))
+    before = [p.detach().clone() for p in module.parameters()]
+    summary = RunSummary(latency_prompt_tokens=4, latency_new_tokens=2)
+    trainer = quiet_trainer(max_steps=0, num_sanity_val_steps=-1, callbacks=[summary], default_root_dir=tmp_path)
+    trainer.fit(module, tiny_data)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, module.parameters()))  # nothing trained
+    record = json.loads((tmp_path / "summary.json").read_text())
+    pl.seed_everything(0)  # the same starting model, validated on its own
+    same = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0))
+    expected = quiet_trainer().validate(same, tiny_data, verbose=False)[0]["val/loss"]
+    assert record["train"]["steps"] == 0
+    assert record["val"]["loss"] == pytest.approx(expected, rel=1e-6)
+    assert record["val"]["best_loss"] == pytest.approx(expected, rel=1e-6)
+    # A partial sanity pass is not a validation of the model: nothing is reported from it.
+    partial = tmp_path / "partial"
+    trainer = quiet_trainer(max_steps=0, num_sanity_val_steps=1, callbacks=[RunSummary(latency_prompt_tokens=4,
+                            latency_new_tokens=2)], default_root_dir=partial)
+    trainer.fit(module, tiny_data)
+    assert json.loads((partial / "summary.json").read_text())["val"]["loss"] is None
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tiny_data) -> None:

@@ -120,6 +120,7 @@ class CausalLM(pl.LightningModule):
         self.eval_loss = MeanMetric()  # validation and test never run at once
         self.probes = ValidationProbes(probes)
         self.progress = TrainingProgress()
+        self.step0_metrics: dict[str, float] = {}  # a full sanity pass's: a run of 0 steps reports them
 
     @property
     def tokens_seen(self) -> int:
@@ -184,6 +185,7 @@ class CausalLM(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.progress.start(self.trainer.world_size)
+        self.step0_metrics = {}  # this fit's own sanity pass, not an earlier fit's
         counts = {
             "params/total": self.model.num_parameters(),
             "params/trainable": self.model.num_parameters(trainable_only=True),
@@ -272,8 +274,9 @@ class CausalLM(pl.LightningModule):
             # A full sanity pass (num_sanity_val_steps: -1) measures the untrained model: keep it
             # as the step-0 point of every curve. Lightning discards sanity-check logs otherwise.
             if self._full_validation() and self.global_step == 0:
+                self.step0_metrics = {name: float(value) for name, value in metrics.items()}
                 for logger in self.loggers:
-                    logger.log_metrics({name: float(value) for name, value in metrics.items()}, step=0)
+                    logger.log_metrics(self.step0_metrics, step=0)
             return
         # Every value is already reduced over processes (torchmetrics, the probes' sums), so the same
         # on each; sync_dist only states that (and keeps Lightning from warning it is per process).

@@ -119,6 +119,12 @@ class RunSummary(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._written:  # training ran no loop (nothing left to train): Lightning skips on_train_end
+            step0 = getattr(pl_module, "step0_metrics", {})
+            if trainer.global_step == 0 and step0 and _metric(trainer, "val/loss") is None:
+                # trainer.max_steps: 0, the model as it starts (an ablation's un-continued base): its
+                # validation is the full sanity pass, which Lightning keeps out of callback_metrics.
+                trainer.callback_metrics.update({name: torch.tensor(value) for name, value in step0.items()})
+                self._best_val_loss = step0.get("val/loss")
             self._write(trainer, pl_module)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

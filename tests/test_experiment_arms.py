@@ -293,6 +293,15 @@ def midus(branch: str, branch_params: int, layout, quoted: dict[str, int], outpu
     return Expected(layers, memory=2 * branch_params, added=added, identity=True, quoted=quoted)
 
 
+HIVE_32_LITERAL = hml("hive", 32, query_norm="none")
+INSERTED_KEYS_LITERAL = Retrieval(topk=16, query_norm="none", key_norm="none")
+
+
+def frozen(expected: Expected) -> Expected:
+    """An up-scaled arm with its base frozen (``trainable: new``): only the added blocks train."""
+    return dataclasses.replace(expected, trainable=expected.added)
+
+
 BASE_4 = [ffn_layer() for _ in range(4)]
 
 
@@ -458,6 +467,20 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     **{("memory_seeds_inserted", arm): HEALTH_INSERTED_ARMS[arm].expected(inserted=True)
        for arm in ("inserted_before", "inserted_reference")},
 }
+# regime_x100_d128: the flagship's arms from the same base, each frozen (trainable: new) or not; the
+# frozen arms train exactly what they add. Counts as its header quotes them.
+EXPECTED.update({
+    **{("regime_x100_d128", arm): EXPECTED[("dus_vs_midus", source)]
+       for arm, source in (("base", "base_continued"), ("base_continued", "base_continued"),
+                           ("dus_interleave", "dus_interleave"), ("midus_hml_hive", "midus_hml_hive"))},
+    **{("regime_x100_d128", f"{source}_frozen"): frozen(EXPECTED[("dus_vs_midus", source)])
+       for source in ("dus_interleave", "dus_one_copy", "midus_hml_hive", "midus_pkm")},
+    # The method notes' literal settings: no query norm (128 parameters fewer per block), memory at the base rate.
+    ("regime_x100_d128", "midus_literal_frozen"): dataclasses.replace(frozen(midus(
+        "hml", HIVE_32_LITERAL, hml_layout("hive", 32, zero_values=True, retrieval=INSERTED_KEYS_LITERAL),
+        {"added": 147_712},
+    )), optimizer={"memory_lr": 0}),
+})
 
 # ---------------------------------------------------------------------------------------------
 # Resolving and building arms the way the kit does.
@@ -773,3 +796,36 @@ def test_hive_values_are_head_specific_and_shared_ones_are_not(arm: str) -> None
         heads = out.unflatten(-1, (H, DH))
         same = all(torch.equal(heads[..., 0, :], heads[..., h, :]) for h in range(1, H))
         assert bool(heads.abs().sum()) and same == (arm == "shared"), f"block {index}"
+
+
+def test_regime_x100_d128_sees_each_new_fact_100_times_from_the_flagship_base() -> None:
+    """regime_x100_d128.yaml: the flagship's base and tokenizer, "150 new people (population seed 3,
+    25 biographies each, 5,592 bits) for 4 epochs: each new fact is seen 100 times", the base's own
+    documents replayed, a tuning population the reported runs never read, and each arm's control."""
+    import math
+
+    from midus.data.corpus import ATTRIBUTES, value_choices
+
+    flagship = parse_arm("dus_vs_midus", "base_continued")
+    ablation = load_ablation(EXPERIMENTS / "regime_x100_d128.yaml")
+    for arm in ablation.arms:
+        parsed = parse_arm("regime_x100_d128", arm)
+        assert parsed.model.upscale.base_checkpoint == flagship.model.upscale.base_checkpoint, arm
+        assert (parsed.data.tokenizer, parsed.data.tokenizer_path) == ("hf", flagship.data.tokenizer_path), arm
+        embedded = parsed.data.embedded
+        assert embedded.docs_per_person * parsed.trainer.max_epochs == 100, arm
+        assert (embedded.seed, embedded.num_people) == (3, 150), arm
+        replay = ("replay_seed", "replay_num_people", "replay_docs_per_person", "replay_share")
+        assert [getattr(embedded, k) for k in replay] == [getattr(flagship.data.embedded, k) for k in replay], arm
+        frozen_arm = arm.endswith("_frozen")
+        assert parsed.model.upscale.trainable == ("new" if frozen_arm else "all"), arm
+        if arm != "base":
+            assert ablation.control[arm] == ("base" if frozen_arm else "base_continued"), arm
+    assert parse_arm("regime_x100_d128", "base").trainer.max_steps == 0  # the un-continued base
+    bits = 150 * sum(math.log2(len(value_choices(attribute))) for attribute in ATTRIBUTES)
+    assert round(bits) == 5_592
+    # Tuning reads another population (not the flagship's 1 either), without the replay text.
+    tuning = ablation.tune.overrides
+    assert tuning["data.embedded.seed"] not in (3, flagship.data.embedded.seed)
+    assert tuning["data.embedded.replay_validation"] is False
+    assert ablation.tune.keep == {"midus_literal_frozen": ["model.memory_lr"]}

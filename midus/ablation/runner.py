@@ -54,7 +54,8 @@ With ``ablation.reference: [a, b]`` (a list) every arm gets a paired table again
 ``ablation.json`` records the first as the reference ``report`` uses. ``ablation.control: <arm>``
 (default: the first reference) is the arm without up-scaling that the "bits above control"
 columns subtract, seed by seed: (knowledge bits - the control's) per added and per trainable
-parameter (`midus.ablation.table`).
+parameter (`midus.ablation.table`); a mapping of control arms to the arms each controls gives
+frozen and trainable arms their own (`midus.ablation.config.parse_control`).
 
 Several at a time: ``ablation.jobs: 2`` (or ``--jobs 2``) runs two runs at once, each with its
 output in ``<run dir>/fit.log`` and the CPU threads split between them (`midus.ablation.parallel`).

@@ -467,26 +467,37 @@ EXPECTED: dict[tuple[str, str | None], Expected] = {
     **{("memory_seeds_inserted", arm): HEALTH_INSERTED_ARMS[arm].expected(inserted=True)
        for arm in ("inserted_before", "inserted_reference")},
 }
-# regime_x100_d128: the flagship's arms from the same base, each frozen (trainable: new) or not; the
-# frozen arms train exactly what they add. Counts as its header quotes them.
-EXPECTED.update({
-    **{("regime_x100_d128", arm): EXPECTED[("dus_vs_midus", source)]
-       for arm, source in (("base", "base_continued"), ("base_continued", "base_continued"),
-                           ("dus_interleave", "dus_interleave"), ("midus_hml_hive", "midus_hml_hive"))},
-    **{("regime_x100_d128", f"{source}_frozen"): frozen(EXPECTED[("dus_vs_midus", source)])
-       for source in ("dus_interleave", "dus_one_copy", "midus_hml_hive", "midus_pkm")},
+# The training protocol as an axis (dus_vs_midus, regime_x100_d128): each up-scaled arm also frozen
+# (trainable: new), training exactly what it adds; the base before continued training (0 steps).
+FROZEN_SOURCES = ("dus_interleave", "dus_solar", "dus_one_copy", "midus_hml_hive", "midus_pkm")
+LITERAL = dataclasses.replace(frozen(midus(
     # The method notes' literal settings: no query norm (128 parameters fewer per block), memory at the base rate.
-    ("regime_x100_d128", "midus_literal_frozen"): dataclasses.replace(frozen(midus(
-        "hml", HIVE_32_LITERAL, hml_layout("hive", 32, zero_values=True, retrieval=INSERTED_KEYS_LITERAL),
-        {"added": 147_712},
-    )), optimizer={"memory_lr": 0}),
+    "hml", HIVE_32_LITERAL, hml_layout("hive", 32, zero_values=True, retrieval=INSERTED_KEYS_LITERAL),
+    {"added": 147_712},
+)), optimizer={"memory_lr": 0})
+EXPECTED.update({
+    ("dus_vs_midus", "base"): EXPECTED[("dus_vs_midus", "base_continued")],
+    **{("dus_vs_midus", f"{source}_frozen"): frozen(EXPECTED[("dus_vs_midus", source)]) for source in FROZEN_SOURCES},
+    # SOLAR trains its whole second copy (3 blocks), one block more than it adds.
+    ("dus_vs_midus", "dus_solar_frozen"): dataclasses.replace(EXPECTED[("dus_vs_midus", "dus_solar")],
+                                                              trainable=3 * T_FFN),
+    ("dus_vs_midus", "midus_literal_frozen"): LITERAL,
+})
+EXPECTED.update({
+    **{("regime_x100_d128", arm): EXPECTED[("dus_vs_midus", arm)]
+       for arm in ("base", "base_continued", "dus_interleave", "midus_hml_hive", "midus_literal_frozen",
+                   *(f"{source}_frozen" for source in FROZEN_SOURCES if source != "dus_solar"))},
 })
 
 # ---------------------------------------------------------------------------------------------
 # Resolving and building arms the way the kit does.
 
 
-OWN_SHAPES = {"capacity": "tests/test_capacity.py"}
+OWN_SHAPES = {
+    "capacity": "tests/test_capacity.py",
+    "pretrain_wide": "tests/test_regime_wide.py",
+    "regime_x100_d384": "tests/test_regime_wide.py",
+}
 """YAMLs whose arms are not the kit's d-128 model family checked here, and where they are checked."""
 
 
@@ -763,7 +774,7 @@ def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
         parsed = parse_arm("dus_vs_midus", arm)
         base_arm = "deep" if arm == "scratch_deep" else "base"
         assert Path(parsed.model.upscale.base_checkpoint) == written_checkpoint(base_arm), arm
-        assert parsed.model.upscale.trainable == "all", arm
+        assert parsed.model.upscale.trainable == ("new" if arm.endswith("_frozen") else "all"), arm
         assert (parsed.data.tokenizer, Path(parsed.data.tokenizer_path)) == ("hf", cached), arm
         embedded = parsed.data.embedded
         assert (embedded.seed, embedded.num_people, embedded.docs_per_person) == (1, 600, 16), arm

@@ -280,16 +280,18 @@ PKM_64, MHPKM_64 = pkm(64, query_norm="rmsnorm"), pkm(64, heads=4, query_norm="r
 HIVE_32, PKM_32 = hml("hive", 32, query_norm="rmsnorm"), pkm(32, query_norm="rmsnorm")
 
 
-def midus(branch: str, branch_params: int, layout, quoted: dict[str, int], output_gate: bool = False) -> Expected:
+def midus(branch: str, branch_params: int, layout, quoted: dict[str, int], output_gate: bool = False,
+          attn_output_projection: bool = False) -> Expected:
     """T T M T T M: a memory block after base blocks 1 and 3, attention copied from the block before;
     an identity at insertion (zero values, zero head projections or a zero output gate)."""
     layers = []
     for base_index in range(4):
         layers.append(ffn_layer(source=("copy", base_index)))
         if base_index in (1, 3):
-            m = memory_layer(branch, branch_params, layout, output_gate=output_gate, source=("memory", base_index))
+            m = memory_layer(branch, branch_params, layout, output_gate=output_gate, source=("memory", base_index),
+                             attn_output_projection=attn_output_projection)
             layers.append(m)
-    added = 2 * memory_block(branch_params, output_gate=output_gate)
+    added = 2 * memory_block(branch_params, attn_output_projection, output_gate)
     return Expected(layers, memory=2 * branch_params, added=added, identity=True, quoted=quoted)
 
 
@@ -484,6 +486,11 @@ EXPECTED.update({
     ("dus_vs_midus", "midus_literal_frozen"): LITERAL,
 })
 EXPECTED.update({
+    # Full attention (W_O kept) in the memory blocks, against Attn': what the reviewers asked for.
+    ("regime_x100_d128", "midus_full_attn_frozen"): frozen(midus(
+        "hml", HIVE_32, hml_layout("hive", 32, zero_values=True, retrieval=INSERTED_KEYS),
+        {"added": 180_736}, attn_output_projection=True,
+    )),
     **{("regime_x100_d128", arm): EXPECTED[("dus_vs_midus", arm)]
        for arm in ("base", "base_continued", "dus_interleave", "midus_hml_hive", "midus_literal_frozen",
                    *(f"{source}_frozen" for source in FROZEN_SOURCES if source != "dus_solar"))},

@@ -104,6 +104,10 @@ def test_a_failed_candidate_loses_and_a_missing_one_leaves_the_arm_unchosen(
         ({**TUNE, "seed": -1}, r"ablation.tune.seed: expected a non-negative integer"),
         ({**TUNE, "grid": {}}, r"ablation.tune: expected a mapping with 'candidates'"),
         ({**TUNE, "keep": {"deep": "model.learning_rate"}}, r"ablation.tune.keep: expected arm -> a list"),
+        ({"candidates": {"cos": {"model.learning_rate": 0.1},
+                         "const": {"model.learning_rate": 0.1, "model.min_lr_ratio": 1.0}}},
+         r"every candidate must set the same keys; cos sets model.learning_rate and const sets "
+         r"model.learning_rate, model.min_lr_ratio"),
         ({**TUNE, "keep": {"deep": ["model.memory_lr"]}}, r"tune.keep.deep: model.memory_lr is not set by an arm"),
         ({**TUNE, "keep": {"wide": ["model.learning_rate"]}}, r"tune.keep.wide: .* the arms are: ref, deep"),
     ],

@@ -91,6 +91,16 @@ def parse_tune(section: Any, where: str) -> TuneSpec:
             )
         if not isinstance(values, dict) or not values:
             raise AblationError(f"{where}.candidates.{name}: expected a non-empty mapping of dotted keys")
+    keys = {name: set(values) for name, values in candidates.items()}
+    first, *_ = keys
+    for name, names in keys.items():
+        if names != keys[first]:
+            # An arm carries its chosen candidate's values; a key only some candidates set would keep
+            # that value under the others, and the tuning runs would not be the ones that ran.
+            raise AblationError(
+                f"{where}.candidates: every candidate must set the same keys; {first} sets "
+                f"{', '.join(sorted(keys[first]))} and {name} sets {', '.join(sorted(names))}"
+            )
     keep = section.get("keep") or {}
     if not isinstance(keep, dict) or not all(
         isinstance(keys, list) and keys and all(isinstance(key, str) and key for key in keys) for keys in keep.values()

@@ -486,6 +486,9 @@ EXPECTED.update({
     ("dus_vs_midus", "midus_literal_frozen"): LITERAL,
 })
 EXPECTED.update({
+    # absorption_x100_d128: the base continued as it is, on populations of four sizes.
+    **{("absorption_x100_d128", f"pop_{n}"): EXPECTED[("dus_vs_midus", "base_continued")]
+       for n in (150, 300, 600, 1200)},
     # Full attention (W_O kept) in the memory blocks, against Attn': what the reviewers asked for.
     ("regime_x100_d128", "midus_full_attn_frozen"): frozen(midus(
         "hml", HIVE_32, hml_layout("hive", 32, zero_values=True, retrieval=INSERTED_KEYS),
@@ -847,3 +850,20 @@ def test_regime_x100_d128_sees_each_new_fact_100_times_from_the_flagship_base() 
     assert tuning["data.embedded.seed"] not in (3, flagship.data.embedded.seed)
     assert tuning["data.embedded.replay_validation"] is False
     assert ablation.tune.keep == {"midus_literal_frozen": ["model.memory_lr"]}
+
+
+def test_absorption_populations_see_each_fact_100_times_and_hold_the_quoted_bits() -> None:
+    """absorption_x100_d128.yaml: "pop_N  N people, B bits", 25 biographies x 4 epochs, no replay."""
+    import math
+
+    from midus.data.corpus import ATTRIBUTES, value_choices
+
+    per_person = sum(math.log2(len(value_choices(attribute))) for attribute in ATTRIBUTES)
+    header = (EXPERIMENTS / "absorption_x100_d128.yaml").read_text()
+    for arm in load_ablation(EXPERIMENTS / "absorption_x100_d128.yaml").arms:
+        parsed = parse_arm("absorption_x100_d128", arm)
+        embedded = parsed.data.embedded
+        assert arm == f"pop_{embedded.num_people}" and embedded.seed == 3
+        assert embedded.docs_per_person * parsed.trainer.max_epochs == 100 and embedded.replay_seed == -1  # no replay
+        assert parsed.model.upscale.trainable == "all" and parsed.model.learning_rate == 0.002
+        assert f"{embedded.num_people:,} people, {round(embedded.num_people * per_person):,} bits" in header

@@ -48,6 +48,10 @@ def run_label(arm: str, seed: int | None) -> str:
 
 _TUNE_KEYS = {"seed", "metric", "overrides", "candidates", "keep"}
 
+Control = str | dict[str, str]
+"""``ablation.control``: one control arm for every arm, or arm → its own control arm (arms not
+named have none), e.g. the un-continued base for frozen arms and the continued one for trainable."""
+
 
 @dataclass
 class TuneSpec:
@@ -116,7 +120,7 @@ def parse_tune(section: Any, where: str) -> TuneSpec:
 
 def parse_control(
     given: Any, arms: dict[str, Any], fail: Callable[[str], AblationError]
-) -> str | dict[str, str] | None:
+) -> Control | None:
     """``ablation.control``: an arm (every arm's control), or a mapping of control arms to the arms
     each is the control of (an arm with no control is left out), returned as arm → its control with
     each control its own. A frozen arm's control is the base that trains nothing, a trainable arm's
@@ -155,7 +159,7 @@ class Ablation:
     """``ablation.tune``: the candidates ``--tune`` runs every arm with (`midus.ablation.tuning`)."""
     jobs: int = 1
     """``ablation.jobs``: runs at a time (``--jobs`` replaces it)."""
-    control: str | dict[str, str] | None = None
+    control: Control | None = None
     """``ablation.control``: the arm without up-scaling whose knowledge bits the bits-above-control
     columns subtract, seed by seed (`midus.ablation.table`); default: the first reference arm. Or
     per arm (`parse_control`): each control arm → the arms it is the control of."""

@@ -17,6 +17,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from midus.ablation.config import Control
 from midus.ablation.intervals import (
     CONFIDENCE,
     Interval,
@@ -26,7 +27,7 @@ from midus.ablation.intervals import (
     ratio_verdict,
     verdict,
 )
-from midus.ablation.table import ArmRow, Column, Control
+from midus.ablation.table import ArmRow, Column
 
 INTERVAL_NOTE = (
     f"Cells: mean ± half-width of the {CONFIDENCE:.0%} Student-t confidence interval over seeds "

@@ -10,8 +10,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from midus.ablation.config import Control
 from midus.ablation.seed_table import seed_sections, write_seed_csv
-from midus.ablation.table import COLUMNS, ArmRow, Column, Control, markdown_table, timing_note, with_control
+from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
 from midus.run_files import ABLATION_RECORD
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from midus.ablation.config import run_label
+from midus.ablation.config import Control, run_label
 from midus.run_files import SUMMARY_FILE, value_at
 
 MIB = 2**20
@@ -183,11 +183,6 @@ def collect_rows(
                 status = f"failed (exit {exit_codes[label]})"
             rows.append(ArmRow(arm, status, record, seed))
     return rows
-
-
-Control = str | dict[str, str]
-"""``ablation.control``: one control arm for every arm, or arm → its own control arm (arms not
-named have none), e.g. the un-continued base for frozen arms and the continued one for trainable."""
 
 
 def control_of(control: Control | None, arm: str) -> str | None:

@@ -32,8 +32,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from midus.ablation.config import Control
 from midus.ablation.seed_table import seed_sections
-from midus.ablation.table import COLUMNS, ArmRow, Column, Control, markdown_table, timing_note, with_control
+from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
 from midus.report.arms import Arm, NoRunError, collect_arms, tokens_at
 from midus.report.plots import loss_curves, plot_val_loss, plot_val_ppl, ppl_points
 from midus.report.seed_bands import arms_of, seed_bands

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from midus.model import LayerSpec, MidusLM, ModelConfig
-from midus.model.retrieval.subkey_scores import kept_subkey_scores, subkey_scores, top_subkey_scores
-from midus.model.retrieval.value_lookup import (
+from midus.model.retrieval.ops import (
     bag_table_gradient,
     bag_weight_gradient,
     flat_weighted_row_sum,
+    kept_subkey_scores,
     op_namespace,
 )
+from midus.model.retrieval.product_keys import subkey_scores, top_subkey_scores
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
 
@@ -142,8 +143,8 @@ def test_opcheck_passes_for_every_retrieval_op() -> None:
 def test_an_exported_copy_of_the_ops_gets_a_namespace_of_its_own() -> None:
     # A Hugging Face custom-code export copies the model package; its ops must not replace the kit's.
     assert torch.ops.midus.flat_weighted_row_sum.default.name() == "midus::flat_weighted_row_sum"
-    assert op_namespace("midus.model.retrieval.value_lookup") == "midus"
-    copies = {op_namespace(f"transformers_modules.{name}.midus_model_retrieval_value_lookup") for name in "ab"}
+    assert op_namespace("midus.model.retrieval.ops") == "midus"
+    copies = {op_namespace(f"transformers_modules.{name}.midus_model_retrieval_ops") for name in "ab"}
     assert len(copies) == 2 and "midus" not in copies and all(name.isidentifier() for name in copies)
 
 

@@ -7,9 +7,16 @@ import math
 import pytest
 import torch
 
-from midus.model.retrieval.product_keys import ProductKeys, brute_force_retrieval, sorted_pair_candidates
+from midus.model.retrieval.ops import bag_weight_gradient, flat_weighted_row_sum
+from midus.model.retrieval.product_keys import (
+    ProductKeys,
+    brute_force_retrieval,
+    sorted_pair_candidates,
+    subkey_scores,
+    top_subkey_scores,
+)
 from midus.model.retrieval.slot_usage import SlotUsage
-from midus.model.retrieval.value_lookup import flat_weighted_row_sum, weighted_row_sum
+from midus.model.retrieval.value_lookup import weighted_row_sum
 
 
 def in_slot_order(weights: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,14 +75,12 @@ def test_weighted_row_sum_gradients_match_autograd_of_a_gather() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weight_gradient_handles_repeated_and_unsorted_slots(dtype: torch.dtype) -> None:
-    import midus.model.retrieval.value_lookup as lookup
-
     table, slots = torch.randn(30, 8).to(dtype), torch.randint(0, 30, (9, 4))
     slots[0] = torch.tensor([5, 2, 5, 5])  # unsorted, one row read three times by one bag
     grad_out = torch.randn(9, 8).to(dtype)
     expected = torch.einsum("mkd,md->mk", table[slots].float(), grad_out.float())
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-    torch.testing.assert_close(lookup.bag_weight_gradient(table, slots, grad_out).float(), expected, **tolerance)
+    torch.testing.assert_close(bag_weight_gradient(table, slots, grad_out).float(), expected, **tolerance)
 
 
 def test_slot_usage_statistics_on_known_reads() -> None:
@@ -92,8 +97,6 @@ def test_slot_usage_statistics_on_known_reads() -> None:
 
 
 def test_top_subkey_scores_backward_matches_dense_autograd() -> None:
-    from midus.model.retrieval.subkey_scores import subkey_scores, top_subkey_scores
-
     torch.manual_seed(0)
     halves = torch.randn(5, 3, 2, 4, dtype=torch.float64, requires_grad=True)
     subkeys = torch.randn(3, 2, 9, 4, dtype=torch.float64, requires_grad=True)
@@ -106,8 +109,6 @@ def test_top_subkey_scores_backward_matches_dense_autograd() -> None:
 
 def test_score_scale_sharpens_the_weights_of_the_same_slots() -> None:
     # memory.score_scale: softmax(scale x score) over the same k slots; above 1 lowers the entropy.
-    from midus.model.retrieval.subkey_scores import subkey_scores
-
     torch.manual_seed(0)
     queries = torch.randn(2, 30, 3, 12)
     keys = {scale: ProductKeys(3, 12, 20, 8, "none", score_scale=scale) for scale in (0.5, 1.0, 4.0)}

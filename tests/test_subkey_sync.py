@@ -24,10 +24,9 @@ from torch._subclasses.fake_tensor import (
 )
 
 from midus.model import MidusLM, ModelConfig
-from midus.model.retrieval import subkey_scores as subkey_module
-from midus.model.retrieval import value_lookup
-from midus.model.retrieval.subkey_scores import subkey_scores, top_subkey_scores
-from midus.model.retrieval.value_lookup import bag_table_gradient, table_gradient_by_row
+from midus.model.retrieval import ops
+from midus.model.retrieval.ops import bag_table_gradient, table_gradient_by_row
+from midus.model.retrieval.product_keys import subkey_scores, top_subkey_scores
 
 BIT_FOR_BIT = dict(rtol=0, atol=0)
 
@@ -104,7 +103,7 @@ def test_subkey_backward_is_the_former_one_bit_for_bit(monkeypatch: pytest.Monke
     halves, subkeys = scoring(dtype)
     new = score_gradients(top_subkey_scores(halves, subkeys, 4)[0], (halves, subkeys))
     # The same backward with the former grouping swapped in: the custom op looks it up by name.
-    monkeypatch.setattr(value_lookup, "table_gradient_by_row", former_table_gradient)
+    monkeypatch.setattr(ops, "table_gradient_by_row", former_table_gradient)
     former = score_gradients(top_subkey_scores(halves, subkeys, 4)[0], (halves, subkeys))
     for got, expected in zip(new, former):
         torch.testing.assert_close(got, expected, **BIT_FOR_BIT)
@@ -163,7 +162,7 @@ def test_the_whole_subkey_backward_has_no_data_dependent_shape() -> None:
     with FakeTensorMode() as mode:
         saved = tuple(mode.from_tensor(tensor) for tensor in (halves, subkeys, index))
         ctx = SimpleNamespace(saved_tensors=saved, needs_input_grad=(False, True, True, False))
-        _, grad_halves, grad_subkeys, _ = subkey_module._kept_subkey_scores_backward(
+        _, grad_halves, grad_subkeys, _ = ops._kept_subkey_scores_backward(
             ctx, mode.from_tensor(grad_top), None
         )
     assert grad_halves.shape == halves.shape and grad_subkeys.shape == subkeys.shape

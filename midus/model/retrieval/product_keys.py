@@ -12,6 +12,9 @@ a and j holding K2 row b. With both shortlists sorted, pair (i, j) is beaten by
 every pair (i' ≤ i, j' ≤ j), that is by (i+1)(j+1) - 1 others: it can only be in the top k
 when (i+1)(j+1) ≤ k. Scoring just those pairs (about k·ln k, 119 instead of 1024 for
 k = 32) is exact, ties aside.
+
+Only the k kept scores of each shortlist carry a gradient: the selection is the custom op
+`ops.kept_subkey_scores`, whose backward is a bag lookup over the kept sub-keys.
 """
 
 from __future__ import annotations
@@ -22,7 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from midus.model.retrieval.subkey_scores import subkey_scores, top_subkey_scores
+from midus.model.retrieval.ops import kept_subkey_scores
+
+
+def subkey_scores(halves: torch.Tensor, subkeys: torch.Tensor) -> torch.Tensor:
+    """All sub-key scores: halves (..., H, 2, c) and subkeys (H, 2, n, c) → (..., H, 2, n)."""
+    return torch.einsum("...hpc,hpnc->...hpn", halves, subkeys.to(halves.dtype))
+
+
+def top_subkey_scores(halves: torch.Tensor, subkeys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k scores, their sub-key indices), each (..., H, 2, k), sorted best first: the shortlists.
+
+    halves (..., H, 2, c) are the query halves, subkeys (H, 2, n, c) the sub-key tables. The
+    scores' gradient reaches both through the k kept scores only; the indices carry none.
+    """
+    # A plain matmul, which autocast and the compiler see as any other; autograd must not see
+    # it: the custom op owns the gradient (see `ops` for why the matmul stays outside it).
+    with torch.no_grad():
+        scores = subkey_scores(halves, subkeys)
+    return kept_subkey_scores(scores, halves, subkeys, k)
 
 
 def sorted_pair_candidates(k: int) -> tuple[torch.Tensor, torch.Tensor]:

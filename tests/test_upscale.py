@@ -1,7 +1,10 @@
-"""Up-scaling surgery: identity at insertion, SOLAR stacking, MIDUS attention copies, training policy, sources."""
+"""Up-scaling surgery: identity at insertion, SOLAR stacking, MIDUS attention copies, training policy, sources,
+the method registry."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,14 @@ import torch
 from midus.checkpoint import load_base
 from midus.model import MidusLM, ModelConfig
 from midus.training.optim import parameter_groups
-from midus.upscale import UpscaleConfig, apply_trainable, upscale
+from midus.upscale import (
+    UpscaleConfig,
+    apply_trainable,
+    method_names,
+    register_upscale,
+    registered_methods,
+    upscale,
+)
 
 VOCAB = 40
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
@@ -27,7 +37,15 @@ def ids(time: int = 12) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, time), generator=torch.Generator().manual_seed(1))
 
 
+# Settings under which every registered method up-scales the 4-block base of `base_model`, each
+# with its own defaults otherwise (a method that reads fields of its own sets them here).
+REGISTERED_DEFAULTS = {"every": 2, "top_blocks": 2, "memory": MEMORY}
+IDENTITY_METHODS = [method.name for method in registered_methods() if method.identity_at_insertion]
+OTHER_METHODS = [method.name for method in registered_methods() if not method.identity_at_insertion]
+
 IDENTITY_SETTINGS = {
+    # Every method registered with identity_at_insertion=True, under its defaults: a new one is tested here.
+    **{f"{name}-defaults": {**REGISTERED_DEFAULTS, "method": name} for name in IDENTITY_METHODS},
     "interleave-every-2": {"method": "dus_interleave", "every": 2},
     "interleave-positions": {"method": "dus_interleave", "positions": [0, 3]},
     "top-zeroed": {"method": "dus_top", "top_blocks": 2},
@@ -62,6 +80,45 @@ def test_identity_preserving_upscaling_keeps_the_base_logits(name: str) -> None:
         cache = model.new_cache(2, 12)
         pieces = [model(ids()[:, :8], cache, 0)] + [model(ids()[:, i : i + 1], cache, i) for i in range(8, 12)]
         torch.testing.assert_close(torch.cat(pieces, 1), base(ids()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", OTHER_METHODS)
+def test_a_method_that_claims_no_identity_changes_the_function(name: str) -> None:
+    # The other half of the claim: registering identity_at_insertion=False for an identity would
+    # leave the method out of the test above.
+    base = base_model()
+    model, _ = upscale(base, UpscaleConfig(**REGISTERED_DEFAULTS, method=name))
+    with torch.no_grad():
+        assert (model.eval()(ids()) - base(ids())).abs().max() > 1e-3
+
+
+def test_an_unknown_method_is_refused_naming_the_field_and_every_registered_name() -> None:
+    expected = r"model\.upscale\.method='solar' is not a registered up-scaling method; expected one of none, "
+    with pytest.raises(ValueError, match=expected) as error:
+        UpscaleConfig(method="solar")
+    assert str(error.value).endswith(", ".join(method_names()))
+    assert method_names()[0] == "none" and {method.name for method in registered_methods()} == set(method_names()[1:])
+
+
+def test_a_method_name_is_registered_once_and_none_is_reserved() -> None:
+    def another_plan(base, settings):
+        raise AssertionError("never called")
+
+    before = registered_methods()
+    with pytest.raises(ValueError, match=r"method 'midus' is registered twice \(memory_plan, another_plan\)"):
+        register_upscale("midus", identity_at_insertion=True)(another_plan)
+    with pytest.raises(ValueError, match=r"'none' is reserved"):
+        register_upscale("none", identity_at_insertion=True)(another_plan)
+    assert registered_methods() == before  # nothing was added or replaced
+
+
+def test_the_method_field_docstring_lists_every_registered_method() -> None:
+    # `--help` shows the field's docstring (the type is a plain str checked against the registry).
+    fields = ast.parse(inspect.getsource(UpscaleConfig)).body[0].body
+    method = next(i for i, node in enumerate(fields) if isinstance(node, ast.AnnAssign) and node.target.id == "method")
+    docstring = fields[method + 1].value.value
+    missing = [name for name in method_names() if f"``{name}``" not in docstring]
+    assert not missing, f"UpscaleConfig.method's docstring does not list {missing}"
 
 
 def test_interleaved_copies_sit_after_their_source_and_only_their_output_projections_are_zero() -> None:

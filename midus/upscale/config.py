@@ -7,8 +7,6 @@ from typing import Literal
 
 from midus.model.memory_config import MemoryConfig
 
-Method = Literal["none", "dus_solar", "dus_interleave", "dus_top", "midus"]
-
 
 @dataclass
 class UpscaleConfig:
@@ -18,15 +16,16 @@ class UpscaleConfig:
     inserts a copy of a block after it with zeroed attention output and FFN down
     projections (LLaMA Pro: identical function); ``dus_top`` appends copies of the last
     `top_blocks` blocks; ``midus`` inserts memory blocks carrying `branch`. ``none`` only
-    loads the base (the "continue without up-scaling" control).
+    loads the base (the "continue without up-scaling" control). Each method is one file of
+    `midus.upscale.methods`, registered by name.
     """
 
     base_checkpoint: str = ""
     """The base: a ``.ckpt`` written by the kit's ``fit``, or a local Hugging Face Llama-family directory."""
     base_made_by: str = ""
     """The command that writes `base_checkpoint`, quoted in the error when the file is missing."""
-    method: Method = "none"
-    """``none``, ``dus_solar``, ``dus_interleave``, ``dus_top`` or ``midus``."""
+    method: str = "none"
+    """Up-scaling method by registered name: ``none``, ``dus_solar``, ``dus_interleave``, ``dus_top`` or ``midus``."""
     every: int = 0
     """Interleaved methods: insert after every `every`-th base block (after blocks every-1, 2·every-1, …)."""
     positions: list[int] = field(default_factory=list)
@@ -49,6 +48,11 @@ class UpscaleConfig:
     """What trains: everything, only the inserted blocks (LLaMA Pro), or those plus every RMSNorm."""
 
     def __post_init__(self) -> None:
+        # Imported on use: importing the registry imports every method file, and those import this
+        # module for the config type, so a module-level import here would run before UpscaleConfig exists.
+        from midus.upscale.methods.registry import check_method_name
+
+        check_method_name(self.method)
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
 

@@ -14,6 +14,7 @@ import torch
 
 from midus.checkpoint.kit import read_kit_checkpoint
 from midus.cli import DEBUG_ENV, KIT_COMMANDS, USER_ERROR_EXIT, is_user_error, main
+from midus.upscale import method_names
 from tests.test_checkpoint_safety import tiny_run, write_kit_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,19 @@ def test_a_bad_config_value_is_one_line_naming_the_field(tmp_path: Path, tiny_ca
     assert exit_.value.code == USER_ERROR_EXIT
     assert isinstance(exit_.value.__context__, ValueError)
     assert one_error_line(capsys) == "error: model.learning_rate must be positive, got -1.0"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unregistered_upscale_method_is_one_line_listing_the_registered_ones(
+    tmp_path: Path, tiny_cache: Path, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *tiny_run(tmp_path, tiny_cache), "--model.upscale.method", "solar"])
+    assert exit_.value.code == USER_ERROR_EXIT
+    assert one_error_line(capsys) == (
+        f"error: model.upscale.method='solar' is not a registered up-scaling method; expected one of "
+        f"{', '.join(method_names())}"
+    )
     assert not (tmp_path / "runs").exists()
 
 

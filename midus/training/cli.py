@@ -20,6 +20,7 @@ from midus.training.callbacks import CompletionWriter
 from midus.training.lm_module import CausalLM
 from midus.training.model_source import StoredModel, building_from_checkpoint
 from midus.training.run_summary import RunSummary
+from midus.upscale.methods import check_method_name
 
 # Field docstrings of the config dataclasses become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -61,6 +62,9 @@ class MidusCLI(LightningCLI):
           bfloat16 (8 significant bits), so AdamW's updates, far smaller than the weights, round
           away and the model does not learn (val/loss 7.0312 at steps 2 and 5). ``bf16-mixed``
           computes in bfloat16 and keeps float32 weights; evaluation may keep ``bf16-true``.
+        * An unregistered ``model.upscale.method`` is refused before the data is prepared (the field
+          is a plain string, checked against `midus.upscale.methods`; `UpscaleConfig` checks it
+          again when built).
         * A new ``bpe``/``char`` tokenizer on a pretrained Hugging Face model is refused: its
           embeddings know the base's token ids (a kit ``.ckpt`` base: `_check_base_tokenizer`).
         * Compiled runs get Lightning's ``trainer.deterministic: warn`` unless the config sets it.
@@ -75,6 +79,7 @@ class MidusCLI(LightningCLI):
                 "away and fit trains nothing; fit with trainer.precision: bf16-mixed (bfloat16 compute, float32 "
                 "weights); validate, test and predict may use bf16-true"
             )
+        check_method_name(config["model"]["upscale"]["method"])
         refuse_a_new_tokenizer(config["data"]["tokenizer"], starting_model(config["model"]))
         if config["model"]["compile"] and config["trainer"]["deterministic"] is None:
             config["trainer"]["deterministic"] = "warn"

@@ -4,10 +4,8 @@ Every training step frees its activations and gradients and allocates them again
 PyTorch's CPU allocator has no cache of its own (unlike its CUDA caching allocator): it asks
 malloc each time. glibc serves blocks above its mmap threshold with fresh mappings and gives
 the free top of its heap back to the kernel beyond the trim threshold, so the next step
-touches new pages and the kernel faults each one in again. At the char-level tiny Shakespeare
-shape (benchmarks/shakespeare_char.yaml) that was 630-870 minor page faults per step, and the
-step's median time 13 % longer (4 alternating process pairs, 2026-12-01; with these settings
-0-7 faults). `keep_freed_memory` raises the mmap threshold to glibc's own dynamic ceiling
+touches new pages and the kernel faults each one in again (what that costs a small model's
+step, and what these settings save: experiments/README.md, "Small-model speed"). `keep_freed_memory` raises the mmap threshold to glibc's own dynamic ceiling
 (32 MiB) and the trim threshold to 1 GiB, so freed memory up to that is reused, as a caching
 allocator would. The cost is resident memory: the process keeps up to that much freed heap.
 

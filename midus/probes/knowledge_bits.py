@@ -43,13 +43,8 @@ Cost: |V| values per fact, the 16 800 dates scored through the prefix tree of th
 (`CandidateValues`): each tree node is one token of one batched forward, level by level, the
 prompt and the node's parent read from a KV cache where the model has one (`MidusLM`); with the
 quickstart BPE of 1024 that is 2 045 tokens, not 16 800 x 3.8. A value set of at most 64
-contexts (every other attribute) takes one forward of prompt + context rows instead. Measured
-with the trained experiments/quickstart.yaml model (d_model 128, 4 layers, 0.9 M parameters;
-``python -m midus validate``, OMP_NUM_THREADS=1, 2 CPU cores shared with other jobs, load 4):
-3.1-4.1 s for 16 people, of it about 1 s building the value sets (first validation only),
-against 0.5 s for the recall probe. Its 16-person estimate, 7 261 bits, against 7 293
-(unclipped) from all 200 people. With two OpenMP threads on that busy machine the same took
-60-110 s (threads waiting for each other; the rest of validation slowed 7x): use one there.
+contexts (every other attribute) takes one forward of prompt + context rows instead.
+What it costs a validation: experiments/README.md, "What the probes cost".
 """
 
 from __future__ import annotations

@@ -98,14 +98,13 @@ import dataclasses
 import functools
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, SUBCOMMANDS, CommandLine, parse_command_line
+from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, CommandLine, parse_command_line
 from midus.ablation.config import TENSORBOARD, AblationError, run_label
 from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
 from midus.ablation.parallel import Launch, child_environment, run_launches
@@ -148,6 +147,7 @@ def plan_arm(command: CommandLine, arm: str, seed: int | None = None) -> ArmPlan
     from argparse import ArgumentError
 
     from midus.model import ModelConfig
+    from midus.training.cli import parse_only
 
     ablation = command.ablation
     config = ablation.arm_config(arm, seed)
@@ -167,39 +167,6 @@ def plan_arm(command: CommandLine, arm: str, seed: int | None = None) -> ArmPlan
             f"name={ablation.name!r}, version={label!r}; do not override them on the command line (use ablation.name)"
         )
     return ArmPlan(arm, config, Path(init_args.save_dir) / ablation.name / label, seed)
-
-
-def parse_only(args: list[str]) -> Any:
-    """Parse a ``python -m midus`` command line with the kit's parser; returns the subcommand's namespace.
-
-    Nothing is instantiated (no data preparation, no model, no trainer); errors raise
-    `argparse.ArgumentError` instead of exiting.
-    """
-    parsed = _parser().parse_args(args)
-    return parsed[parsed.subcommand]
-
-
-@functools.cache
-def _parser() -> Any:
-    # Building the parser (signatures, docstrings) takes seconds, parsing with it a tenth of one.
-    from midus.training.cli import MidusCLI, cli_kwargs
-
-    class ParseOnlyCLI(MidusCLI):
-        def _set_seed(self) -> None:
-            pass  # this process only parses: leave the global RNGs (and the log) alone
-
-        def instantiate_classes(self) -> None:
-            # LightningCLI runs the subcommand after this hook only when one is set.
-            self.subcommand = None
-
-    strict = {"exit_on_error": False}
-    with warnings.catch_warnings():
-        # Passing args while sys.argv has its own is deliberate here: they are not this process's.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = ParseOnlyCLI(
-            **cli_kwargs(), parser_kwargs={**strict, **{name: strict for name in SUBCOMMANDS}}, args=["fit"]
-        )
-    return cli.parser
 
 
 def run_arm_process(arm_command: list[str]) -> int:

@@ -1,7 +1,8 @@
 """Ablations: the arms of one experiment YAML, each a full ``fit`` in its own process.
 
-`config` reads and merges the YAML (plain Python), `command_line` splits the runner's flags
-(``--arm``, ``--seeds``, ``--fresh``) from the arms' arguments, `runner` validates and runs the
+`config` reads and merges the YAML (plain Python), `command_line` parses the command line once
+into the runner's flags (``--arm``, ``--seeds``, ``--fresh``, ``--tune``, ``--jobs``) and the arms'
+arguments, `runner` validates and runs the
 arms (it parses them with the kit's LightningCLI), `resume` decides per run whether to skip,
 resume or start it afresh (what its run directory holds against how it was started), `table`
 builds the summary table from each run's ``summary.json`` (plain Python; ``report`` uses it

@@ -104,11 +104,11 @@ from typing import Any, Sequence
 
 import yaml
 
-from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, CommandLine, parse_command_line
+from midus.ablation.command_line import ARM_FLAG, FRESH_FLAG, SEEDS_FLAG, CommandLine, parse_command_line
 from midus.ablation.config import TENSORBOARD, AblationError, run_label
 from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
 from midus.ablation.parallel import Launch, child_environment, run_launches
-from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
+from midus.ablation.resume import SKIP, ArmStart, plan_start
 from midus.ablation.summary_files import write_tables
 from midus.ablation.table import ArmRow, collect_rows
 from midus.ablation.tuning import TUNING_FILE, tuned_arms, tuning_ablation, write_tuning
@@ -175,16 +175,21 @@ def run_arm_process(arm_command: list[str]) -> int:
     return subprocess.run([sys.executable, "-m", "midus", *arm_command], env=child_environment(1)).returncode
 
 
-def run_ablation(argv: Sequence[str]) -> int:
+def run_ablation(command: CommandLine | Sequence[str]) -> int:
     """Run the arms an ablation command line selects, then write the table; returns the exit status.
 
+    `command` is the parsed command line (`run_if_ablation` parses it once), or the arguments
+    to parse (a Python caller's).
+
     Raises:
-        AblationError: when `argv` names no ablation YAML, an unknown arm, or an invalid arm
-            (always before anything is written).
+        AblationError: when the command line names no ablation YAML, an unknown arm, or an invalid
+            arm (always before anything is written).
     """
-    command = parse_command_line(argv)
-    if command is None:
-        raise AblationError("no --config names an ablation YAML (one with a top-level 'ablation:' section)")
+    if not isinstance(command, CommandLine):
+        parsed = parse_command_line(command)
+        if parsed is None:
+            raise AblationError("no --config names an ablation YAML (one with a top-level 'ablation:' section)")
+        command = parsed
     tuned, arms_tuned = (command.ablation, tuned_arms(command.ablation, command.arms)) if command.tune else (None, [])
     if tuned is not None:  # the tuning runs, as an ablation of their own (`midus.ablation.tuning`)
         tuning = tuning_ablation(tuned, command.arms)
@@ -201,7 +206,7 @@ def run_ablation(argv: Sequence[str]) -> int:
             f"{ablation.path}: the runner chooses each arm's {CKPT_FLAG} (it resumes an interrupted arm from its "
             f"newest checkpoint); to start every arm from one trained model, set model.upscale.base_checkpoint"
         )
-    printing = any(str(arg).startswith("--print_config") for arg in argv)
+    printing = command.print_config
     plans = []
     for arm, seed in [(arm, seed) for arm in command.arms for seed in command.seeds]:
         if printing:
@@ -310,9 +315,10 @@ def run_if_ablation(argv: Sequence[str]) -> bool:
     error (like every user error of ``python -m midus``), and with status 1 when an arm failed.
     """
     try:
-        if parse_command_line(argv) is None:
+        command = parse_command_line(argv)  # the one parse: the runner's flags, and each arm's arguments
+        if command is None:
             return False
-        status = run_ablation(argv)
+        status = run_ablation(command)
     except AblationError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error  # the message stays readable as the exit's cause

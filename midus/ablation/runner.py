@@ -37,7 +37,7 @@ arm ``wide`` lands in ``runs/ablate_width/wide``.
    at the end if one did;
 6. reads ``runs/<name>/<arm>/summary.json`` of every arm in the YAML (ones run earlier or on
    other machines included), prints a Markdown table and writes ``runs/<name>/summary.md`` and
-   ``summary.csv`` (`midus.ablation.table`), and gives every selected run with a summary a
+   ``summary.csv`` (`midus.report.summary_files`), and gives every selected run with a summary a
    TensorBoard HParams session (`midus.ablation.hparams`): ``tensorboard --logdir runs/<name>``
    shows the ablation as one HParams table, filterable by arm and seed.
 
@@ -46,15 +46,15 @@ per seed, with ``seed_everything: <seed>`` (initialisation and data order; the e
 keeps its own ``data.embedded.seed``, so every seed trains on the same people), in
 ``runs/<name>/<arm>/seed<seed>``; each seed is its own run for skipping and resuming. The table
 then gives per arm and metric the mean over seeds with a 95 % Student-t interval
-(`midus.ablation.intervals`), and with ``ablation.reference: <arm>`` every other arm's paired
+(`midus.report.intervals`), and with ``ablation.reference: <arm>`` every other arm's paired
 difference to the reference over the seeds both ran, with a verdict: better, worse, or not
-distinguishable (`midus.ablation.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
+distinguishable (`midus.report.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
 
 With ``ablation.reference: [a, b]`` (a list) every arm gets a paired table against each of them;
 ``ablation.json`` records the first as the reference ``report`` uses. ``ablation.control: <arm>``
 (default: the first reference) is the arm without up-scaling that the "bits above control"
 columns subtract, seed by seed: (knowledge bits - the control's) per added and per trainable
-parameter (`midus.ablation.table`); a mapping of control arms to the arms each controls gives
+parameter (`midus.report.table`); a mapping of control arms to the arms each controls gives
 frozen and trainable arms their own (`midus.ablation.config.parse_control`).
 
 Several at a time: ``ablation.jobs: 2`` (or ``--jobs 2``) runs two runs at once, each with its
@@ -105,14 +105,14 @@ from typing import Any, Sequence
 import yaml
 
 from midus.ablation.command_line import ARM_FLAG, FRESH_FLAG, SEEDS_FLAG, CommandLine, parse_command_line
-from midus.ablation.config import TENSORBOARD, AblationError, run_label
+from midus.ablation.config import TENSORBOARD, AblationError
 from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
 from midus.ablation.parallel import Launch, child_environment, run_launches
 from midus.ablation.resume import SKIP, ArmStart, plan_start
-from midus.ablation.summary_files import write_tables
-from midus.ablation.table import ArmRow, collect_rows
 from midus.ablation.tuning import TUNING_FILE, tuned_arms, tuning_ablation, write_tuning
-from midus.run_files import ARM_CONFIG, value_at
+from midus.report.summary_files import write_tables
+from midus.report.table import ArmRow, collect_rows
+from midus.run_files import ARM_CONFIG, run_label, value_at
 
 CKPT_FLAG = "--ckpt_path"
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from midus.ablation.command_line import TUNE_FLAG
 from midus.ablation.config import Ablation, AblationError, TuneSpec, deep_merge, expand_dotted
-from midus.ablation.table import ArmRow
+from midus.report.table import ArmRow
 from midus.run_files import value_at
 
 TUNING_FILE = "tuning.md"

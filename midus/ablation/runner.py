@@ -178,8 +178,8 @@ def run_arm_process(arm_command: list[str]) -> int:
 def run_ablation(command: CommandLine | Sequence[str]) -> int:
     """Run the arms an ablation command line selects, then write the table; returns the exit status.
 
-    `command` is the parsed command line (`run_if_ablation` parses it once), or the arguments
-    to parse (a Python caller's).
+    `command` is the parsed command line (``python -m midus`` parses it once: `midus.cli`), or the
+    arguments to parse (a Python caller's).
 
     Raises:
         AblationError: when the command line names no ablation YAML, an unknown arm, or an invalid
@@ -306,22 +306,3 @@ def plan_starts(command: CommandLine, plans: list[ArmPlan]) -> list[ArmStart]:
         hint = f"({ARM_FLAG} {arms}{seed_flag} {FRESH_FLAG} restarts only {which})"
         raise AblationError("\n".join([*refused.values(), hint]))
     return starts
-
-
-def run_if_ablation(argv: Sequence[str]) -> bool:
-    """`midus.cli.main`'s hook: run `argv` as an ablation if it names one; False when it does not.
-
-    Exits (`SystemExit`) with a one-line ``error:`` message and status 2 on a configuration
-    error (like every user error of ``python -m midus``), and with status 1 when an arm failed.
-    """
-    try:
-        command = parse_command_line(argv)  # the one parse: the runner's flags, and each arm's arguments
-        if command is None:
-            return False
-        status = run_ablation(command)
-    except AblationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error  # the message stays readable as the exit's cause
-    if status:
-        raise SystemExit(status)
-    return True

@@ -184,9 +184,8 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
     from midus.training.divergence import EXIT_CODE, NonFiniteLossError
     from midus.training.moved_keys import check_moved_keys
 
-    keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
-
     if not isinstance(command_line, (list, tuple)):  # a dict config: a LightningCLI run
+        keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
         return MidusCLI(**cli_kwargs(), args=args)
     command_line = list(command_line)
     if command_line in ([], ["-h"], ["--help"]):
@@ -197,6 +196,7 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
     check_moved_keys(command_line)  # before any parsing: a moved key is one line naming its new place
     if _run_if_ablation(command_line):
         return None
+    keep_freed_memory()  # (not in the ablation runner's process: each arm's fit is a process of its own)
     try:
         return MidusCLI(**cli_kwargs(), args=args)
     except NonFiniteLossError as error:

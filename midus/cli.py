@@ -179,15 +179,13 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
         importlib.import_module(KIT_COMMANDS[command_line[0]][0]).main(list(command_line[1:]))
         return None
 
-    from midus.ablation.runner import run_if_ablation
     from midus.host_allocator import keep_freed_memory
     from midus.training.cli import MidusCLI, cli_kwargs
     from midus.training.divergence import EXIT_CODE, NonFiniteLossError
     from midus.training.moved_keys import check_moved_keys
 
-    keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
-
     if not isinstance(command_line, (list, tuple)):  # a dict config: a LightningCLI run
+        keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
         return MidusCLI(**cli_kwargs(), args=args)
     command_line = list(command_line)
     if command_line in ([], ["-h"], ["--help"]):
@@ -196,10 +194,36 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
         finally:
             _print_kit_commands()
     check_moved_keys(command_line)  # before any parsing: a moved key is one line naming its new place
-    if run_if_ablation(command_line):
+    if _run_if_ablation(command_line):
         return None
+    keep_freed_memory()  # (not in the ablation runner's process: each arm's fit is a process of its own)
     try:
         return MidusCLI(**cli_kwargs(), args=args)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_CODE) from None
+
+
+def _run_if_ablation(command_line: list[str]) -> bool:
+    """Run the arms of the ablation YAML a ``--config`` names, each a fit of its own; False when none does.
+
+    The command line is parsed once (`midus.ablation.command_line`): the runner's flags, and the
+    arguments every arm's fit gets. A configuration error exits 2 with its one ``error:`` line (the
+    error stays the exit's cause); an arm that failed makes the exit status 1, after the table.
+    """
+    from midus.ablation.command_line import parse_command_line
+    from midus.ablation.config import AblationError
+
+    try:
+        command = parse_command_line(command_line)
+        if command is None:
+            return False
+        from midus.ablation.runner import run_ablation
+
+        status = run_ablation(command)
+    except AblationError as error:
+        print(f"error: {error}", file=sys.stderr)  # as it is: a refusal of several arms spans lines
+        raise SystemExit(USER_ERROR_EXIT) from error
+    if status:
+        raise SystemExit(status)
+    return True

@@ -101,6 +101,10 @@ EVENTS_GLOB = "events.out.tfevents.*"
 SUMMARY_FILE = "summary.json"
 ABLATION_RECORD = "ablation.json"
 """In ``runs/<experiment>/``: the ablation's arms, seeds, reference arms and control arm, written with its tables."""
+Control = str | dict[str, str]
+"""``ablation.control`` (the YAML's, parsed by `midus.ablation.config`) and ``control`` of `ABLATION_RECORD`: one
+control arm for every arm, or arm → its own control arm (arms not named have none), e.g. the un-continued base for
+frozen arms and the continued one for trainable."""
 RUNS_AT_A_TIME_ENV = "MIDUS_RUNS_AT_A_TIME"
 """Environment variable the ablation runner gives each fit: how many runs it starts at a time (``timing``)."""
 SUMMARY_SCHEMA_VERSION = 1
@@ -109,6 +113,11 @@ SUMMARY_VAL_METRICS = (
     "val/recall_acc_replay_heldout",
 )
 """Logged metrics whose final values land under ``val`` of the summary, without the ``val/`` prefix."""
+
+
+def run_label(arm: str, seed: int | None) -> str:
+    """A run's folder below its experiment's, and its TensorBoard version: ``arm`` or ``arm/seed<k>``."""
+    return arm if seed is None else f"{arm}/seed{seed}"
 
 
 def value_at(record: dict[str, Any] | None, dotted: str) -> Any:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from midus.ablation.table import COLUMNS
 from midus.cli import main
+from midus.report.table import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 

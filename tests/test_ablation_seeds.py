@@ -14,7 +14,8 @@ from test_ablation import command, fake_finished_runs, tiny_base, write_ablation
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
 from midus.ablation.hparams import HPARAMS_EVENTS_GLOB
-from midus.ablation.intervals import (
+from midus.ablation.runner import run_ablation
+from midus.report.intervals import (
     BETTER,
     UNDECIDED,
     WORSE,
@@ -25,9 +26,8 @@ from midus.ablation.intervals import (
     t_quantile,
     verdict,
 )
-from midus.ablation.runner import run_ablation
-from midus.ablation.seed_table import paired_table
-from midus.ablation.table import COLUMNS, ArmRow
+from midus.report.seed_table import paired_table
+from midus.report.table import COLUMNS, ArmRow
 
 
 @pytest.mark.parametrize(

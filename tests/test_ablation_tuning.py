@@ -13,8 +13,8 @@ from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
 from midus.ablation.parallel import LOG_FILE, Launch, child_environment, run_launches
 from midus.ablation.runner import run_ablation
-from midus.ablation.table import ArmRow
 from midus.ablation.tuning import choose, tuning_markdown
+from midus.report.table import ArmRow
 
 TUNE = {
     "seed": 5,

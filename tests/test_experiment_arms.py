@@ -30,7 +30,7 @@ import yaml
 
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import load_ablation
-from midus.ablation.runner import parse_only, plan_arm
+from midus.ablation.runner import plan_arm
 from midus.checkpoint import load_kit_checkpoint
 from midus.checkpoint.kit import MODEL_CONFIG_KEY
 from midus.data.embedded_splits import embedded_key
@@ -42,6 +42,7 @@ from midus.model.branches.multihead_pkm import MultiHeadProductKeyMemory
 from midus.model.branches.pkm import ProductKeyMemory
 from midus.model.memory_block import MemoryBlock
 from midus.training import CausalLM
+from midus.training.cli import parse_only
 from midus.upscale import UpscaleConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from midus.ablation.runner import parse_only
 from midus.checkpoint import (
     checkpoint_tokenizer,
     export_hf_checkpoint,
@@ -38,7 +37,7 @@ from midus.model.block import TransformerBlock
 from midus.model.memory_block import MemoryBlock
 from midus.model.memory_config import MemoryConfig
 from midus.training import CausalLM
-from midus.training.cli import MidusCLI
+from midus.training.cli import MidusCLI, parse_only
 from midus.upscale import UpscaleConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,8 +28,9 @@ LAYERS: dict[str, set[str]] = {
     "midus.probes": {"midus.model", "midus.data"},
     "midus.training": {"midus.model", "midus.checkpoint", "midus.upscale", "midus.data", "midus.probes",
                        "midus.run_files"},
-    "midus.ablation": {"midus.training", "midus.model", "midus.run_files"},
-    "midus.report": {"midus.ablation", "midus.run_files"},
+    # The results tables are report's; the runner writes an ablation's summary.md and .csv with them.
+    "midus.report": {"midus.run_files"},
+    "midus.ablation": {"midus.training", "midus.model", "midus.run_files", "midus.report"},
     "midus.analysis": {"midus.model", "midus.checkpoint", "midus.data", "midus.ablation", "midus.run_files"},
     "midus.evaluation": {"midus.model", "midus.checkpoint", "midus.data", "midus.analysis"},
     "midus.cli": {"midus.ablation", "midus.training", "midus.host_allocator"},
@@ -38,7 +39,7 @@ LAYERS: dict[str, set[str]] = {
 }
 # Modules that must never import Lightning, directly or through the kit modules they import.
 LIGHTNING_FREE = ("midus.model", "midus.checkpoint", "midus.upscale", "midus.run_files", "midus.data", "midus.probes",
-                  "midus.report", "midus.ablation.config", "midus.ablation.table", "midus.analysis",
+                  "midus.report", "midus.ablation.config", "midus.ablation.command_line", "midus.analysis",
                   "midus.evaluation")
 LIGHTNING_ALLOWED_IN_DATA = {"midus.data.datamodule"}  # the LightningDataModule wrapper of TextData
 LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics")

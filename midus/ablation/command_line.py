@@ -1,6 +1,14 @@
-"""The ``python -m midus`` command line around an ablation YAML: the runner's own flags
-(``--arm``, ``--seeds``, ``--fresh``, ``--tune``, ``--jobs``) split from the arguments every arm's
-fit gets."""
+"""The ``python -m midus`` command line around an ablation YAML, parsed once into a `CommandLine`::
+
+    python -m midus fit --config experiments/x.yaml --arm a,b --seeds 0,1 --trainer.max_steps 10
+                    ~~~          ~~~~~~~~~~~~~~~~~~ ~~~~~~~~~~~~~~~~~~~~~~ ~~~~~~~~~~~~~~~~~~~~~
+                    subcommand   the ablation YAML  the runner's flags     what every arm's fit gets
+
+`parse_command_line` finds the ``--config`` that names an ablation YAML and takes the runner's
+flags (`RUNNER_FLAGS`) out; what is left is each arm's LightningCLI command line, with the arm's
+config in place of the ablation's (`CommandLine.for_arm`). A command line without an ablation YAML
+parses to None (the LightningCLI runs it as it is) and may carry none of the runner's flags.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +19,41 @@ from typing import Sequence
 import yaml
 
 from midus.ablation.config import Ablation, AblationError, load_ablation, parse_jobs, parse_seeds
-from midus.ablation.resume import FRESH_FLAG
-from midus.ablation.tuning import TUNE_FLAG
 
 CONFIG_FLAGS = ("--config", "-c")
-ARM_FLAG = "--arm"
-SEEDS_FLAG = "--seeds"
-JOBS_FLAG = "--jobs"
-_VALUE_FLAGS = (ARM_FLAG, SEEDS_FLAG, JOBS_FLAG)
-_SWITCHES = (FRESH_FLAG, TUNE_FLAG)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+@dataclass(frozen=True)
+class RunnerFlag:
+    """A flag the ablation runner reads; never passed on to an arm."""
+
+    name: str
+    does: str
+    """What it does, in the error for a command line without an ablation YAML."""
+    value: str | None = None
+    """What its value is (in the error when it is missing); None: a switch, which takes none."""
+
+
+ARM_FLAG, SEEDS_FLAG, FRESH_FLAG, TUNE_FLAG, JOBS_FLAG = "--arm", "--seeds", "--fresh", "--tune", "--jobs"
+RUNNER_FLAGS = {
+    flag.name: flag
+    for flag in (
+        RunnerFlag(ARM_FLAG, "selects arms", "arm names"),  # repeatable and/or comma-separated
+        RunnerFlag(SEEDS_FLAG, "sets the seeds", "seeds: 0,1,2"),  # replaces ablation.seeds
+        RunnerFlag(FRESH_FLAG, "starts arms afresh"),  # `midus.ablation.resume`
+        RunnerFlag(TUNE_FLAG, "tunes the arms"),  # `midus.ablation.tuning`
+        RunnerFlag(JOBS_FLAG, "sets the runs at a time", "runs at a time: 2"),  # replaces ablation.jobs
+    )
+}
 
 
 @dataclass
 class CommandLine:
-    """A ``python -m midus`` command line around an ablation YAML."""
+    """A ``python -m midus`` command line around an ablation YAML: the runner's part and the arms' part."""
 
     ablation: Ablation
+    """The YAML, with ``--seeds`` applied."""
     subcommand: str | None
     before: list[str]
     """Arguments before the ablation's ``--config`` (the subcommand among them), runner flags removed."""
@@ -41,6 +67,8 @@ class CommandLine:
     """``--tune``: run the arms' tuning candidates (``ablation.tune``) instead of the arms."""
     jobs: int = 1
     """Runs at a time: ``--jobs``, else ``ablation.jobs``."""
+    print_config: bool = False
+    """``--print_config``: print every selected arm's resolved config and run nothing."""
 
     @property
     def seeds(self) -> list[int | None]:
@@ -55,87 +83,85 @@ class CommandLine:
 def parse_command_line(argv: Sequence[str]) -> CommandLine | None:
     """Split `argv`; None when no ``--config`` names an ablation YAML (then it is a plain run).
 
-    ``--seeds 0,1,2`` replaces the YAML's ``ablation.seeds``, ``--jobs N`` its ``ablation.jobs``.
-
     Raises:
-        AblationError: on an unknown arm, malformed seeds, ``--seed_everything`` together with
-            seeds, or a runner flag without an ablation YAML.
+        AblationError: on an unknown arm, malformed seeds or jobs, ``--seed_everything`` together
+            with seeds, or a runner flag without an ablation YAML.
     """
     argv = [str(arg) for arg in argv]
+    found = _ablation_config(argv)
+    if found is None:
+        for flag in RUNNER_FLAGS.values():
+            if any(arg.partition("=")[0] == flag.name for arg in argv):
+                raise AblationError(
+                    f"{flag.name} {flag.does} of an ablation YAML (one with an 'ablation:' section); none was given"
+                )
+        return None
+    ablation, start, stop = found
+    before, before_values = _without_runner_flags(argv[:start])
+    after, after_values = _without_runner_flags(argv[stop:])
+
+    def value(flag: str) -> str | None:  # the last one given before the ablation's --config, else after it
+        return (before_values[flag] or [None])[-1] or (after_values[flag] or [None])[-1]
+
+    if value(SEEDS_FLAG) is not None:
+        ablation.seeds = parse_seeds(value(SEEDS_FLAG), SEEDS_FLAG)
+    if ablation.seeds is not None and any(arg.partition("=")[0] == "--seed_everything" for arg in argv):
+        raise AblationError(
+            f"{ablation.path}: --seed_everything sets one seed for every run; with seeds "
+            f"({SEEDS_FLAG} or ablation.seeds) each run's seed comes from that list"
+        )
+    jobs = parse_jobs(value(JOBS_FLAG), JOBS_FLAG) if value(JOBS_FLAG) is not None else ablation.jobs
+    selection = [arm.strip() for given in before_values[ARM_FLAG] + after_values[ARM_FLAG] for arm in given.split(",")]
+    return CommandLine(
+        ablation,
+        subcommand=next((arg for arg in argv if arg in SUBCOMMANDS), None),
+        before=before,
+        after=after,
+        arms=_select(ablation, [arm for arm in selection if arm]),
+        fresh=FRESH_FLAG in argv,
+        tune=TUNE_FLAG in argv,
+        jobs=jobs,
+        print_config=any(arg.startswith("--print_config") for arg in argv),
+    )
+
+
+def _ablation_config(argv: list[str]) -> tuple[Ablation, int, int] | None:
+    """The first ``--config`` naming an ablation YAML: the YAML, and where the flag with its value starts and stops."""
     for index, arg in enumerate(argv):
         flag, _, inline = arg.partition("=")
         if flag not in CONFIG_FLAGS:
             continue
-        width = 1 if inline else 2
         value = inline or (argv[index + 1] if index + 1 < len(argv) else "")
         try:
             ablation = load_ablation(value) if Path(value).is_file() else None
         except yaml.YAMLError:
             ablation = None  # LightningCLI reports unreadable configs
-        if ablation is None:
-            continue
-        before, after = _without_runner_flags(argv[:index]), _without_runner_flags(argv[index + width :])
-        seeds = before.seeds or after.seeds
-        if seeds is not None:
-            ablation.seeds = parse_seeds(seeds, SEEDS_FLAG)
-        if ablation.seeds is not None and any(a.partition("=")[0] == "--seed_everything" for a in argv):
-            raise AblationError(
-                f"{ablation.path}: --seed_everything sets one seed for every run; with seeds "
-                f"({SEEDS_FLAG} or ablation.seeds) each run's seed comes from that list"
-            )
-        jobs = before.jobs or after.jobs
-        jobs = parse_jobs(jobs, JOBS_FLAG) if jobs is not None else ablation.jobs
-        subcommand = next((a for a in argv if a in SUBCOMMANDS), None)
-        arms = _select(ablation, before.arms + after.arms)
-        return CommandLine(
-            ablation, subcommand, before.kept, after.kept, arms, FRESH_FLAG in argv, TUNE_FLAG in argv, jobs
-        )
-    for flag, what in (
-        (ARM_FLAG, "selects arms"),
-        (SEEDS_FLAG, "sets the seeds"),
-        (FRESH_FLAG, "starts arms afresh"),
-        (TUNE_FLAG, "tunes the arms"),
-        (JOBS_FLAG, "sets the runs at a time"),
-    ):
-        if any(arg.partition("=")[0] == flag for arg in argv):
-            raise AblationError(f"{flag} {what} of an ablation YAML (one with an 'ablation:' section); none was given")
+        if ablation is not None:
+            return ablation, index, index + (1 if inline else 2)
     return None
 
 
-@dataclass
-class _Split:
-    kept: list[str]
-    arms: list[str]
-    seeds: str | None
-    jobs: str | None = None
-
-
-def _without_runner_flags(argv: list[str]) -> _Split:
-    """`argv` without the runner's flags; the arms, seeds and jobs those gave."""
-    split, index = _Split([], [], None), 0
+def _without_runner_flags(argv: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`argv` without the runner's flags, and the values each flag that takes one gave, in order."""
+    kept: list[str] = []
+    values: dict[str, list[str]] = {name: [] for name, flag in RUNNER_FLAGS.items() if flag.value is not None}
+    index = 0
     while index < len(argv):
-        flag, equals, inline = argv[index].partition("=")
-        if flag in _SWITCHES:
-            if equals:
-                raise AblationError(f"{flag} takes no value")
+        name, equals, inline = argv[index].partition("=")
+        flag = RUNNER_FLAGS.get(name)
+        if flag is None:
+            kept.append(argv[index])
+        elif flag.value is None and equals:
+            raise AblationError(f"{name} takes no value")
+        elif flag.value is not None and not equals:
+            if index + 1 >= len(argv):
+                raise AblationError(f"{name} needs a value ({flag.value})")
+            values[name].append(argv[index + 1])
             index += 1
-            continue
-        if flag not in _VALUE_FLAGS:
-            split.kept.append(argv[index])
-            index += 1
-            continue
-        if not equals and index + 1 >= len(argv):
-            what = {ARM_FLAG: " (arm names)", SEEDS_FLAG: " (seeds: 0,1,2)", JOBS_FLAG: " (runs at a time: 2)"}
-            raise AblationError(f"{flag} needs a value" + what[flag])
-        value = inline if equals else argv[index + 1]
-        if flag == ARM_FLAG:
-            split.arms += [name.strip() for name in value.split(",") if name.strip()]
-        elif flag == SEEDS_FLAG:
-            split.seeds = value
-        else:
-            split.jobs = value
-        index += 1 if equals else 2
-    return split
+        elif flag.value is not None:
+            values[name].append(inline)
+        index += 1
+    return kept, values
 
 
 def _select(ablation: Ablation, selection: list[str]) -> list[str]:

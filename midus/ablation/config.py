@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import yaml
 
-from midus.run_files import value_at
+from midus.run_files import Control, run_label, value_at
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 # Arm and experiment names become directory names.
@@ -41,17 +41,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def run_label(arm: str, seed: int | None) -> str:
-    """The run's folder below the experiment's, and its TensorBoard version: ``arm`` or ``arm/seed<k>``."""
-    return arm if seed is None else f"{arm}/seed{seed}"
-
-
 _TUNE_KEYS = {"seed", "metric", "overrides", "candidates", "keep"}
-
-Control = str | dict[str, str]
-"""``ablation.control``: one control arm for every arm, or arm → its own control arm (arms not
-named have none), e.g. the un-continued base for frozen arms and the continued one for trainable."""
-
 
 @dataclass
 class TuneSpec:
@@ -161,7 +151,7 @@ class Ablation:
     """``ablation.jobs``: runs at a time (``--jobs`` replaces it)."""
     control: Control | None = None
     """``ablation.control``: the arm without up-scaling whose knowledge bits the bits-above-control
-    columns subtract, seed by seed (`midus.ablation.table`); default: the first reference arm. Or
+    columns subtract, seed by seed (`midus.report.table`); default: the first reference arm. Or
     per arm (`parse_control`): each control arm → the arms it is the control of."""
 
     @property

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from midus.ablation.command_line import FRESH_FLAG
 from midus.ablation.config import AblationError
 from midus.run_files import (
     ARM_COMMAND,
@@ -27,7 +28,6 @@ from midus.run_files import (
 )
 
 SKIP, RESUME, FRESH = "skip", "resume", "fresh"
-FRESH_FLAG = "--fresh"
 _SHOWN_DIFFERENCES = 6
 
 

@@ -37,7 +37,7 @@ arm ``wide`` lands in ``runs/ablate_width/wide``.
    at the end if one did;
 6. reads ``runs/<name>/<arm>/summary.json`` of every arm in the YAML (ones run earlier or on
    other machines included), prints a Markdown table and writes ``runs/<name>/summary.md`` and
-   ``summary.csv`` (`midus.ablation.table`), and gives every selected run with a summary a
+   ``summary.csv`` (`midus.report.summary_files`), and gives every selected run with a summary a
    TensorBoard HParams session (`midus.ablation.hparams`): ``tensorboard --logdir runs/<name>``
    shows the ablation as one HParams table, filterable by arm and seed.
 
@@ -46,15 +46,15 @@ per seed, with ``seed_everything: <seed>`` (initialisation and data order; the e
 keeps its own ``data.embedded.seed``, so every seed trains on the same people), in
 ``runs/<name>/<arm>/seed<seed>``; each seed is its own run for skipping and resuming. The table
 then gives per arm and metric the mean over seeds with a 95 % Student-t interval
-(`midus.ablation.intervals`), and with ``ablation.reference: <arm>`` every other arm's paired
+(`midus.report.intervals`), and with ``ablation.reference: <arm>`` every other arm's paired
 difference to the reference over the seeds both ran, with a verdict: better, worse, or not
-distinguishable (`midus.ablation.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
+distinguishable (`midus.report.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
 
 With ``ablation.reference: [a, b]`` (a list) every arm gets a paired table against each of them;
 ``ablation.json`` records the first as the reference ``report`` uses. ``ablation.control: <arm>``
 (default: the first reference) is the arm without up-scaling that the "bits above control"
 columns subtract, seed by seed: (knowledge bits - the control's) per added and per trainable
-parameter (`midus.ablation.table`); a mapping of control arms to the arms each controls gives
+parameter (`midus.report.table`); a mapping of control arms to the arms each controls gives
 frozen and trainable arms their own (`midus.ablation.config.parse_control`).
 
 Several at a time: ``ablation.jobs: 2`` (or ``--jobs 2``) runs two runs at once, each with its
@@ -98,22 +98,21 @@ import dataclasses
 import functools
 import subprocess
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
-from midus.ablation.command_line import ARM_FLAG, SEEDS_FLAG, SUBCOMMANDS, CommandLine, parse_command_line
-from midus.ablation.config import TENSORBOARD, AblationError, run_label
+from midus.ablation.command_line import ARM_FLAG, FRESH_FLAG, SEEDS_FLAG, CommandLine, parse_command_line
+from midus.ablation.config import TENSORBOARD, AblationError
 from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
 from midus.ablation.parallel import Launch, child_environment, run_launches
-from midus.ablation.resume import FRESH_FLAG, SKIP, ArmStart, plan_start
-from midus.ablation.summary_files import write_tables
-from midus.ablation.table import ArmRow, collect_rows
+from midus.ablation.resume import SKIP, ArmStart, plan_start
 from midus.ablation.tuning import TUNING_FILE, tuned_arms, tuning_ablation, write_tuning
-from midus.run_files import ARM_CONFIG, value_at
+from midus.report.summary_files import write_tables
+from midus.report.table import ArmRow, collect_rows
+from midus.run_files import ARM_CONFIG, run_label, value_at
 
 CKPT_FLAG = "--ckpt_path"
 
@@ -148,6 +147,7 @@ def plan_arm(command: CommandLine, arm: str, seed: int | None = None) -> ArmPlan
     from argparse import ArgumentError
 
     from midus.model import ModelConfig
+    from midus.training.cli import parse_only
 
     ablation = command.ablation
     config = ablation.arm_config(arm, seed)
@@ -169,55 +169,27 @@ def plan_arm(command: CommandLine, arm: str, seed: int | None = None) -> ArmPlan
     return ArmPlan(arm, config, Path(init_args.save_dir) / ablation.name / label, seed)
 
 
-def parse_only(args: list[str]) -> Any:
-    """Parse a ``python -m midus`` command line with the kit's parser; returns the subcommand's namespace.
-
-    Nothing is instantiated (no data preparation, no model, no trainer); errors raise
-    `argparse.ArgumentError` instead of exiting.
-    """
-    parsed = _parser().parse_args(args)
-    return parsed[parsed.subcommand]
-
-
-@functools.cache
-def _parser() -> Any:
-    # Building the parser (signatures, docstrings) takes seconds, parsing with it a tenth of one.
-    from midus.training.cli import MidusCLI, cli_kwargs
-
-    class ParseOnlyCLI(MidusCLI):
-        def _set_seed(self) -> None:
-            pass  # this process only parses: leave the global RNGs (and the log) alone
-
-        def instantiate_classes(self) -> None:
-            # LightningCLI runs the subcommand after this hook only when one is set.
-            self.subcommand = None
-
-    strict = {"exit_on_error": False}
-    with warnings.catch_warnings():
-        # Passing args while sys.argv has its own is deliberate here: they are not this process's.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = ParseOnlyCLI(
-            **cli_kwargs(), parser_kwargs={**strict, **{name: strict for name in SUBCOMMANDS}}, args=["fit"]
-        )
-    return cli.parser
-
-
 def run_arm_process(arm_command: list[str]) -> int:
     """Run one arm as ``python -m midus <arm_command>`` in a child process, the only run at a time
     (its summary says so: `child_environment`); returns its exit status."""
     return subprocess.run([sys.executable, "-m", "midus", *arm_command], env=child_environment(1)).returncode
 
 
-def run_ablation(argv: Sequence[str]) -> int:
+def run_ablation(command: CommandLine | Sequence[str]) -> int:
     """Run the arms an ablation command line selects, then write the table; returns the exit status.
 
+    `command` is the parsed command line (``python -m midus`` parses it once: `midus.cli`), or the
+    arguments to parse (a Python caller's).
+
     Raises:
-        AblationError: when `argv` names no ablation YAML, an unknown arm, or an invalid arm
-            (always before anything is written).
+        AblationError: when the command line names no ablation YAML, an unknown arm, or an invalid
+            arm (always before anything is written).
     """
-    command = parse_command_line(argv)
-    if command is None:
-        raise AblationError("no --config names an ablation YAML (one with a top-level 'ablation:' section)")
+    if not isinstance(command, CommandLine):
+        parsed = parse_command_line(command)
+        if parsed is None:
+            raise AblationError("no --config names an ablation YAML (one with a top-level 'ablation:' section)")
+        command = parsed
     tuned, arms_tuned = (command.ablation, tuned_arms(command.ablation, command.arms)) if command.tune else (None, [])
     if tuned is not None:  # the tuning runs, as an ablation of their own (`midus.ablation.tuning`)
         tuning = tuning_ablation(tuned, command.arms)
@@ -234,7 +206,7 @@ def run_ablation(argv: Sequence[str]) -> int:
             f"{ablation.path}: the runner chooses each arm's {CKPT_FLAG} (it resumes an interrupted arm from its "
             f"newest checkpoint); to start every arm from one trained model, set model.upscale.base_checkpoint"
         )
-    printing = any(str(arg).startswith("--print_config") for arg in argv)
+    printing = command.print_config
     plans = []
     for arm, seed in [(arm, seed) for arm in command.arms for seed in command.seeds]:
         if printing:
@@ -334,21 +306,3 @@ def plan_starts(command: CommandLine, plans: list[ArmPlan]) -> list[ArmStart]:
         hint = f"({ARM_FLAG} {arms}{seed_flag} {FRESH_FLAG} restarts only {which})"
         raise AblationError("\n".join([*refused.values(), hint]))
     return starts
-
-
-def run_if_ablation(argv: Sequence[str]) -> bool:
-    """`midus.cli.main`'s hook: run `argv` as an ablation if it names one; False when it does not.
-
-    Exits (`SystemExit`) with a one-line ``error:`` message and status 2 on a configuration
-    error (like every user error of ``python -m midus``), and with status 1 when an arm failed.
-    """
-    try:
-        if parse_command_line(argv) is None:
-            return False
-        status = run_ablation(argv)
-    except AblationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from error  # the message stays readable as the exit's cause
-    if status:
-        raise SystemExit(status)
-    return True

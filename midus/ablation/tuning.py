@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from midus.ablation.command_line import TUNE_FLAG
 from midus.ablation.config import Ablation, AblationError, TuneSpec, deep_merge, expand_dotted
-from midus.ablation.table import ArmRow
+from midus.report.table import ArmRow
 from midus.run_files import value_at
 
-TUNE_FLAG = "--tune"
 TUNING_FILE = "tuning.md"
 
 

@@ -1,5 +1,12 @@
-"""``python -m midus report``: report.md and plots of an experiment folder, from its files alone.
+"""The results of an experiment folder: its tables, and ``python -m midus report``'s report.md and plots.
 
-`arms` reads the folder, `plots` draws the PNGs, `build` writes report.md (the command).
-Never imports Lightning, datasets or transformers: reporting needs only the run files.
+`table` is the table of runs (one row per run from its ``summary.json``; `COLUMNS` says what it
+shows), `intervals` and `seed_table` give means over seeds with 95 % t-intervals and paired
+verdicts against a reference arm, `summary_files` writes an ablation's summary.md, summary.csv,
+summary_seeds.csv and ablation.json (the ablation runner calls it after its arms). `arms` reads a
+folder's event files and summaries, `seed_bands` and `plots` draw the PNGs, `build` writes report.md
+(the command).
+
+Never imports Lightning, datasets or transformers, nor the kit's higher layers: reporting needs only
+the run files (`midus.run_files`), and the ablation runner sits above it.
 """

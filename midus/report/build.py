@@ -8,7 +8,7 @@ run); the folder itself counts as one arm, named after it, when it holds event f
 (`midus.report.arms`). Several event files of one arm (a resumed run, a later ``validate``)
 are merged by step, the later one winning a step logged twice.
 
-Writes ``report.md`` (the summary table of `midus.ablation.table` plus best val loss and
+Writes ``report.md`` (the summary table of `midus.report.table` plus best val loss and
 tokens trained, the plots, and where each arm's numbers came from) and two PNGs next to it:
 ``val_loss_vs_tokens.png`` (validation loss against training tokens, all arms; tokens, not
 steps, since arms can differ in batch size) and ``val_ppl_vs_added_params.png`` (final
@@ -19,9 +19,9 @@ A seeded ablation's ``<arm>/seed<k>/`` runs are drawn per arm: the mean over see
 from the lowest to the highest seed (loss curve) or an error bar (perplexity point); the table
 adds each metric's mean and 95 % t-interval over seeds and, against each reference arm the
 ablation recorded in ``ablation.json`` (or the one ``--reference`` names), the paired
-differences with their verdicts (`midus.ablation.seed_table`). The bits-above-control columns
+differences with their verdicts (`midus.report.seed_table`). The bits-above-control columns
 subtract the recorded control arm's bits (default: the first recorded reference), and a caption
-says how the runs were timed (`midus.ablation.table`).
+says how the runs were timed (`midus.report.table`).
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from midus.ablation.config import Control
-from midus.ablation.seed_table import seed_sections
-from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
 from midus.report.arms import Arm, NoRunError, collect_arms, tokens_at
 from midus.report.plots import loss_curves, plot_val_loss, plot_val_ppl, ppl_points
 from midus.report.seed_bands import arms_of, seed_bands
-from midus.run_files import ABLATION_RECORD, value_at
+from midus.report.seed_table import seed_sections
+from midus.report.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
+from midus.run_files import ABLATION_RECORD, Control, value_at
 
 LOSS_PNG = "val_loss_vs_tokens.png"
 PPL_PNG = "val_ppl_vs_added_params.png"

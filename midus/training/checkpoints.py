@@ -8,6 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from midus.training.lightning_internals import save_after_validation, save_now, skips_saving, validation_follows
+
 
 class PeriodicCheckpoint(ModelCheckpoint):
     """Save ``step-<S>.ckpt`` every `every_n_train_steps` optimizer steps and keep the newest `keep`.
@@ -29,6 +31,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
             raise ValueError(f"PeriodicCheckpoint.every_n_train_steps must be >= 1, got {every_n_train_steps}")
         if keep == 0 or keep < -1:
             raise ValueError(f"PeriodicCheckpoint.keep must be >= 1, or -1 for all, got {keep}")
+        self.every_n_train_steps = every_n_train_steps
         # "Newest" is the highest step: monitor the step counter Lightning offers every checkpoint.
         super().__init__(
             dirpath=dirpath, filename="step-{step}", auto_insert_metric_name=False,
@@ -48,11 +51,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
     ) -> None:
         # Replaces ModelCheckpoint's own step logic, which also defers an epoch's last batch to a
         # validation it assumes follows (none does with check_val_every_n_epoch: null).
-        if trainer.global_step % self._every_n_train_steps or self._should_skip_saving_checkpoint(trainer):
+        if trainer.global_step % self.every_n_train_steps or skips_saving(self, trainer):
             return
-        if trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
-            self._defer_save_until_validation = True  # ModelCheckpoint saves it at on_validation_end
+        if validation_follows(trainer):
+            save_after_validation(self)  # ModelCheckpoint saves it at on_validation_end
             return
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+        save_now(self, trainer)

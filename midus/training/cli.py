@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -17,6 +18,7 @@ from midus.data.starting_tokenizer import (
     resolve_tokenizer,
 )
 from midus.training.callbacks import CompletionWriter
+from midus.training.lightning_internals import CheckpointHookCLI, cli_parser, set_purge_step, subcommand_config
 from midus.training.lm_module import CausalLM
 from midus.training.model_source import StoredModel, building_from_checkpoint
 from midus.training.run_summary import RunSummary
@@ -35,7 +37,7 @@ def starting_model(model: Namespace) -> StartingModel:
     return StartingModel.of(model["pretrained"], upscale["base_checkpoint"], upscale["base_made_by"])
 
 
-class MidusCLI(LightningCLI):
+class MidusCLI(CheckpointHookCLI):
     """LightningCLI with the data's vocabulary size linked into the model config.
 
     Every ``fit`` gets a `RunSummary` callback (``summary.json`` in the run directory) unless
@@ -45,7 +47,7 @@ class MidusCLI(LightningCLI):
     The data's ``tokenizer: auto`` becomes the starting model's own tokenizer (`instantiate_classes`).
     With ``--ckpt_path`` of a kit checkpoint the model is built from the architecture the checkpoint
     stores, so its base may be gone, and ``--model.*`` values given with it are kept or refused
-    (`_parse_ckpt_path`).
+    (`parse_ckpt_path`).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -72,7 +74,7 @@ class MidusCLI(LightningCLI):
           op without a deterministic kernel warns instead of stopping the run. The value lands in the
           saved config.
         """
-        config = self._subcommand_config()
+        config = subcommand_config(self)
         if self.subcommand == "fit" and str(config["trainer"]["precision"]) == "bf16-true":
             raise ValueError(
                 "trainer.precision=bf16-true keeps the weights in bfloat16, where AdamW's small updates round "
@@ -88,7 +90,7 @@ class MidusCLI(LightningCLI):
         """Build the data, model and Trainer, with ``data.tokenizer: auto`` resolved (`resolved_tokenizer`)
         and, after a kit checkpoint's ``--ckpt_path``, the model built from the checkpoint's
         architecture rather than from its base (`midus.training.model_source.building_from_checkpoint`)."""
-        data = self._subcommand_config()["data"]
+        data = subcommand_config(self)["data"]
         asked = data["tokenizer"], data["tokenizer_path"]
         data["tokenizer"], data["tokenizer_path"] = self.resolved_tokenizer()
         try:
@@ -104,7 +106,7 @@ class MidusCLI(LightningCLI):
         """``(data.tokenizer, data.tokenizer_path)`` the data is built with (`midus.data.starting_tokenizer`);
         ``auto`` after a ``--ckpt_path`` of a kit checkpoint takes the tokenizer that checkpoint stores,
         so the base may be gone."""
-        config = self._subcommand_config()
+        config = subcommand_config(self)
         kind, path = config["data"]["tokenizer"], config["data"]["tokenizer_path"]
         start = starting_model(config["model"])
         if kind == "auto" and not path and start.path and getattr(self, "_checkpoint_has_tokenizer", False):
@@ -118,7 +120,7 @@ class MidusCLI(LightningCLI):
         Runs once the data is built and before anything is written. Not with a ``--ckpt_path`` of a
         kit checkpoint: the model is that checkpoint's, whose tokenizer `CausalLM` compares on load.
         """
-        config = self._subcommand_config()
+        config = subcommand_config(self)
         start = starting_model(config["model"])
         field, base, kind = start.field, start.path, config["data"]["tokenizer"]
         if kind not in NEW_TOKENIZERS or field != "model.upscale.base_checkpoint" or not Path(base).is_file():
@@ -135,15 +137,11 @@ class MidusCLI(LightningCLI):
                 "with; leave data.tokenizer at auto (the default: the base's tokenizer)"
             )
 
-    def _subcommand_config(self):
-        """The running subcommand's config (the whole config when built with ``run=False``)."""
-        return self.config.get(str(self.subcommand), self.config)
-
-    def _parse_ckpt_path(self) -> None:
+    def parse_ckpt_path(self, lightning_parses: Callable[[], None]) -> None:
         """Read ``--ckpt_path`` with the kit's safe reader before Lightning reads it, and keep or
         refuse the ``--model.*`` values Lightning would replace with the checkpoint's.
 
-        LightningCLI loads the file here, for its hyperparameters, before anything is
+        LightningCLI loads the file here (`lightning_parses`), for its hyperparameters, before anything is
         instantiated or written; the Trainer loads it again when the run starts. Checking it
         first makes a missing, corrupt, truncated, foreign or unsafe file one `CheckpointError`
         (or FileNotFoundError) naming it, and both of Lightning's loads stay weights-only
@@ -165,7 +163,7 @@ class MidusCLI(LightningCLI):
         config = self.config.get(str(subcommand)) if subcommand else None
         ckpt_path = str(config.get("ckpt_path") or "") if config is not None else ""
         if not ckpt_path:
-            return super()._parse_ckpt_path()
+            return lightning_parses()
         # Checkpoints written by a plain Trainer hold the kit's config dataclasses: allow them
         # in Lightning's own weights-only loads too (every kit class is imported here).
         torch.serialization.add_safe_globals(kit_safe_globals())
@@ -180,7 +178,7 @@ class MidusCLI(LightningCLI):
             config["weights_only"] = True  # also for URLs, which Lightning would otherwise fully unpickle
         special = ckpt_path.lower() in ("best", "last", "hpc", "registry") or ckpt_path.lower().startswith("registry:")
         if special or "://" in ckpt_path:
-            return super()._parse_ckpt_path()  # resolved or fetched by the Trainer, which loads it weights-only
+            return lightning_parses()  # resolved or fetched by the Trainer, which loads it weights-only
         checkpoint = read_kit_checkpoint(ckpt_path, "--ckpt_path", mmap=not trusted())
         # Its step tells TensorBoard what to purge on resume (before_fit).
         self._checkpoint_step = checkpoint.get("global_step")
@@ -190,7 +188,7 @@ class MidusCLI(LightningCLI):
         del checkpoint
         given = self._given_model_values()
         with torch.serialization.safe_globals(trusted_globals(ckpt_path) if trusted() else []):
-            super()._parse_ckpt_path()
+            lightning_parses()
         self._keep_given_model_values(given, ckpt_path)
 
     def _given_model_values(self) -> dict[str, Any]:
@@ -205,7 +203,7 @@ class MidusCLI(LightningCLI):
 
     def _keep_given_model_values(self, given: dict[str, Any], ckpt_path: str) -> None:
         """Put the given training and evaluation settings back over the checkpoint's; refuse a given
-        architecture value that differs from the checkpoint's (see `_parse_ckpt_path`)."""
+        architecture value that differs from the checkpoint's (see `parse_ckpt_path`)."""
         model = self.config[self.config["subcommand"]]["model"]  # (self.subcommand is set after this hook)
         for key, value in given.items():
             stored = model.get(key)
@@ -222,7 +220,7 @@ class MidusCLI(LightningCLI):
     def before_fit(self) -> None:
         # Added here rather than as a parser default so that a YAML's callbacks list (which
         # replaces defaults) cannot drop it, and validate/test/predict never see it.
-        config = self._subcommand_config()
+        config = subcommand_config(self)
         config_paths = [str(path) for path in config.get("config") or [] if path is not None]
         summaries = [cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)]
         if not summaries:
@@ -240,13 +238,11 @@ class MidusCLI(LightningCLI):
         """
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        # Set when _parse_ckpt_path read a --ckpt_path file (not for "last", a URL, or no resume).
+        # Set when parse_ckpt_path read a --ckpt_path file (not for "last", a URL, or no resume).
         step = getattr(self, "_checkpoint_step", None)
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and isinstance(step, int):
-                # Passed on to its SummaryWriter; the CLI fills in the writer's own None default.
-                if logger._kwargs.get("purge_step") is None:
-                    logger._kwargs["purge_step"] = step
+                set_purge_step(logger, step)
 
     def before_predict(self) -> None:
         self.trainer.callbacks.append(CompletionWriter())
@@ -261,3 +257,22 @@ def cli_kwargs() -> dict[str, Any]:
         # Re-running a variant overwrites its saved config instead of refusing to start.
         "save_config_kwargs": {"overwrite": True},
     }
+
+
+def parse_only(args: list[str]) -> Any:
+    """Parse a ``python -m midus`` command line with the kit's parser; returns the subcommand's namespace.
+
+    Nothing is instantiated (no data preparation, no model, no trainer) and no global state changes
+    (no seed); errors raise `argparse.ArgumentError` instead of exiting. The ablation runner
+    validates every arm with it before any arm runs.
+    """
+    parsed = _parser().parse_args(args)
+    return parsed[parsed.subcommand]
+
+
+@functools.cache
+def _parser() -> LightningArgumentParser:
+    # Building the parser (signatures, docstrings) takes seconds, parsing with it a tenth of one.
+    strict = {"exit_on_error": False}
+    parser_kwargs = {**strict, **{subcommand: strict for subcommand in LightningCLI.subcommands()}}
+    return cli_parser(MidusCLI, **cli_kwargs(), parser_kwargs=parser_kwargs)

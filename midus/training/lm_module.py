@@ -14,7 +14,6 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
@@ -25,6 +24,7 @@ from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
 from midus.probes import ProbeConfig, Processes, ValidationProbes
 from midus.training.divergence import check_finite_loss
+from midus.training.lightning_internals import attached_trainer, is_fitting, logs_this_step
 from midus.training.memory_estimate import MemoryReport
 from midus.training.model_setup import setup_model
 from midus.training.model_source import build_model
@@ -156,7 +156,7 @@ class CausalLM(pl.LightningModule):
         self.progress.load_state_dict(checkpoint.get(PROGRESS_KEY) or {}, checkpoint.get("global_step", 0))
         # validate/test --ckpt_path with other data: a retrained tokenizer would score garbage.
         stored = checkpoint_tokenizer(checkpoint)
-        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        tokenizer = getattr(getattr(attached_trainer(self), "datamodule", None), "tokenizer", None)
         if stored is not None and tokenizer is not None and not same_vocabulary(stored, tokenizer):
             raise ValueError(
                 "data: the data's tokenizer is not the one this checkpoint was trained with; evaluate other "
@@ -175,8 +175,9 @@ class CausalLM(pl.LightningModule):
 
     def configure_model(self) -> None:
         # Compilation and activation checkpointing as the strategy needs them (`midus.training.model_setup`).
-        strategy = getattr(self._trainer, "strategy", None)
-        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        trainer = attached_trainer(self)
+        strategy = getattr(trainer, "strategy", None)
+        fitting = is_fitting(trainer)
         setup_model(self.model, strategy, self.hparams.compile, self.hparams.activation_checkpointing, fitting)
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -226,7 +227,7 @@ class CausalLM(pl.LightningModule):
         """Whether the logger writes this step's values (every ``trainer.log_every_n_steps``): values only
         the logger reads are logged on those steps, as Lightning's LearningRateMonitor decides, since each
         ``self.log`` has a cost (experiments/README.md); ``train/loss`` is logged every step."""
-        return bool(self.trainer._logger_connector.should_update_logs or self.trainer.fast_dev_run)
+        return bool(logs_this_step(self.trainer) or self.trainer.fast_dev_run)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> None:
         loss, inputs, targets = self.next_token_loss(batch)

@@ -74,6 +74,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from midus.model import MidusLM, ModelConfig
+from midus.training.lightning_internals import fsdp_checkpoints_activations
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class MemoryReport(pl.Callback):
         self._micro_batch = (int(settings["batch_size"]), int(settings["block_size"]))
         strategy = trainer.strategy
         fsdp = isinstance(strategy, FSDPStrategy)
-        checkpointing = model.activation_checkpointing or bool(fsdp and strategy._activation_checkpointing_kwargs)
+        checkpointing = model.activation_checkpointing or (fsdp and fsdp_checkpoints_activations(strategy))
         try:
             _, c = precision_bytes(trainer.precision)
         except ValueError:  # e.g. transformer-engine: the run goes on without an estimate

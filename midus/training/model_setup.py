@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from midus.model import MidusLM
+from midus.training.lightning_internals import fsdp_checkpoints_activations
 
 
 def setup_model(model: MidusLM, strategy: Strategy | None, compile: bool, activation_checkpointing: bool,
@@ -44,8 +45,7 @@ def leave_checkpointing_to_fsdp(model: MidusLM, strategy: FSDPStrategy, fitting:
     FSDP unit, where FSDP expects the recomputation); the model never wraps them a second time. Without
     that policy a fit is refused: checkpointing outside the units is not what FSDP expects."""
     model.activation_checkpointing = False
-    # (What Lightning 2.6's FSDPStrategy keeps of its activation_checkpointing_policy; empty without one.)
-    if strategy._activation_checkpointing_kwargs:
+    if fsdp_checkpoints_activations(strategy):
         rank_zero_info("model.activation_checkpointing: FSDPStrategy's activation_checkpointing_policy "
                        "checkpoints the blocks; the model does not checkpoint them again")
     elif fitting:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from lightning.fabric.utilities.throughput import Throughput
+from lightning.fabric.utilities import Throughput
 
 
 class TrainingProgress:

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from midus.run_files import RUNS_AT_A_TIME_ENV, SUMMARY_FILE, SUMMARY_SCHEMA_VERSION, SUMMARY_VAL_METRICS
+from midus.training.lightning_internals import keep_sanity_metrics
 from midus.training.memory_health import memory_engaged, memory_usage, memory_zeroed_delta
 
 
@@ -123,7 +124,7 @@ class RunSummary(pl.Callback):
             if trainer.global_step == 0 and step0 and _metric(trainer, "val/loss") is None:
                 # trainer.max_steps: 0, the model as it starts (an ablation's un-continued base): its
                 # validation is the full sanity pass, which Lightning keeps out of callback_metrics.
-                trainer.callback_metrics.update({name: torch.tensor(value) for name, value in step0.items()})
+                keep_sanity_metrics(trainer, step0)
                 self._best_val_loss = step0.get("val/loss")
             self._write(trainer, pl_module)
 

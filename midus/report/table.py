@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from midus.ablation.config import Control, run_label
-from midus.run_files import SUMMARY_FILE, value_at
+from midus.run_files import SUMMARY_FILE, Control, run_label, value_at
 
 MIB = 2**20
 
@@ -76,7 +75,7 @@ class Column:
     """`str.format` pattern of a value in the Markdown table."""
     better: str | None = None
     """"lower" or "higher" when the metric has a good direction: a seeded ablation with a
-    reference arm gives these columns a paired difference and a verdict (`midus.ablation.seed_table`)."""
+    reference arm gives these columns a paired difference and a verdict (`midus.report.seed_table`)."""
     paired: str = "difference"
     """How a directed column pairs with the reference: ``difference`` (arm - reference) or
     ``ratio`` (arm / reference, for costs such as step time)."""

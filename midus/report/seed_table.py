@@ -1,5 +1,5 @@
 """The tables of a seeded ablation: per arm, each metric's mean and 95 % interval over seeds;
-per arm against the reference arm, the paired difference and a verdict (`midus.ablation.intervals`).
+per arm against the reference arm, the paired difference and a verdict (`midus.report.intervals`).
 
 Only finished runs count (status "ok": a readable ``summary.json``; not a failed, running or
 crashed run, which ``report`` would otherwise read from its event files); a metric missing from a run (e.g. recall with
@@ -17,8 +17,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from midus.ablation.config import Control
-from midus.ablation.intervals import (
+from midus.report.intervals import (
     CONFIDENCE,
     Interval,
     mean_interval,
@@ -27,7 +26,8 @@ from midus.ablation.intervals import (
     ratio_verdict,
     verdict,
 )
-from midus.ablation.table import ArmRow, Column
+from midus.report.table import ArmRow, Column
+from midus.run_files import Control
 
 INTERVAL_NOTE = (
     f"Cells: mean ± half-width of the {CONFIDENCE:.0%} Student-t confidence interval over seeds "

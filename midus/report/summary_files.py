@@ -10,10 +10,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from midus.ablation.config import Control
-from midus.ablation.seed_table import seed_sections, write_seed_csv
-from midus.ablation.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
-from midus.run_files import ABLATION_RECORD
+from midus.report.seed_table import seed_sections, write_seed_csv
+from midus.report.table import COLUMNS, ArmRow, Column, markdown_table, timing_note, with_control
+from midus.run_files import ABLATION_RECORD, Control
 
 
 def write_tables(
@@ -26,8 +25,8 @@ def write_tables(
 ) -> str:
     """Write ``summary.md`` and ``summary.csv`` (one line per run) into `experiment_dir`; returns the
     Markdown. Rows with seeds add the means and intervals over seeds, the paired differences to
-    each of `references`, and ``summary_seeds.csv`` (`midus.ablation.seed_table`). `control` is
-    the arm the bits-above-control columns subtract, seed by seed (`midus.ablation.table`)."""
+    each of `references`, and ``summary_seeds.csv`` (`midus.report.seed_table`). `control` is
+    the arm the bits-above-control columns subtract, seed by seed (`midus.report.table`)."""
     rows = with_control(rows, control)
     table = markdown_table(rows, columns)
     seeded = any(row.seed is not None for row in rows)

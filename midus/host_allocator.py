@@ -5,9 +5,10 @@ PyTorch's CPU allocator has no cache of its own (unlike its CUDA caching allocat
 malloc each time. glibc serves blocks above its mmap threshold with fresh mappings and gives
 the free top of its heap back to the kernel beyond the trim threshold, so the next step
 touches new pages and the kernel faults each one in again (what that costs a small model's
-step, and what these settings save: experiments/README.md, "Small-model speed"). `keep_freed_memory` raises the mmap threshold to glibc's own dynamic ceiling
-(32 MiB) and the trim threshold to 1 GiB, so freed memory up to that is reused, as a caching
-allocator would. The cost is resident memory: the process keeps up to that much freed heap.
+step, and what these settings save: experiments/README.md, "Small-model speed").
+`keep_freed_memory` raises the mmap threshold to glibc's own dynamic ceiling (32 MiB) and the
+trim threshold to 1 GiB, so freed memory up to that is reused, as a caching allocator would.
+The cost is resident memory: the process keeps up to that much freed heap.
 
 ``python -m midus`` applies it before a LightningCLI run; ``MIDUS_KEEP_FREED_MEMORY=0`` turns it
 off. Elsewhere than glibc (macOS, musl, Windows) it does nothing.

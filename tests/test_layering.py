@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "midus"
 
 # Unit → the units it may import. A unit is a package (or top-level module) of midus; the
-# order is bottom to top. README.md's Layout section describes the same layers.
+# order is bottom to top. docs/layout.md describes the same layers.
 LAYERS: dict[str, set[str]] = {
     "midus.model": set(),
     "midus.checkpoint": {"midus.model"},
@@ -178,8 +178,8 @@ def test_plain_layers_never_reach_lightning() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-def test_every_layer_is_a_documented_package_named_in_the_readme_layout() -> None:
-    layout = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+def test_every_layer_is_a_documented_package_named_in_the_layout_page() -> None:
+    layout = (ROOT / "docs" / "layout.md").read_text(encoding="utf-8")
     for unit in LAYERS:
         if unit in ("midus", "midus.__main__"):
             continue
@@ -187,7 +187,7 @@ def test_every_layer_is_a_documented_package_named_in_the_readme_layout() -> Non
         module = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         assert ast.get_docstring(ast.parse(module.read_text(encoding="utf-8"))), f"{module} has no docstring"
         shown = f"midus/{unit.split('.', 1)[1]}" + ("/" if path.is_dir() else ".py")
-        assert shown in layout, f"README's Layout does not list {shown}"
+        assert shown in layout, f"docs/layout.md does not list {shown}"
 
 
 @pytest.mark.slow

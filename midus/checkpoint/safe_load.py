@@ -29,7 +29,7 @@ from midus.model.memory_config import MemoryConfig
 TRUST_ENV = "MIDUS_TRUST_CHECKPOINTS"
 """Environment variable: ``1`` reads checkpoints with full unpickling (only for files you trust)."""
 
-MOVED_MODULES = {"midus.training.data_module": "midus.data.text_data"}
+MOVED_MODULES = {"midus.training.data_module": "midus.data.sources", "midus.data.text_data": "midus.data.sources"}
 """Modules whose classes older checkpoints pickled (the data module's hyperparameters hold an
 `EmbeddedCorpusConfig`) → where those classes live now."""
 
@@ -38,8 +38,16 @@ KIT_TYPE_NAMES = (
     "midus.model.config.LayerSpec",
     "midus.model.memory_config.MemoryConfig",
     "midus.upscale.config.UpscaleConfig",
-    "midus.data.text_data.EmbeddedCorpusConfig",
+    "midus.data.sources.EmbeddedCorpusConfig",
+    "midus.data.sources.FilesConfig",
+    "midus.data.sources.HubConfig",
+    "midus.data.prepare.ShardsConfig",
     "midus.probes.config.ProbeConfig",
+    "midus.training.config.OptimizerConfig",
+    "midus.training.config.ScheduleConfig",
+    "midus.training.config.MemoryOptimizerConfig",
+    "midus.training.config.ComputeConfig",
+    "midus.training.config.GenerationConfig",
 )
 """The kit's plain-data classes a checkpoint may hold, by the name pickle stores them under
 (plus the old names of `MOVED_MODULES`)."""

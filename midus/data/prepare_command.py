@@ -1,6 +1,7 @@
 """``python -m midus prepare``: tokenise a run's text into token shards once, before ``fit``.
 
-    python -m midus prepare --config experiments/my_run.yaml [--data.num_proc 8] [--data.max_tokens 1000000000]
+    python -m midus prepare --config experiments/my_run.yaml [--data.shards.num_proc 8] \
+        [--data.shards.max_tokens 1000000000]
     python -m midus fit     --config experiments/my_run.yaml
 
 It reads the ``data:`` section of the YAML that ``fit`` takes (every ``--data.*`` flag of

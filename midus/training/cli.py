@@ -38,7 +38,7 @@ class MidusCLI(LightningCLI):
     """LightningCLI with the data's vocabulary size linked into the model config.
 
     Every ``fit`` gets a `RunSummary` callback (``summary.json`` in the run directory) unless
-    the config lists one already. With ``model.compile: true`` and ``trainer.deterministic`` unset,
+    the config lists one already. With ``model.compute.compile: true`` and ``trainer.deterministic`` unset,
     the Trainer gets ``deterministic: warn`` (see `before_instantiate_classes`).
 
     The data's ``tokenizer: auto`` becomes the starting model's own tokenizer (`instantiate_classes`).
@@ -64,9 +64,9 @@ class MidusCLI(LightningCLI):
         * A new ``bpe``/``char`` tokenizer on a pretrained Hugging Face model is refused: its
           embeddings know the base's token ids (a kit ``.ckpt`` base: `_check_base_tokenizer`).
         * Compiled runs get Lightning's ``trainer.deterministic: warn`` unless the config sets it.
-          Why compiled runs need it: `CausalLM`'s ``compile`` docs. ``warn`` rather than ``true``: an
-          op without a deterministic kernel warns instead of stopping the run. The value lands in the
-          saved config.
+          Why compiled runs need it: ``model.compute.compile``'s docs (`midus.training.config.ComputeConfig`).
+          ``warn`` rather than ``true``: an op without a deterministic kernel warns instead of stopping
+          the run. The value lands in the saved config.
         """
         config = self._subcommand_config()
         if self.subcommand == "fit" and str(config["trainer"]["precision"]) == "bf16-true":
@@ -76,7 +76,7 @@ class MidusCLI(LightningCLI):
                 "weights); validate, test and predict may use bf16-true"
             )
         refuse_a_new_tokenizer(config["data"]["tokenizer"], starting_model(config["model"]))
-        if config["model"]["compile"] and config["trainer"]["deterministic"] is None:
+        if config["model"]["compute"]["compile"] and config["trainer"]["deterministic"] is None:
             config["trainer"]["deterministic"] = "warn"
 
     def instantiate_classes(self) -> None:
@@ -147,9 +147,9 @@ class MidusCLI(LightningCLI):
         Lightning parses the checkpoint's hyperparameters over the whole ``model`` section, so on
         its own every ``--model.*`` flag and YAML value would be silently replaced. A value the
         command line or a YAML gave (not a default) is put back when it is a training or evaluation
-        setting (``--model.learning_rate``, ``--model.max_new_tokens``, …), and refused when it is
-        part of the architecture (``model.config``, ``model.pretrained``, ``model.upscale``) and
-        differs from the checkpoint's: the model is the checkpoint's.
+        setting (``--model.optimizer.learning_rate``, ``--model.generation.max_new_tokens``, …), and
+        refused when it is part of the architecture (``model.config``, ``model.pretrained``,
+        ``model.upscale``) and differs from the checkpoint's: the model is the checkpoint's.
         """
         import torch
 

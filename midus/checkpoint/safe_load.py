@@ -13,7 +13,6 @@ with full unpickling instead, by the kit and by Lightning's ``--ckpt_path`` load
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import sys
@@ -186,24 +185,3 @@ def _load(path: str | Path, field_name: str, read: Callable[[], Any]) -> Any:
             f"{field_name}: {str(path)!r} is not a readable checkpoint ({_reason(error)}); "
             "expected a .ckpt written by fit"
         ) from None
-
-
-def trusted_globals(path: str | Path) -> list[Any]:
-    """Every class or function the pickle in `path` names, imported, as `safe_globals` entries: lets a
-    weights-only reader (Lightning's ``--ckpt_path`` hyperparameter parsing) read a trusted file.
-
-    Only for `trusted` files: importing what a checkpoint names is what full unpickling does.
-    """
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, OSError):
-        return []  # not a zip checkpoint (a pre-1.6 torch file): no static scan; the load reports it
-    entries = []
-    for name in names:
-        module, _, attribute = name.rpartition(".")
-        try:
-            found = getattr(importlib.import_module(MOVED_MODULES.get(module, module)), attribute)
-        except (ImportError, AttributeError, ValueError):
-            continue  # the weights-only load then names it
-        entries.append((found, name))
-    return entries

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from midus.data.starting_tokenizer import (
 from midus.training.callbacks import CompletionWriter
 from midus.training.lm_module import CausalLM
 from midus.training.model_source import StoredModel, building_from_checkpoint
+from midus.training.moved_keys import upgrade_config
 from midus.training.run_summary import RunSummary
 
 # Field docstrings of the config dataclasses become --help text.
@@ -150,11 +152,14 @@ class MidusCLI(LightningCLI):
         setting (``--model.optimizer.learning_rate``, ``--model.generation.max_new_tokens``, …), and
         refused when it is part of the architecture (``model.config``, ``model.pretrained``,
         ``model.upscale``) and differs from the checkpoint's: the model is the checkpoint's.
+
+        A checkpoint written before keys moved (flat ``learning_rate``, ``memory_lr``, … in its
+        hyperparameters) is read with each key at its new place (`midus.training.moved_keys`).
         """
         import torch
 
         from midus.checkpoint.kit import TOKENIZER_KEY, read_kit_checkpoint
-        from midus.checkpoint.safe_load import TRUST_ENV, CheckpointError, kit_safe_globals, trusted, trusted_globals
+        from midus.checkpoint.safe_load import TRUST_ENV, CheckpointError, kit_safe_globals, trusted
 
         subcommand = self.config.get("subcommand")
         config = self.config.get(str(subcommand)) if subcommand else None
@@ -182,11 +187,27 @@ class MidusCLI(LightningCLI):
         # The model to build (instantiate_classes) and where `auto` finds the tokenizer (resolved_tokenizer).
         self._stored_model = StoredModel.read(checkpoint, ckpt_path)
         self._checkpoint_has_tokenizer = TOKENIZER_KEY in checkpoint
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         del checkpoint
         given = self._given_model_values()
-        with torch.serialization.safe_globals(trusted_globals(ckpt_path) if trusted() else []):
-            super()._parse_ckpt_path()
+        self._parse_checkpoint_hparams(hparams)
         self._keep_given_model_values(given, ckpt_path)
+
+    def _parse_checkpoint_hparams(self, hparams: dict[str, Any]) -> None:
+        """What LightningCLI's own ``_parse_ckpt_path`` does with a checkpoint's hyperparameters (parse
+        them over the ``model`` section), on those the kit read itself, with moved keys upgraded."""
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        else:
+            hparams = upgrade_config(hparams, "model.")
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def _given_model_values(self) -> dict[str, Any]:
         """The ``model.*`` values the command line and its YAMLs gave, by dotted key (defaults left out)."""

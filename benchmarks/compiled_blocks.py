@@ -3,7 +3,7 @@
 Block kinds: the Transformer block with its SwiGLU FFN, and the memory block with HML+HIVE,
 with PKM and with multi-head PKM. Each block is compiled whole with ``fullgraph=True`` (the
 retrieval and value lookup are custom ops, so there is no graph break to fall back on) and
-the default inductor backend, which ``model.compile: true`` uses. The arms alternate
+the default inductor backend, which ``model.compute.compile: true`` uses. The arms alternate
 (every eager and compiled arm once per round) so that background load hits all alike; the
 best of ``--repeats`` rounds is kept. The first call of a compiled arm compiles it: its
 time is printed apart and left out of the rounds.

@@ -14,8 +14,8 @@ What it measures
 
     Both arms train on exactly the same pre-generated random token batches, already on the
     device, so data loading costs nothing in either arm. Each arm runs eager and compiled
-    (``CausalLM(compile=True)`` calls ``self.model.compile()`` in ``configure_model``; the bare
-    loop calls ``model.compile()`` the same way). The ratio lightning/bare tokens/s is the
+    (``CausalLM(compute=ComputeConfig(compile=True))`` calls ``self.model.compile()`` in
+    ``configure_model``; the bare loop calls ``model.compile()`` the same way). The ratio lightning/bare tokens/s is the
     Lightning overhead (1.0 = none); compiled/eager is the torch.compile speed-up of each arm.
 
     Timing: the first ``--warmup`` steps (allocation, compilation, autotuning) are excluded.
@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midus.model import MidusLM, ModelConfig  # noqa: E402
 from midus.model.transformer import next_token_loss  # noqa: E402
+from midus.training.config import ComputeConfig  # noqa: E402
 from midus.training.lm_module import CausalLM  # noqa: E402
 
 SEED = 0
@@ -170,7 +171,7 @@ def run_lightning(args, batches, device, compiled: bool, repeat: int) -> RunResu
     clean_slate(device, compiled)
     rss_before = max_rss_bytes()
     torch.manual_seed(SEED)
-    module = CausalLM(model_config(args), compile=compiled)
+    module = CausalLM(model_config(args), compute=ComputeConfig(compile=compiled))
     loader = DataLoader([{"input_ids": batch} for batch in batches], batch_size=None, shuffle=False)
     timer = StepTimer(args.warmup, args.steps, device)
     trainer = pl.Trainer(

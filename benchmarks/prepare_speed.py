@@ -4,7 +4,7 @@ today's packed blocks: speed, disk and memory.
 What it measures
     Text: the paragraphs of ``../shared/data/wikitext2-valid.txt`` and ``tinyshakespeare.txt``
     (or ``--text`` files), repeated into a .txt file of ``--speed-mb`` MB (and of each
-    ``--rss-mb`` size), read with ``data.text_sample_by: paragraph``. Tokenizer: the kit's BPE
+    ``--rss-mb`` size), read with ``data.files.sample_by: paragraph``. Tokenizer: the kit's BPE
     (`midus.data.tokenizers.train_bpe`, ``--vocab`` entries) trained once on the unrepeated text,
     passed to every arm as a Hugging Face tokenizer (``data.tokenizer: hf``).
 
@@ -164,10 +164,12 @@ def main() -> None:
     rows.append(("prepare, num_proc=2 (1 thread each)", seconds, cpu, tokens))
     disk = [("shards, uint16", directory_bytes(directories[False]), rows[1][3])]
     if not args.no_blocks:
+        from midus.data.sources import FilesConfig
         from midus.data.text_data import TextData
 
         start, cpu = time.perf_counter(), cpu_seconds()
-        data = TextData(source="files", train_files=[str(text)], tokenizer="hf", tokenizer_path=str(work / "tokenizer"),
+        data = TextData(source="files", files=FilesConfig(train=[str(text)]), tokenizer="hf",
+                        tokenizer_path=str(work / "tokenizer"),
                         block_size=args.block_size, cache_dir=str(work / "blocks"))
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         block_tokens = (len(data.train_blocks) + len(data.val_blocks)) * (args.block_size + 1)

@@ -16,7 +16,7 @@ What it measures
     * ``minimal-llama``: the kit model's architecture (RMSNorm, rotate-half RoPE, SwiGLU of the
       same hidden width, SDPA) written out plainly, in the same plain loop: what the Llama
       architecture itself costs against ``minimal`` in eager PyTorch.
-    * ``kit-compiled`` (with ``--compile``): ``kit`` with ``model.compile=true``.
+    * ``kit-compiled`` (with ``--compile``): ``kit`` with ``model.compute.compile=true``.
     * ``minimal``: a nanoGPT-style GPT (benchmarks/minimal_models.py: learned positions, LayerNorm,
       fused q/k/v, GELU MLP 4·d, tied embeddings) of the same width, depth, heads, block, batch and
       vocabulary, in the same plain loop with PyTorch's default AdamW, on random windows of the
@@ -34,7 +34,7 @@ What it measures
 How to run
     python benchmarks/small_model_speed.py                       # the tiny Shakespeare shape
     python benchmarks/small_model_speed.py --steps 100 --repeats 8
-    python benchmarks/small_model_speed.py --compile             # + the kit with model.compile=true
+    python benchmarks/small_model_speed.py --compile             # + the kit with model.compute.compile=true
     python benchmarks/small_model_speed.py --components          # + nanoGPT with one Llama part each
     python benchmarks/small_model_speed.py --text path/to/tinyshakespeare.txt
     python benchmarks/small_model_speed.py --set trainer.enable_progress_bar=false   # what the bar costs
@@ -83,7 +83,7 @@ def build_cli(args: argparse.Namespace, run_dir: str, max_steps: int, *extra: st
         f"--trainer.default_root_dir={run_dir}",
     ]
     if args.text:
-        overrides.append(f"--data.train_files=[{args.text}]")
+        overrides.append(f"--data.files.train=[{args.text}]")
     overrides += [f"--{setting}" for setting in args.set] + list(extra)
     return MidusCLI(args=["--config", args.config, *overrides], run=False, **cli_kwargs())
 
@@ -142,11 +142,12 @@ def random_windows(tokens: torch.Tensor, batch: int, block: int, generator: torc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "benchmarks" / "shakespeare_char.yaml"))
-    parser.add_argument("--text", default="", help="the training text (default: the config's data.train_files)")
+    parser.add_argument("--text", default="", help="the training text (default: the config's data.files.train)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both kit arms, e.g. trainer.enable_progress_bar=false")
     parser.add_argument("--compile", action="store_true",
-                        help="add the arm kit-compiled: the kit with model.compile=true (compiles in the warmup)")
+                        help="add the arm kit-compiled: the kit with model.compute.compile=true "
+                             "(compiles in the warmup)")
     parser.add_argument("--components", action="store_true",
                         help="add the arms +rmsnorm, +rope, +swiglu: nanoGPT with one Llama part each")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
@@ -213,7 +214,7 @@ def main() -> None:
 
     arms = {"kit": kit, "kit-model": kit_model, "minimal": minimal, "minimal-llama": minimal_llama}
     if args.compile:
-        arms["kit-compiled"] = lambda: run_kit(args, tempfile.mkdtemp(dir=scratch), "--model.compile=true")
+        arms["kit-compiled"] = lambda: run_kit(args, tempfile.mkdtemp(dir=scratch), "--model.compute.compile=true")
     components = {
         "+rmsnorm": dict(norm="rms"),
         "+rope": dict(positions="rope"),
@@ -248,7 +249,7 @@ def main() -> None:
     print()
     ratio("kit", "minimal", "target <= 1.1")
     if "kit-compiled" in arms:
-        ratio("kit-compiled", "minimal", "model.compile=true")
+        ratio("kit-compiled", "minimal", "model.compute.compile=true")
     ratio("kit", "minimal-llama", "the kit against a plain loop of its own architecture")
     ratio("kit-model", "minimal-llama", "the kit's model code against plain code")
     ratio("kit", "kit-model", "the Lightning layer's share")

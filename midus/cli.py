@@ -182,10 +182,12 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
     from midus.host_allocator import keep_freed_memory
     from midus.training.cli import MidusCLI, cli_kwargs
     from midus.training.divergence import EXIT_CODE, NonFiniteLossError
-    from midus.training.moved_keys import check_moved_keys
+    from midus.training.moved_keys import check_moved_config, check_moved_keys
 
     if not isinstance(command_line, (list, tuple)):  # a dict config: a LightningCLI run
         keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
+        if isinstance(command_line, dict):
+            check_moved_config(command_line, "args")
         return MidusCLI(**cli_kwargs(), args=args)
     command_line = list(command_line)
     if command_line in ([], ["-h"], ["--help"]):

@@ -75,7 +75,7 @@ def tiny_memory_run(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) 
         "--trainer.log_every_n_steps", "10",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(runs),
-        "--model.learning_rate", "0.01",
+        "--model.optimizer.learning_rate", "0.01",
         "--model.config.d_model", "32",
         "--model.config.n_layers", "3",
         "--model.config.n_heads", "4",

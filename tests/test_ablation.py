@@ -54,7 +54,7 @@ def command(path: Path, tmp_path: Path, cache: Path, *extra: str) -> list[str]:
 
 def test_deep_merge_with_dotted_keys() -> None:
     base = {
-        "model": {"config": {"d_model": 128, "n_heads": 4}, "learning_rate": 0.003},
+        "model": {"config": {"d_model": 128, "n_heads": 4}, "optimizer": {"learning_rate": 0.003}},
         "trainer": {"callbacks": [1, 2]},
     }
     overrides = expand_dotted(
@@ -67,17 +67,17 @@ def test_deep_merge_with_dotted_keys() -> None:
     assert overrides == {"model": {"config": {"d_model": 64, "n_layers": 2}}, "trainer": {"callbacks": [3]}}
     merged = deep_merge(base, overrides)
     assert merged == {
-        "model": {"config": {"d_model": 64, "n_heads": 4, "n_layers": 2}, "learning_rate": 0.003},
+        "model": {"config": {"d_model": 64, "n_heads": 4, "n_layers": 2}, "optimizer": {"learning_rate": 0.003}},
         "trainer": {"callbacks": [3]},  # lists replace
     }
     assert base["model"]["config"]["d_model"] == 128  # the base is never modified
 
 
 def test_arm_config_logs_to_experiment_and_arm(tmp_path: Path) -> None:
-    ablation = load_ablation(write_ablation(tmp_path, {"same": None, "lr": {"model.learning_rate": 0.01}}))
+    ablation = load_ablation(write_ablation(tmp_path, {"same": None, "lr": {"model.optimizer.learning_rate": 0.01}}))
     assert isinstance(ablation, Ablation) and ablation.name == "ablate_tiny"  # the file's stem
     config = ablation.arm_config("lr")
-    assert config["model"]["learning_rate"] == 0.01 and config["model"]["config"]["d_model"] == 32
+    assert config["model"]["optimizer"]["learning_rate"] == 0.01 and config["model"]["config"]["d_model"] == 32
     logger = config["trainer"]["logger"]["init_args"]
     assert (logger["save_dir"], logger["name"], logger["version"]) == ("runs", "ablate_tiny", "lr")
     assert logger["default_hp_metric"] is False  # the base's other logger arguments stay
@@ -178,7 +178,7 @@ def fake_finished_runs(monkeypatch, val_of: Callable[[Path, dict], dict], total_
 
 def test_arm_flag_runs_only_the_selected_arms(tmp_path: Path, tiny_cache: Path, monkeypatch) -> None:
     calls = fake_runs(monkeypatch)
-    path = write_ablation(tmp_path, name="tiny", arms={"a": {}, "b": {"model.learning_rate": 0.01}, "c": {}})
+    path = write_ablation(tmp_path, name="tiny", arms={"a": {}, "b": {"model.optimizer.learning_rate": 0.01}, "c": {}})
     # An arm of an earlier run, or one copied in from another machine, still gets its row.
     earlier = tmp_path / "runs" / "tiny" / "c" / "summary.json"
     earlier.parent.mkdir(parents=True)
@@ -191,7 +191,7 @@ def test_arm_flag_runs_only_the_selected_arms(tmp_path: Path, tiny_cache: Path, 
     arm_config = str(experiment / "b" / "arm_config.yaml")
     assert call[call.index("--config") + 1] == arm_config and "--arm" not in call
     assert call.index(arm_config) < call.index("--trainer.max_steps")  # command-line args come after the arm's config
-    assert yaml.safe_load(Path(arm_config).read_text())["model"]["learning_rate"] == 0.01
+    assert yaml.safe_load(Path(arm_config).read_text())["model"]["optimizer"]["learning_rate"] == 0.01
     table = (experiment / "summary.md").read_text()
     assert "| a | not run |" in table and "| c | ok | 1,234 |  |  | 0 |  | 9.50 |" in table
 

@@ -112,7 +112,7 @@ def test_the_newest_checkpoint_is_the_highest_step_and_the_last_written_among_eq
 def test_a_rerun_skips_finished_arms_and_resumes_an_interrupted_one(
     tmp_path: Path, tiny_cache: Path, monkeypatch, capsys
 ) -> None:
-    path = write_ablation(tmp_path, {"a": {}, "b": {"model.learning_rate": 0.01}, "c": {}})
+    path = write_ablation(tmp_path, {"a": {}, "b": {"model.optimizer.learning_rate": 0.01}, "c": {}})
     args = command(path, tmp_path, tiny_cache)
     experiment = tmp_path / "runs" / "tiny"
     calls = fake_runs(monkeypatch, {"b": interrupted_at(3, -signal.SIGKILL)})
@@ -144,7 +144,7 @@ def test_a_rerun_skips_finished_arms_and_resumes_an_interrupted_one(
 def test_a_diverged_arm_is_reported_failed_the_next_runs_and_a_rerun_resumes_it(
     tmp_path: Path, tiny_cache: Path, monkeypatch, capfd
 ) -> None:
-    path = write_ablation(tmp_path, {"hot": {"model.learning_rate": 10.0}, "cool": {}})
+    path = write_ablation(tmp_path, {"hot": {"model.optimizer.learning_rate": 10.0}, "cool": {}})
     args = command(path, tmp_path, tiny_cache)
     calls = fake_runs(monkeypatch, {"hot": interrupted_at(3, EXIT_CODE)})
     with pytest.raises(SystemExit) as failure:  # on the command line: exit 1 after the table
@@ -163,22 +163,22 @@ def test_a_diverged_arm_is_reported_failed_the_next_runs_and_a_rerun_resumes_it(
 def test_a_run_of_another_configuration_is_refused_naming_the_arm(
     tmp_path: Path, tiny_cache: Path, monkeypatch
 ) -> None:
-    path = write_ablation(tmp_path, {"a": {}, "b": {"model.learning_rate": 0.01}})
+    path = write_ablation(tmp_path, {"a": {}, "b": {"model.optimizer.learning_rate": 0.01}})
     experiment = tmp_path / "runs" / "tiny"
     calls = fake_runs(monkeypatch, {"b": interrupted_at(3, 1)})
     run_ablation(command(path, tmp_path, tiny_cache))
     before = sorted(p.relative_to(experiment) for p in experiment.rglob("*"))
     calls.clear()
 
-    write_ablation(tmp_path, {"a": {}, "b": {"model.learning_rate": 0.02}})  # b's override edited
+    write_ablation(tmp_path, {"a": {}, "b": {"model.optimizer.learning_rate": 0.02}})  # b's override edited
     with pytest.raises(AblationError) as refused:
         run_ablation(command(path, tmp_path, tiny_cache))
     message = str(refused.value)
     assert f"arm 'b': {experiment / 'b'} holds a run (1 checkpoint(s)) started with a different config" in message
-    assert "model.learning_rate: 0.01 -> 0.02" in message and "Pass --fresh" in message
+    assert "model.optimizer.learning_rate: 0.01 -> 0.02" in message and "Pass --fresh" in message
     assert "arm 'a'" not in message and message.endswith("(--arm b --fresh restarts only that arm)")
 
-    write_ablation(tmp_path, {"a": {}, "b": {"model.learning_rate": 0.01}})  # back as it was; other args
+    write_ablation(tmp_path, {"a": {}, "b": {"model.optimizer.learning_rate": 0.01}})  # back as it was; other args
     with pytest.raises(SystemExit) as failure:
         main(command(path, tmp_path, tiny_cache, steps=7))
     assert failure.value.code == 2
@@ -207,7 +207,7 @@ def test_fresh_deletes_what_the_fit_wrote_and_starts_from_step_0(
     (run_dir / "summary.json").write_text("{}")  # a summary some other program wrote
     (run_dir / "analysis").mkdir()
     (run_dir / "notes.txt").write_text("mine")
-    write_ablation(tmp_path, {"a": {"model.learning_rate": 0.02}, "b": {}})  # --fresh also takes a new config
+    write_ablation(tmp_path, {"a": {"model.optimizer.learning_rate": 0.02}, "b": {}})  # --fresh also takes a new config
     seen: list[list[str]] = []
 
     def fresh_fit(directory: Path) -> int:
@@ -220,7 +220,7 @@ def test_fresh_deletes_what_the_fit_wrote_and_starts_from_step_0(
     [call] = calls
     assert "--fresh" not in call and "--ckpt_path" not in call and "--arm" not in call
     assert seen == [["analysis", "arm_command.yaml", "arm_config.yaml", "notes.txt"]]  # checkpoints/ too is gone
-    assert yaml.safe_load((run_dir / "arm_config.yaml").read_text())["model"]["learning_rate"] == 0.02
+    assert yaml.safe_load((run_dir / "arm_config.yaml").read_text())["model"]["optimizer"]["learning_rate"] == 0.02
     assert yaml.safe_load((run_dir / "arm_command.yaml").read_text())["args"] == call
     out = capsys.readouterr().out
     assert "arm a (1/1) -> " in out and "fresh start (removed 5 file(s) of the earlier run (--fresh); kept " in out

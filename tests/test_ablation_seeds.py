@@ -126,7 +126,7 @@ def test_a_seeded_ablation_runs_every_arm_per_seed_and_tabulates_intervals(
 ) -> None:
     best = {("ref", 0): 3.0, ("ref", 1): 3.5, ("ref", 2): 4.0, ("new", 0): 2.8, ("new", 1): 3.31, ("new", 2): 3.79}
     started = fake_seeded_runs(monkeypatch, best)
-    path = write_ablation(tmp_path, name="tiny", arms={"ref": {}, "new": {"model.learning_rate": 0.01}})
+    path = write_ablation(tmp_path, name="tiny", arms={"ref": {}, "new": {"model.optimizer.learning_rate": 0.01}})
     document = yaml.safe_load(path.read_text())
     document["ablation"].update(seeds=[0, 1], reference="ref")
     path.write_text(yaml.safe_dump(document, sort_keys=False))

@@ -20,12 +20,12 @@ TUNE = {
     "seed": 5,
     "metric": "val.loss",
     "overrides": {"data.embedded.seed": 2},
-    "candidates": {"slow": {"model.learning_rate": 0.001}, "fast": {"model.learning_rate": 0.01}},
+    "candidates": {"slow": {"model.optimizer.learning_rate": 0.001}, "fast": {"model.optimizer.learning_rate": 0.01}},
 }
 
 
 def tuned_ablation(tmp_path: Path, tune: dict = TUNE, **section) -> Path:
-    arms = {"ref": {}, "deep": {"model.config.n_layers": 3, "model.learning_rate": 0.01}}
+    arms = {"ref": {}, "deep": {"model.config.n_layers": 3, "model.optimizer.learning_rate": 0.01}}
     path = write_ablation(tmp_path, name="tiny", arms=arms)
     document = yaml.safe_load(path.read_text())
     document["ablation"].update(tune=tune, seeds=[0, 1], reference="ref", **section)
@@ -39,7 +39,7 @@ def fake_tuning_runs(monkeypatch, loss: dict[tuple[int, float], float]) -> list[
 
     def val_of(arm_config: Path, config: dict) -> dict:
         configs.append(config | {"run": arm_config.parent.name})
-        return {"loss": loss[config["model"]["config"]["n_layers"], config["model"]["learning_rate"]]}
+        return {"loss": loss[config["model"]["config"]["n_layers"], config["model"]["optimizer"]["learning_rate"]]}
 
     fake_finished_runs(monkeypatch, val_of)
     return configs
@@ -57,10 +57,10 @@ def test_every_arm_runs_every_candidate_on_the_tuning_data_and_the_choice_is_tab
     assert [c["run"] for c in configs] == ["ref.slow", "ref.fast", "deep.slow", "deep.fast"]
     assert {c["seed_everything"] for c in configs} == {5}
     assert {c["data"]["embedded"]["seed"] for c in configs} == {2}
-    assert [c["model"]["learning_rate"] for c in configs] == [0.001, 0.01, 0.001, 0.01]
+    assert [c["model"]["optimizer"]["learning_rate"] for c in configs] == [0.001, 0.01, 0.001, 0.01]
     experiment = tmp_path / "runs" / "tiny_tune"
     table = (experiment / "tuning.md").read_text()
-    assert "| ref | 3.1000 | 3.4000 | slow | set model.learning_rate: 0.001 |" in table  # the base has 0.003
+    assert "| ref | 3.1000 | 3.4000 | slow | set model.optimizer.learning_rate: 0.001 |" in table  # the base has 0.003
     assert "| deep | 3.3000 | 3.0000 | fast | uses it |" in table
     assert "seed 5" in table and "`data.embedded.seed: 2`" in table and "lowest `val.loss`" in table
     assert not (tmp_path / "runs" / "tiny").exists()  # the reported runs are not touched
@@ -79,13 +79,14 @@ def test_a_failed_candidate_loses_and_a_missing_one_leaves_the_arm_unchosen(
     path = tuned_ablation(tmp_path)
     run_ablation(command(path, tmp_path, tiny_cache, "--tune"))
     experiment = tmp_path / "runs" / "tiny_tune"
-    assert "| ref | failed | 3.4000 | fast | set model.learning_rate: 0.01 |" in (experiment / "tuning.md").read_text()
+    tuning = (experiment / "tuning.md").read_text()
+    assert "| ref | failed | 3.4000 | fast | set model.optimizer.learning_rate: 0.01 |" in tuning
     # A candidate whose run crashes without a summary loses too; one not run yet leaves no choice.
     for leftover in (experiment / "deep.fast").iterdir():
         leftover.unlink()
     monkeypatch.setattr("midus.ablation.runner.run_arm_process", lambda arm_command: 1)
     assert run_ablation(command(path, tmp_path, tiny_cache, "--tune", "--arm", "deep")) == 1
-    assert "| deep | 3.3000 | failed | slow | set model.learning_rate: 0.001 |" in (
+    assert "| deep | 3.3000 | failed | slow | set model.optimizer.learning_rate: 0.001 |" in (
         experiment / "tuning.md"
     ).read_text()
     ablation = load_ablation(path)
@@ -98,18 +99,19 @@ def test_a_failed_candidate_loses_and_a_missing_one_leaves_the_arm_unchosen(
 @pytest.mark.parametrize(
     ("tune", "message"),
     [
-        ({"candidates": {"only": {"model.learning_rate": 0.1}}}, r"candidates: expected at least two"),
+        ({"candidates": {"only": {"model.optimizer.learning_rate": 0.1}}}, r"candidates: expected at least two"),
         ({"candidates": {"a": {}, "b": {"x": 1}}}, r"candidates.a: expected a non-empty mapping"),
         ({"candidates": {"a b": {"x": 1}, "c": {"x": 2}}}, r"name 'a b' must be a directory name"),
         ({**TUNE, "seed": -1}, r"ablation.tune.seed: expected a non-negative integer"),
         ({**TUNE, "grid": {}}, r"ablation.tune: expected a mapping with 'candidates'"),
-        ({**TUNE, "keep": {"deep": "model.learning_rate"}}, r"ablation.tune.keep: expected arm -> a list"),
-        ({"candidates": {"cos": {"model.learning_rate": 0.1},
-                         "const": {"model.learning_rate": 0.1, "model.min_lr_ratio": 1.0}}},
-         r"every candidate must set the same keys; cos sets model.learning_rate and const sets "
-         r"model.learning_rate, model.min_lr_ratio"),
-        ({**TUNE, "keep": {"deep": ["model.memory_lr"]}}, r"tune.keep.deep: model.memory_lr is not set by an arm"),
-        ({**TUNE, "keep": {"wide": ["model.learning_rate"]}}, r"tune.keep.wide: .* the arms are: ref, deep"),
+        ({**TUNE, "keep": {"deep": "model.optimizer.learning_rate"}}, r"ablation.tune.keep: expected arm -> a list"),
+        ({"candidates": {"cos": {"model.optimizer.learning_rate": 0.1},
+                         "const": {"model.optimizer.learning_rate": 0.1, "model.schedule.min_lr_ratio": 1.0}}},
+         r"every candidate must set the same keys; cos sets model.optimizer.learning_rate and const sets "
+         r"model.optimizer.learning_rate, model.schedule.min_lr_ratio"),
+        ({**TUNE, "keep": {"deep": ["model.memory_optimizer.learning_rate"]}},
+         r"tune.keep.deep: model.memory_optimizer.learning_rate is not set by an arm"),
+        ({**TUNE, "keep": {"wide": ["model.optimizer.learning_rate"]}}, r"tune.keep.wide: .* the arms are: ref, deep"),
     ],
 )
 def test_bad_tune_sections_name_the_field(tmp_path: Path, tune: dict, message: str) -> None:
@@ -191,15 +193,15 @@ def test_a_kept_key_holds_under_every_candidate_and_an_arm_that_trains_no_step_i
     # deep keeps its own rate (0.01) under both candidates; the un-continued reference (0 steps) is
     # measured, never tuned.
     configs = fake_tuning_runs(monkeypatch, {(2, 0.001): 3.1, (2, 0.01): 3.4, (3, 0.01): 3.0})
-    path = tuned_ablation(tmp_path, {**TUNE, "keep": {"deep": ["model.learning_rate"]}})
+    path = tuned_ablation(tmp_path, {**TUNE, "keep": {"deep": ["model.optimizer.learning_rate"]}})
     document = yaml.safe_load(path.read_text())
     document["ablation"]["arms"]["untrained"] = {"trainer.max_steps": 0}
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     assert run_ablation(command(path, tmp_path, tiny_cache, "--tune")) == 0
     assert [c["run"] for c in configs] == ["ref.slow", "ref.fast", "deep.slow", "deep.fast"]
-    assert [c["model"]["learning_rate"] for c in configs] == [0.001, 0.01, 0.01, 0.01]
+    assert [c["model"]["optimizer"]["learning_rate"] for c in configs] == [0.001, 0.01, 0.01, 0.01]
     table = (tmp_path / "runs" / "tiny_tune" / "tuning.md").read_text()
-    assert "`deep` keeps its own `model.learning_rate` under every candidate." in table
+    assert "`deep` keeps its own `model.optimizer.learning_rate` under every candidate." in table
     assert "| deep | 3.0000 | 3.0000 | slow | uses it |" in table  # its kept rate is its own, whichever wins
     assert "untrained" not in table
     with pytest.raises(AblationError, match="no selected arm trains a step"):

@@ -1,4 +1,4 @@
-"""``model.activation_checkpointing``: each block is recomputed in the backward, the loss and gradients
+"""``model.compute.activation_checkpointing``: each block is recomputed in the backward, the loss and gradients
 stay those of the plain step, evaluation is untouched, and FSDP's own checkpointing is never doubled."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from midus.model.memory_config import MemoryConfig
 from midus.model.transformer import next_token_loss
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
+from midus.training.config import ComputeConfig, ScheduleConfig
 
 
 def _config(vocab_size: int) -> ModelConfig:
@@ -97,8 +98,9 @@ def test_evaluation_and_generation_run_each_block_once_with_checkpointing_on() -
 
 def _fit(data, checkpointing: bool, chunk: int) -> tuple[CausalLM, dict[str, float]]:
     torch.manual_seed(0)
-    module = CausalLM(_config(data.vocab_size), activation_checkpointing=checkpointing, loss_chunk_tokens=chunk,
-                      warmup_steps=2, probes=ProbeConfig(recall_questions=8))
+    module = CausalLM(_config(data.vocab_size), probes=ProbeConfig(recall_questions=8),
+                      compute=ComputeConfig(activation_checkpointing=checkpointing, loss_chunk_tokens=chunk),
+                      schedule=ScheduleConfig(warmup_steps=2))
     trainer = pl.Trainer(
         max_steps=4, gradient_clip_val=0.5, val_check_interval=4, limit_val_batches=2, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -132,13 +134,13 @@ def _under_fsdp(module: CausalLM, policy: set[type] | None, fitting: bool = True
 
 def test_under_fsdp_the_strategys_checkpointing_policy_wins_and_the_model_never_wraps_again() -> None:
     config = _config(50)
-    with_policy = CausalLM(config, activation_checkpointing=True)
+    with_policy = CausalLM(config, compute=ComputeConfig(activation_checkpointing=True))
     _under_fsdp(with_policy, {TransformerBlock, MemoryBlock})
     assert not with_policy.model.activation_checkpointing  # the strategy's wrappers recompute; not twice
-    without_policy = CausalLM(config, activation_checkpointing=True)
-    with pytest.raises(ValueError, match=r"model\.activation_checkpointing=true under FSDPStrategy.*"
+    without_policy = CausalLM(config, compute=ComputeConfig(activation_checkpointing=True))
+    with pytest.raises(ValueError, match=r"model\.compute\.activation_checkpointing=true under FSDPStrategy.*"
                                          r"trainer\.strategy\.init_args\.activation_checkpointing_policy"):
         _under_fsdp(without_policy, None)
-    evaluating = CausalLM(config, activation_checkpointing=True)
+    evaluating = CausalLM(config, compute=ComputeConfig(activation_checkpointing=True))
     _under_fsdp(evaluating, None, fitting=False)  # validate/test: nothing to checkpoint, nothing to refuse
     assert not evaluating.model.activation_checkpointing

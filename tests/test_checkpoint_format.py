@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from midus.checkpoint import MODEL_CONFIG_KEY, read_kit_checkpoint
-from midus.data.text_data import EmbeddedCorpusConfig
+from midus.data.sources import EmbeddedCorpusConfig
 from midus.model import MidusLM, ModelConfig
 
 
@@ -27,7 +27,7 @@ def save_as_before_the_move(path: Path, payload: dict) -> None:
     try:
         torch.save(payload, path)
     finally:
-        EmbeddedCorpusConfig.__module__ = "midus.data.text_data"
+        EmbeddedCorpusConfig.__module__ = "midus.data.sources"
         del sys.modules[old]
 
 
@@ -46,6 +46,22 @@ def test_a_checkpoint_pickled_before_the_data_package_moved_still_reads(tmp_path
     assert checkpoint["datamodule_hyper_parameters"]["embedded"] == EmbeddedCorpusConfig(seed=3)
     assert isinstance(checkpoint["datamodule_hyper_parameters"]["embedded"], EmbeddedCorpusConfig)
     assert "midus.training.data_module" not in sys.modules
+
+
+def test_a_checkpoint_pickled_while_the_corpus_config_lived_in_text_data_still_reads(tmp_path: Path) -> None:
+    # Issue 28 moved EmbeddedCorpusConfig from midus.data.text_data to midus.data.sources.
+    path = tmp_path / "old.ckpt"
+    EmbeddedCorpusConfig.__module__ = "midus.data.text_data"
+    try:
+        torch.save({MODEL_CONFIG_KEY: dataclasses.asdict(ModelConfig(vocab_size=30, d_model=16, n_layers=1, n_heads=2)),
+                    "datamodule_hyper_parameters": {"embedded": EmbeddedCorpusConfig(seed=3)}}, path)
+    finally:
+        EmbeddedCorpusConfig.__module__ = "midus.data.sources"
+    with zipfile.ZipFile(path) as archive:
+        pickled = next(archive.read(name) for name in archive.namelist() if name.endswith("data.pkl"))
+    assert b"midus.data.text_data" in pickled and b"midus.data.sources" not in pickled
+    embedded = read_kit_checkpoint(path)["datamodule_hyper_parameters"]["embedded"]
+    assert isinstance(embedded, EmbeddedCorpusConfig) and embedded == EmbeddedCorpusConfig(seed=3)
 
 
 @pytest.mark.slow

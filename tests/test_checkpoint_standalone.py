@@ -57,10 +57,10 @@ def write_config(path: Path, corpus: Path, cache: Path, steps: int = 6) -> Path:
         },
         "model": {
             "config": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
-            "learning_rate": 0.01, "warmup_steps": 2,
+            "optimizer": {"learning_rate": 0.01}, "schedule": {"warmup_steps": 2},
         },
         "data": {
-            "source": "files", "train_files": [str(corpus)], "text_sample_by": "line", "val_fraction": 0.1,
+            "source": "files", "files": {"train": [str(corpus)], "sample_by": "line", "val_fraction": 0.1},
             "bpe_vocab_size": 300, "block_size": 32, "batch_size": 8, "cache_dir": str(cache),
         },
     }
@@ -137,11 +137,11 @@ def test_an_upscaled_checkpoint_validates_and_resumes_without_its_base(
                  "--ckpt_path", str(checkpoints / "last.ckpt"))
     assert tested.trainer.callback_metrics["test/loss"].item() == pytest.approx(val_losses[5], rel=1e-6)
     predicted = run("predict", config, tmp_path / "evaluate", *upscale, "--ckpt_path", str(checkpoints / "last.ckpt"),
-                    "--data.predict_prompts", "[the cat of Oslo]", "--model.max_new_tokens", "3")
+                    "--data.predict_prompts", "[the cat of Oslo]", "--model.generation.max_new_tokens", "3")
     predictions = run_dir(tmp_path / "evaluate") / "predictions.jsonl"
     records = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert [record["prompt"] for record in records] == ["the cat of Oslo"]
-    assert predicted.model.hparams.max_new_tokens == 3
+    assert predicted.model.hparams.generation["max_new_tokens"] == 3
 
     # Resumed after step 3: every later step's loss is the uninterrupted run's, bit for bit (the same
     # parameters train in the same optimizer groups), and the frozen blocks are still the base's.
@@ -191,13 +191,14 @@ def test_a_pretrained_checkpoint_validates_and_resumes_without_its_directory(
 def test_model_values_given_with_ckpt_path_are_kept(base_run: tuple[Path, Path], tmp_path: Path) -> None:
     config, last = base_run
     stored = read_kit_checkpoint(last)["hyper_parameters"]
-    assert (stored["max_new_tokens"], stored["learning_rate"]) == (32, 0.01)
+    assert (stored["generation"]["max_new_tokens"], stored["optimizer"]["learning_rate"]) == (32, 0.01)
     cli = run(
         "validate", config, tmp_path / "runs", "--ckpt_path", str(last),
-        "--model.max_new_tokens", "7", "--model.learning_rate", "0.5",
+        "--model.generation.max_new_tokens", "7", "--model.optimizer.learning_rate", "0.5",
     )
-    assert (cli.model.hparams.max_new_tokens, cli.model.hparams.learning_rate) == (7, 0.5)
-    assert cli.model.hparams.warmup_steps == 2  # not given: the checkpoint's
+    hparams = cli.model.hparams
+    assert (hparams.generation["max_new_tokens"], hparams.optimizer["learning_rate"]) == (7, 0.5)
+    assert hparams.schedule["warmup_steps"] == 2  # not given: the checkpoint's
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""``model.loss_chunk_tokens``: the chunked next-token loss equals the full-logit loss and its gradients,
+"""``model.compute.loss_chunk_tokens``: the chunked next-token loss equals the full-logit loss and its gradients,
 and never holds full-vocabulary float32 logits."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from midus.model.chunked_loss import chunked_next_token_loss
 from midus.model.memory_config import MemoryConfig
 from midus.model.transformer import next_token_loss
 from midus.training import CausalLM
+from midus.training.config import ComputeConfig
 
 TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -118,7 +119,7 @@ def test_causal_lm_trains_on_the_chunked_loss_and_refuses_a_negative_chunk() -> 
     torch.manual_seed(0)
     full = CausalLM(config)
     torch.manual_seed(0)
-    chunked = CausalLM(config, loss_chunk_tokens=5)
+    chunked = CausalLM(config, compute=ComputeConfig(loss_chunk_tokens=5))
     batch = {"input_ids": torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))}
     losses = []
     for module in (full, chunked):
@@ -128,8 +129,8 @@ def test_causal_lm_trains_on_the_chunked_loss_and_refuses_a_negative_chunk() -> 
     torch.testing.assert_close(losses[1], losses[0], **TOLERANCE)
     for (name, expected), got in zip(full.named_parameters(), chunked.parameters()):
         torch.testing.assert_close(got.grad, expected.grad, **TOLERANCE, msg=name)
-    with pytest.raises(ValueError, match=r"model\.loss_chunk_tokens must be 0 \(full logits\) or a positive"):
-        CausalLM(config, loss_chunk_tokens=-1)
+    with pytest.raises(ValueError, match=r"model\.compute\.loss_chunk_tokens must be 0 \(full logits\) or a positive"):
+        CausalLM(config, compute=ComputeConfig(loss_chunk_tokens=-1))
     hidden, weight, targets = _inputs((1, 4), 8, 5)
     with pytest.raises(ValueError, match="loss_chunk_tokens must be positive"):
         chunked_next_token_loss(hidden, weight, targets, 0)

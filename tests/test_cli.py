@@ -72,18 +72,18 @@ def test_fit_logs_metrics_and_writes_a_checkpoint_that_validate_loads(tmp_path: 
     assert tested.trainer.callback_metrics["test/loss"].item() == pytest.approx(validated, rel=1e-4)
 
     main(["predict", *tiny_overrides(tmp_path, tiny_cache), "--ckpt_path", str(last),
-          "--data.predict_prompts", "[Hello there, Once upon]", "--model.max_new_tokens", "5"])
+          "--data.predict_prompts", "[Hello there, Once upon]", "--model.generation.max_new_tokens", "5"])
     records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["Hello there", "Once upon"]
     # Each completion is the checkpoint's greedy continuation (temperature 0) after end-of-text +
     # the prompt, decoded: recomputed from last.ckpt and its stored tokenizer. Its length is the
-    # --model.max_new_tokens given above, not the checkpoint's (a given flag is honoured).
+    # --model.generation.max_new_tokens given above, not the checkpoint's (a given flag is honoured).
     from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
 
     stored = read_kit_checkpoint(last)
     model, tokenizer = model_from_checkpoint(stored, last).eval(), checkpoint_tokenizer(stored)
     new_tokens = 5
-    assert stored["hyper_parameters"]["max_new_tokens"] != new_tokens
+    assert stored["hyper_parameters"]["generation"]["max_new_tokens"] != new_tokens
     for record in records:
         prompt_ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         prompt = torch.tensor([[tokenizer.eos_token_id, *prompt_ids]])

@@ -1,4 +1,4 @@
-"""`model.compile: true` runs repeat bit for bit: the CLI turns on PyTorch's deterministic mode.
+"""`model.compute.compile: true` runs repeat bit for bit: the CLI turns on PyTorch's deterministic mode.
 
 Without it, inductor's kernels accumulate the embedding gradient with atomic adds, and two
 compiled quickstart runs of the same seed differed by step 39 (2026-12-02, 2 CPU cores).
@@ -19,6 +19,7 @@ from midus.data.datamodule import LanguageModelingData
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
 from midus.training.cli import MidusCLI
+from midus.training.config import ComputeConfig
 from tests.test_cli import tiny_overrides
 from tests.test_training import tiny_config
 
@@ -41,14 +42,14 @@ def build_cli(tmp_path: Path, cache: Path, *extra: str) -> MidusCLI:
 
 
 def test_compile_gets_lightnings_deterministic_warn_mode(tmp_path: Path, tiny_cache: Path) -> None:
-    cli = build_cli(tmp_path, tiny_cache, "--model.compile=true")
+    cli = build_cli(tmp_path, tiny_cache, "--model.compute.compile=true")
     assert cli.config["trainer"]["deterministic"] == "warn"  # what the saved config.yaml records
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.is_deterministic_algorithms_warn_only_enabled()
 
 
 def test_an_explicit_deterministic_setting_is_kept(tmp_path: Path, tiny_cache: Path) -> None:
-    cli = build_cli(tmp_path, tiny_cache, "--model.compile=true", "--trainer.deterministic=false")
+    cli = build_cli(tmp_path, tiny_cache, "--model.compute.compile=true", "--trainer.deterministic=false")
     assert cli.config["trainer"]["deterministic"] is False
     assert not torch.are_deterministic_algorithms_enabled()
 
@@ -61,11 +62,11 @@ def test_eager_runs_leave_the_mode_alone(tmp_path: Path, tiny_cache: Path) -> No
 
 def test_compiling_without_deterministic_mode_warns() -> None:
     torch.use_deterministic_algorithms(False)
-    module = CausalLM(tiny_config(64), compile=True, probes=ProbeConfig(recall_questions=0))
+    module = CausalLM(tiny_config(64), probes=ProbeConfig(recall_questions=0), compute=ComputeConfig(compile=True))
     with pytest.warns(UserWarning, match="trainer.deterministic: warn"):
         module.configure_model()  # wraps the model; nothing is traced until it is called
     torch.use_deterministic_algorithms(True, warn_only=True)
-    module = CausalLM(tiny_config(64), compile=True, probes=ProbeConfig(recall_questions=0))
+    module = CausalLM(tiny_config(64), probes=ProbeConfig(recall_questions=0), compute=ComputeConfig(compile=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module.configure_model()

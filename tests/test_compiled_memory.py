@@ -28,6 +28,7 @@ from midus.model.retrieval.ops import (
 from midus.model.retrieval.product_keys import subkey_scores, top_subkey_scores
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
+from midus.training.config import ComputeConfig, OptimizerConfig, ScheduleConfig
 
 TINY_MEMORY = dict(n_subkeys=8, topk=4, latent_dim=8, zero_init_values=False)
 BIT_FOR_BIT = dict(rtol=0, atol=0)
@@ -261,9 +262,9 @@ def test_causal_lm_with_compile_trains_a_memory_model(tiny_data) -> None:
         vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, memory_layers=[1],
         memory=TINY_MEMORY,
     )
-    module = CausalLM(config, learning_rate=1e-2, warmup_steps=2,
-        probes=ProbeConfig(recall_questions=0, memory_zeroed=False),
-                      compile=True)
+    module = CausalLM(config, probes=ProbeConfig(recall_questions=0, memory_zeroed=False),
+                      optimizer=OptimizerConfig(learning_rate=1e-2), schedule=ScheduleConfig(warmup_steps=2),
+                      compute=ComputeConfig(compile=True))
     losses: list[float] = []
 
     class StepLosses(pl.Callback):

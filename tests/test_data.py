@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from midus.data.corpus import ATTRIBUTES, BiographyCorpus, generate_population
-from midus.data.datamodule import EmbeddedCorpusConfig, LanguageModelingData
+from midus.data.datamodule import EmbeddedCorpusConfig, FilesConfig, HubConfig, LanguageModelingData
 from midus.data.embedded_splits import embedded_key, embedded_splits, replay_counts, shared_names
 from tests.conftest import SHARED_DATA
 
@@ -47,7 +47,7 @@ def test_bpe_tokenizer_is_cached_by_corpus_and_vocabulary(tiny_cache: Path, tiny
 
 def test_text_files_with_char_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "train.txt").write_text(TEXT)
-    data = files_data(tmp_path, train_files=[str(tmp_path / "train.txt")], val_fraction=0.25)
+    data = files_data(tmp_path, files=FilesConfig(train=[str(tmp_path / "train.txt")], val_fraction=0.25))
     alphabet = set(TEXT.replace("\n\n", ""))  # paragraphs are records; their separators are dropped
     assert data.vocab_size == len(alphabet) + 2  # characters + end-of-text + unknown
     ids = data.tokenizer("lazy fox", add_special_tokens=False)["input_ids"]
@@ -67,10 +67,10 @@ def test_jsonl_and_parquet_files_read_the_text_field(tmp_path: Path, suffix: str
         path.write_text("\n".join(json.dumps(r) for r in records))
     else:
         datasets.Dataset.from_list(records).to_parquet(str(path))
-    data = files_data(tmp_path, train_files=[str(path)], text_field="body")
+    data = files_data(tmp_path, files=FilesConfig(train=[str(path)], text_field="body"))
     assert "record number" in data.tokenizer.decode(data.train_blocks[:]["input_ids"][0])
-    with pytest.raises(ValueError, match=r"data.text_field='text' is not a column .*\['body', 'id'\]"):
-        files_data(tmp_path, train_files=[str(path)])
+    with pytest.raises(ValueError, match=r"data.files.text_field='text' is not a column .*\['body', 'id'\]"):
+        files_data(tmp_path, files=FilesConfig(train=[str(path)]))
 
 
 def test_local_dataset_directory_goes_through_load_dataset(tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_local_dataset_directory_goes_through_load_dataset(tmp_path: Path) -> No
     folder.mkdir()
     (folder / "train.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} of train"}) for i in range(80)))
     (folder / "validation.jsonl").write_text("\n".join(json.dumps({"text": f"line {i} of rain"}) for i in range(20)))
-    data = files_data(tmp_path, source="hub", hub_dataset=str(folder))
+    data = files_data(tmp_path, source="hub", hub=HubConfig(dataset=str(folder)))
     assert "of rain" in data.tokenizer.decode(data.val_blocks[:]["input_ids"][0])
 
 
@@ -88,16 +88,16 @@ def test_unreachable_hub_dataset_is_one_clear_error(tmp_path: Path, monkeypatch:
     # Offline mode fails at once instead of after network retries.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ValueError, match=r"data.hub_dataset='someone/not-cached' could not be loaded.*offline"):
-        files_data(tmp_path, source="hub", hub_dataset="someone/not-cached")
+    with pytest.raises(ValueError, match=r"data.hub.dataset='someone/not-cached' could not be loaded.*offline"):
+        files_data(tmp_path, source="hub", hub=HubConfig(dataset="someone/not-cached"))
     assert not (tmp_path / "cache" / "tokenizers").exists()
 
 
 def test_missing_file_names_the_field(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"data.train_files: '.*nope.txt' does not exist"):
-        files_data(tmp_path, train_files=[str(tmp_path / "nope.txt")])
-    with pytest.raises(FileNotFoundError, match=r"data.train_files: '.*\*.txt' does not exist \(or matches no file\)"):
-        files_data(tmp_path, train_files=[str(tmp_path / "*.txt")])
+    with pytest.raises(FileNotFoundError, match=r"data.files.train: '.*nope.txt' does not exist"):
+        files_data(tmp_path, files=FilesConfig(train=[str(tmp_path / "nope.txt")]))
+    with pytest.raises(FileNotFoundError, match=r"data.files.train: '.*\*.txt' does not exist \(or matches no file\)"):
+        files_data(tmp_path, files=FilesConfig(train=[str(tmp_path / "*.txt")]))
 
 
 def test_corpus_too_small_for_one_block(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_corpus_too_small_for_one_block(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"data.block_size=512: the training split has \d+ tokens, fewer than one block"
     ):
-        files_data(tmp_path, train_files=[str(tmp_path / "tiny.txt")], block_size=512)
+        files_data(tmp_path, block_size=512, files=FilesConfig(train=[str(tmp_path / "tiny.txt")]))
 
 
 def test_hf_tokenizer_directory_must_exist(tmp_path: Path) -> None:
@@ -130,10 +130,10 @@ def test_hf_tokenizer_directory_is_used_as_is(tmp_path: Path, tiny_data: Languag
 def test_real_text_file_with_bpe(tmp_path: Path) -> None:
     data = files_data(
         tmp_path,
-        train_files=[str(SHARED_DATA / "tinyshakespeare.txt")],
         tokenizer="bpe",
         bpe_vocab_size=512,
         block_size=128,
+        files=FilesConfig(train=[str(SHARED_DATA / "tinyshakespeare.txt")]),
     )
     # A 512-token BPE compresses English well below one token per character.
     characters = len(data.tokenizer.decode(data.train_blocks[:]["input_ids"][0]))

@@ -26,6 +26,7 @@ from midus.report.summary_files import write_tables
 from midus.report.table import ArmRow, markdown_table, with_control
 from midus.run_files import RUNS_AT_A_TIME_ENV
 from midus.training import CausalLM
+from midus.training.config import OptimizerConfig, ScheduleConfig
 from midus.training.run_summary import RunSummary, timing_conditions
 from midus.upscale import UpscaleConfig
 
@@ -197,7 +198,7 @@ def test_the_control_is_the_first_reference_unless_named(tmp_path: Path) -> None
     assert load_ablation(write({"arms": arms})).control is None
     with pytest.raises(AblationError, match="control='z' is not an arm"):
         load_ablation(write({"arms": arms, "control": "z"}))
-    tune = {"candidates": {"a": {"model.learning_rate": 0.1}, "b": {"model.learning_rate": 0.2}}}
+    tune = {"candidates": {"a": {"model.optimizer.learning_rate": 0.1}, "b": {"model.optimizer.learning_rate": 0.2}}}
     tuned = load_ablation(write({"arms": arms, "reference": "base", "tune": tune}))
     assert tuning_ablation(tuned, ["base"]).control is None  # the tuning runs' arms are candidates
 
@@ -235,8 +236,8 @@ def test_a_real_fit_records_adamw_state_of_the_trainable_parameters_before_teard
     # Memory blocks after each base block, and only they train (LLaMA Pro's protocol).
     settings = UpscaleConfig(base_checkpoint=str(base_path), method="midus", every=1, trainable="new",
                              memory={"n_subkeys": 8, "topk": 4, "latent_dim": 8})
-    module = CausalLM(config, upscale=settings, probes=ProbeConfig(recall_questions=0), learning_rate=1e-2,
-                      warmup_steps=1)
+    module = CausalLM(config, upscale=settings, probes=ProbeConfig(recall_questions=0),
+                      optimizer=OptimizerConfig(learning_rate=1e-2), schedule=ScheduleConfig(warmup_steps=1))
     trainable = [p for p in module.model.parameters() if p.requires_grad]
     assert 0 < sum(p.numel() for p in trainable) < module.model.num_parameters()
 

@@ -43,6 +43,7 @@ from midus.model.branches.pkm import ProductKeyMemory
 from midus.model.memory_block import MemoryBlock
 from midus.training import CausalLM
 from midus.training.cli import parse_only
+from midus.training.config import GROUPS
 from midus.upscale import UpscaleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +246,8 @@ class Expected:
     trainable: int | None = None
     """params/trainable when not everything trains (an up-scaled arm with a frozen base)."""
     optimizer: dict[str, object] = field(default_factory=dict)
-    """`CausalLM` arguments that only the optimizer reads (memory_lr, …): the arm's values, if given."""
+    """`CausalLM` settings that only the optimizer reads (``memory_optimizer.learning_rate``, …, as dotted
+    ``group.field``): the arm's values, if given."""
 
     @property
     def total(self) -> int:
@@ -311,7 +313,7 @@ BASE_4 = [ffn_layer() for _ in range(4)]
 @dataclass(frozen=True)
 class MemoryKnobs:
     """A memory_health.yaml arm: its HML memory (`MemoryConfig`'s names; values hive, latent 32 throughout)
-    and the memory's optimizer settings (`CausalLM`'s names)."""
+    and the memory's optimizer settings (``model.memory_optimizer``'s, under their names before issue 28)."""
 
     n_subkeys: int
     topk: int
@@ -340,13 +342,17 @@ class MemoryKnobs:
         else:
             expected = t_m_t_m("hml", params, layout, {}, output_gate=self.output_gate,
                                attn_output_projection=self.attn_output_projection)
-        optimizer = {name: getattr(self, name) for name in ("memory_lr", "memory_lr_keys", "memory_lr_schedule")}
+        optimizer = {
+            f"memory_optimizer.{field}": getattr(self, name)
+            for name, field in (("memory_lr", "learning_rate"), ("memory_lr_keys", "subkeys"),
+                                ("memory_lr_schedule", "schedule"))
+        }
         trainable = expected.added if self.frozen_base else None
         return dataclasses.replace(expected, optimizer=optimizer, trainable=trainable)
 
 
 change = dataclasses.replace
-# memory_health.yaml's base (model.config.memory and model.memory_lr*): scratch_reference; every
+# memory_health.yaml's base (model.config.memory and model.memory_optimizer): scratch_reference; every
 # other scratch_* arm changes one knob of it (scratch_before and _qnorm_layernorm_lr01: several).
 HEALTH_SCRATCH = MemoryKnobs(
     n_subkeys=64, topk=32, query_norm="rmsnorm", zero_init_values=False, memory_lr=0.03, memory_lr_keys=True
@@ -477,7 +483,7 @@ LITERAL = dataclasses.replace(frozen(midus(
     # The method notes' literal settings: no query norm (128 parameters fewer per block), memory at the base rate.
     "hml", HIVE_32_LITERAL, hml_layout("hive", 32, zero_values=True, retrieval=INSERTED_KEYS_LITERAL),
     {"added": 147_712},
-)), optimizer={"memory_lr": 0})
+)), optimizer={"memory_optimizer.learning_rate": 0})
 EXPECTED.update({
     ("dus_vs_midus", "base"): EXPECTED[("dus_vs_midus", "base_continued")],
     **{("dus_vs_midus", f"{source}_frozen"): frozen(EXPECTED[("dus_vs_midus", source)]) for source in FROZEN_SOURCES},
@@ -574,8 +580,9 @@ def build(parsed) -> CausalLM:
     # What MidusCLI's link data.vocab_size -> model.config.vocab_size does at instantiation.
     config = ModelConfig(**{**arguments.pop("config"), "vocab_size": data_vocab_size(parsed.data)})
     upscale = UpscaleConfig(**arguments.pop("upscale"))
+    groups = {name: group(**arguments.pop(name)) for name, group in GROUPS.items()}  # as jsonargparse builds them
     torch.manual_seed(0)
-    return CausalLM(config=config, upscale=upscale, **arguments).eval()
+    return CausalLM(config=config, upscale=upscale, **groups, **arguments).eval()
 
 
 def input_ids(vocab_size: int = V) -> torch.Tensor:
@@ -718,7 +725,9 @@ def test_arm_builds_what_its_comment_claims(key: tuple[str, str | None], base: B
     assert model.num_memory_parameters() == expected.memory
     assert module.added_parameters == (expected.added or 0)
     for name, value in expected.optimizer.items():
-        assert module.hparams[name] == value, f"{arm_id(key)}: model.{name} is {module.hparams[name]!r}"
+        group, field = name.split(".")
+        actual = getattr(module.hparams[group], field)
+        assert actual == value, f"{arm_id(key)}: model.{name} is {actual!r}"
     assert upscaled == (expected.added is not None)
     if upscaled:
         assert module.base_parameters == base.module.model.num_parameters()
@@ -850,7 +859,7 @@ def test_regime_x100_d128_sees_each_new_fact_100_times_from_the_flagship_base() 
     tuning = ablation.tune.overrides
     assert tuning["data.embedded.seed"] not in (3, flagship.data.embedded.seed)
     assert tuning["data.embedded.replay_validation"] is False
-    assert ablation.tune.keep == {"midus_literal_frozen": ["model.memory_lr"]}
+    assert ablation.tune.keep == {"midus_literal_frozen": ["model.memory_optimizer.learning_rate"]}
 
 
 def test_absorption_populations_see_each_fact_100_times_and_hold_the_quoted_bits() -> None:
@@ -866,5 +875,5 @@ def test_absorption_populations_see_each_fact_100_times_and_hold_the_quoted_bits
         embedded = parsed.data.embedded
         assert arm == f"pop_{embedded.num_people}" and embedded.seed == 3
         assert embedded.docs_per_person * parsed.trainer.max_epochs == 100 and embedded.replay_seed == -1  # no replay
-        assert parsed.model.upscale.trainable == "all" and parsed.model.learning_rate == 0.002
+        assert parsed.model.upscale.trainable == "all" and parsed.model.optimizer.learning_rate == 0.002
         assert re.search(rf"{embedded.num_people:,} people, +{round(embedded.num_people * per_person):,} bits", header)

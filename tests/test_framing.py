@@ -132,14 +132,15 @@ def test_a_template_that_appends_eos_gives_one_eos_between_documents() -> None:
 
 
 def test_predict_prompts_are_framed_as_packed_documents(tmp_path: Path) -> None:
-    from midus.data.datamodule import LanguageModelingData
+    from midus.data.datamodule import FilesConfig, LanguageModelingData
 
     tokenizer_dir = tmp_path / "tokenizer"
     bos_tokenizer(STANDIN_TEXT).save_pretrained(str(tokenizer_dir))
     train = write_parquet_shards(tmp_path / "train", STANDIN_TEXT[:150])
     val = write_parquet_shards(tmp_path / "val", STANDIN_TEXT[150:])
-    common = dict(source="files", train_files=[str(path) for path in train], val_files=[str(path) for path in val],
-                  block_size=BLOCK, batch_size=4, cache_dir=str(tmp_path / "cache"), predict_prompts=["the cat"])
+    files = FilesConfig(train=[str(path) for path in train], val=[str(path) for path in val])
+    common = dict(source="files", files=files, block_size=BLOCK, batch_size=4, cache_dir=str(tmp_path / "cache"),
+                  predict_prompts=["the cat"])
     for kind in ("hf", "char"):
         data = LanguageModelingData(tokenizer=kind, tokenizer_path=str(tokenizer_dir) if kind == "hf" else "", **common)
         (batch,) = list(data.predict_dataloader())

@@ -38,11 +38,12 @@ def twin_overrides(tmp_path: Path, base: Path, shards: list[Path]) -> list[str]:
         "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--model.upscale.base_checkpoint", str(base), "--model.upscale.memory.n_subkeys", "8",
-        "--model.upscale.memory.topk", "4", "--model.upscale.memory.latent_dim", "8", "--model.fused_adamw", "false",
-        "--model.loss_chunk_tokens", "24", "--model.warmup_steps", "1",
-        "--data.source", "files", "--data.train_files", json.dumps([str(path) for path in shards]),
-        "--data.hub_dataset", "", "--data.hub_config", "", "--data.val_fraction", "0.1",
-        "--data.max_tokens", "20000", "--data.block_size", "32", "--data.batch_size", "2",
+        "--model.upscale.memory.topk", "4", "--model.upscale.memory.latent_dim", "8",
+        "--model.optimizer.fused", "false", "--model.compute.loss_chunk_tokens", "24",
+        "--model.schedule.warmup_steps", "1",
+        "--data.source", "files", "--data.files.train", json.dumps([str(path) for path in shards]),
+        "--data.hub.dataset", "", "--data.hub.config", "", "--data.files.val_fraction", "0.1",
+        "--data.shards.max_tokens", "20000", "--data.block_size", "32", "--data.batch_size", "2",
         "--data.cache_dir", str(tmp_path / "cache"),
     ]
 
@@ -59,7 +60,8 @@ def test_every_arm_of_the_recipe_plans_and_its_midus_arm_trains_as_a_cpu_twin(re
     assert {arm for arm in plans if arm.endswith("_frozen")} == {"dus_interleave_frozen", "midus_hml_hive_frozen"}
     for arm, plan in plans.items():
         recipe_settings = plan.config["model"]
-        assert recipe_settings["activation_checkpointing"] and plan.config["trainer"]["precision"] == "bf16-mixed"
+        assert recipe_settings["compute"]["activation_checkpointing"]
+        assert plan.config["trainer"]["precision"] == "bf16-mixed"
         assert plan.config["data"]["format"] == "shards" and plan.config["data"]["tokenizer"] == "auto"
 
     arm = "midus_hml_hive_frozen"
@@ -77,7 +79,7 @@ def test_every_arm_of_the_recipe_plans_and_its_midus_arm_trains_as_a_cpu_twin(re
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["accumulate_grad_batches"] == 2
     stored = read_kit_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert stored["hyper_parameters"]["activation_checkpointing"] is True
+    assert stored["hyper_parameters"]["compute"]["activation_checkpointing"] is True
 
 
 def recipe_estimates(recipe: str) -> dict[str, tuple[int, int, float]]:
@@ -102,7 +104,7 @@ def recipe_estimates(recipe: str) -> dict[str, tuple[int, int, float]]:
             trainable = model.num_parameters(trainable_only=True)
             estimate = estimate_training_memory(
                 model.config, trainable, data["batch_size"], data["block_size"], document["trainer"]["precision"],
-                model_settings["activation_checkpointing"], model_settings["loss_chunk_tokens"],
+                model_settings["compute"]["activation_checkpointing"], model_settings["compute"]["loss_chunk_tokens"],
                 total_parameters=model.num_parameters(),
             )
             estimates[arm] = (model.num_parameters(), trainable, estimate.total / 2**30)

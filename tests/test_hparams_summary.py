@@ -15,9 +15,9 @@ BASE = {
     "seed_everything": 0,
     "trainer": {"max_steps": 400, "val_check_interval": 100},
     "model": {
-        "learning_rate": 0.003,
-        "memory_lr": 0.03,
-        "warmup_steps": 50,
+        "optimizer": {"learning_rate": 0.003},
+        "memory_optimizer": {"learning_rate": 0.03},
+        "schedule": {"warmup_steps": 50},
         "config": {"d_model": 128, "n_layers": 4, "memory_layers": [1, 3],
                    "memory": {"n_subkeys": 64, "topk": 32, "values": "hive", "latent_dim": 32}},
     },
@@ -25,7 +25,7 @@ BASE = {
 }
 # The arms override different fields: the table needs the union of both key sets.
 ARMS = {
-    "hive": {"model": {"warmup_steps": 10, "config": {"memory": {"values": "hive"}}}},
+    "hive": {"model": {"schedule": {"warmup_steps": 10}, "config": {"memory": {"values": "hive"}}}},
     "wide": {"model": {"config": {"d_model": 256, "memory": {"query_norm": "rmsnorm", "zero_init_values": False}}}},
 }
 SEEDS = (0, 1)
@@ -103,7 +103,7 @@ def test_plugin_lists_every_run_with_its_hparams_and_metrics(experiment_dir: Pat
     assert sorted(groups) == ["hive/seed0", "hive/seed1", "wide/seed0", "wide/seed1"]
     columns = {info.name for info in experiment.hparam_infos}
     # Both arms' overridden fields are columns, though each run has only its own.
-    assert {"arm", "seed", "model.warmup_steps", "model.config.memory.query_norm",
+    assert {"arm", "seed", "model.schedule.warmup_steps", "model.config.memory.query_norm",
             "model.config.memory.zero_init_values", "model.config.d_model", "trainer.max_steps"} <= columns
     assert {(info.name.tag, info.name.group) for info in experiment.metric_infos} >= {
         ("hparams/val_ppl", ""), ("hparams/val_best_ppl", ""), ("val/loss", "")}
@@ -113,7 +113,7 @@ def test_plugin_lists_every_run_with_its_hparams_and_metrics(experiment_dir: Pat
             hparams = hparams_of(group)
             assert hparams["arm"] == arm and hparams["seed"] == seed
             assert hparams["model.config.d_model"] == (256 if arm == "wide" else 128)
-            assert ("model.warmup_steps" in hparams) == (arm == "hive")
+            assert ("model.schedule.warmup_steps" in hparams) == (arm == "hive")
             if arm == "wide":
                 assert hparams["model.config.memory.zero_init_values"] is False
                 assert hparams["model.config.memory.query_norm"] == "rmsnorm"
@@ -171,7 +171,7 @@ def test_hparams_of_arm_flattens_overrides_and_key_config() -> None:
     assert hparams["model.config.memory_layers"] == "[1, 3]"
     assert hparams["model.upscale.method"] == "midus"
     assert hparams["trainer.max_steps"] == "none"  # the override, not the base's 400
-    assert hparams["model.upscale.memory.topk"] == 16 and hparams["model.learning_rate"] == 0.003
+    assert hparams["model.upscale.memory.topk"] == 16 and hparams["model.optimizer.learning_rate"] == 0.003
     assert hparams["data.embedded.num_people"] == 200 and hparams["seed_everything"] == 0
     assert "model.upscale.memory.n_subkeys" not in hparams  # absent from the config: no column
     assert "model.config.memory.latent_dim" not in hparams  # neither overridden nor a key field

@@ -65,11 +65,12 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "50",
         "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(folder / "runs"),
-        "--model.learning_rate", "0.01", "--model.warmup_steps", "5", "--model.probes.recall_questions", "0",
+        "--model.optimizer.learning_rate", "0.01", "--model.schedule.warmup_steps", "5",
+        "--model.probes.recall_questions", "0",
         "--model.config.d_model", "32", "--model.config.n_layers", "2",
         "--model.config.n_heads", "2", "--model.config.n_kv_heads", "2",
-        "--data.source", "files", "--data.train_files", f"[{folder / 'alphabet.txt'}]",
-        "--data.text_sample_by", "line", "--data.tokenizer", "char",
+        "--data.source", "files", "--data.files.train", f"[{folder / 'alphabet.txt'}]",
+        "--data.files.sample_by", "line", "--data.tokenizer", "char",
         "--data.block_size", "32", "--data.batch_size", "16", "--data.cache_dir", str(folder / "cache"),
     ])
     (checkpoint,) = folder.glob("runs/*/*/checkpoints/last.ckpt")

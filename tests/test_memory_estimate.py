@@ -15,6 +15,7 @@ from midus.model import MidusLM, ModelConfig
 from midus.model.memory_config import MemoryConfig
 from midus.model.transformer import next_token_loss
 from midus.training import CausalLM
+from midus.training.config import ComputeConfig
 from midus.training.memory_estimate import estimate_training_memory
 from midus.training.optim import parameter_groups
 
@@ -145,7 +146,8 @@ def test_fit_logs_the_estimate_and_records_it_as_hyperparameters(tiny_data, tmp_
     kit_logger.setLevel(logging.INFO)
     try:
         torch.manual_seed(0)
-        module = CausalLM(_memory_config(tiny_data.vocab_size), activation_checkpointing=True, loss_chunk_tokens=64)
+        module = CausalLM(_memory_config(tiny_data.vocab_size),
+                          compute=ComputeConfig(activation_checkpointing=True, loss_chunk_tokens=64))
         trainer = pl.Trainer(
             max_steps=1, limit_val_batches=0, logger=CSVLogger(tmp_path, name="run", version="v"),
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

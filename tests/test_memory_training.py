@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from midus.model import MidusLM, ModelConfig
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
+from midus.training.config import MemoryOptimizerConfig, OptimizerConfig, ScheduleConfig
 from midus.training.optim import parameter_groups, warmup_cosine
 
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
@@ -51,8 +52,9 @@ def test_memory_values_get_their_own_rate_and_no_decay() -> None:
 def test_memory_model_learns_and_logs_slot_diagnostics(tiny_data, tmp_path: Path) -> None:
     pl.seed_everything(0)
     module = CausalLM(
-        memory_config(tiny_data.vocab_size), learning_rate=1e-2, memory_lr=2e-2, warmup_steps=5,
-            probes=ProbeConfig(recall_questions=0)
+        memory_config(tiny_data.vocab_size), optimizer=OptimizerConfig(learning_rate=1e-2),
+        memory_optimizer=MemoryOptimizerConfig(learning_rate=2e-2), schedule=ScheduleConfig(warmup_steps=5),
+        probes=ProbeConfig(recall_questions=0),
     )
     trainer = pl.Trainer(
         max_steps=40, val_check_interval=20, limit_val_batches=4, num_sanity_val_steps=-1, log_every_n_steps=5,
@@ -140,8 +142,8 @@ def test_a_constant_memory_schedule_holds_the_memory_rate_while_the_others_decay
 
 
 def test_an_unknown_memory_schedule_is_refused_naming_the_field() -> None:
-    with pytest.raises(ValueError, match=r"model.memory_lr_schedule='linear'; expected cosine or constant"):
-        CausalLM(memory_config(50), memory_lr_schedule="linear")
+    with pytest.raises(ValueError, match=r"model.memory_optimizer.schedule='linear'; expected cosine or constant"):
+        CausalLM(memory_config(50), memory_optimizer=MemoryOptimizerConfig(schedule="linear"))
 
 
 def test_query_norm_gains_are_weight_decayed_and_their_bias_is_not() -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
 from midus.cli import main
 from midus.data.corpus import BiographyCorpus
-from midus.data.datamodule import LanguageModelingData
+from midus.data.datamodule import FilesConfig, LanguageModelingData
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def text_override(text: Path, checkpoint: Path) -> list[str]:
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(text.parent / "eval"),  # where validate saves its config.yaml
         "--data.source", "files",
-        "--data.train_files", f"[{text}]",
-        "--data.val_files", f"[{text}]",
+        "--data.files.train", f"[{text}]",
+        "--data.files.val", f"[{text}]",
         "--data.tokenizer", "hf",
         "--data.tokenizer_path", str(checkpoint),
     ]
@@ -54,7 +54,7 @@ def test_validate_reports_perplexity_of_other_text_with_the_checkpoints_tokenize
     checkpoint = read_kit_checkpoint(tiny_memory_run)
     model = model_from_checkpoint(checkpoint, tiny_memory_run).eval()
     data = LanguageModelingData(
-        source="files", train_files=[str(other_text)], val_files=[str(other_text)], tokenizer="hf",
+        source="files", files=FilesConfig(train=[str(other_text)], val=[str(other_text)]), tokenizer="hf",
         tokenizer_path=str(tiny_memory_run), block_size=cli.datamodule.hparams.block_size,
         cache_dir=cli.datamodule.hparams.cache_dir,
     )
@@ -91,7 +91,7 @@ def test_validate_refuses_a_tokenizer_other_than_the_checkpoints(
                 str(other_text.parent / "eval"),
                 "--data.source",
                 "files",
-                "--data.train_files",
+                "--data.files.train",
                 f"[{other_text}]",
                 "--data.bpe_vocab_size",
                 "300",

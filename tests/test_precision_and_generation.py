@@ -9,6 +9,7 @@ import torch
 from midus.model import MidusLM, ModelConfig
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
+from midus.training.config import ScheduleConfig
 
 VOCAB = 50
 
@@ -20,7 +21,7 @@ VOCAB = 50
 def test_trainer_precision_sets_the_dtype_of_the_forward(tiny_data, precision: str, expected: torch.dtype) -> None:
     pl.seed_everything(0)
     config = ModelConfig(vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    module = CausalLM(config, probes=ProbeConfig(recall_questions=0), warmup_steps=1)
+    module = CausalLM(config, probes=ProbeConfig(recall_questions=0), schedule=ScheduleConfig(warmup_steps=1))
     seen: dict[str, set[torch.dtype]] = {}
 
     def record(name: str):

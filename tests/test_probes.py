@@ -63,7 +63,8 @@ def test_a_moved_probe_key_is_one_error_line_naming_its_new_place(tmp_path, caps
     from midus.cli import main
 
     config = tmp_path / "old.yaml"
-    config.write_text("model:\n  learning_rate: 0.001\n  recall_probe_size: 0\n" if where == "yaml" else "{}\n")
+    config.write_text("model:\n  optimizer:\n    learning_rate: 0.001\n  recall_probe_size: 0\n" if where == "yaml"
+                      else "{}\n")
     args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")]
     args += ["--model.recall_probe_size", "0"] if where == "flag" else []
     with pytest.raises(SystemExit) as stop:

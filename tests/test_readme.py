@@ -1,14 +1,14 @@
-"""The README's code refers to files of this repository: they exist (a rename breaks this test).
+"""The docs' code refers to files of this repository: they exist (a rename breaks this test).
 
-Every path in the README's code (fenced blocks, the indented layout block, and inline code
-rooted in a repository folder) is one of:
+The docs are README.md and the guides in docs/. Every path in their code (fenced blocks, the
+indented layout block, and inline code rooted in a repository folder) is one of:
 
 * shipped: it exists in the repository (globs match at least one file);
 * an output: written by running the kit (run folders, exports, the data cache);
 * an example: a file the reader supplies; the README must say so where it uses it;
 * not a path at all (a hub dataset name).
 
-A path the README gains that is none of these fails `test_every_path_the_readme_names_is_accounted_for`.
+A path the docs gain that is none of these fails `test_every_path_the_readme_names_is_accounted_for`.
 """
 
 from __future__ import annotations
@@ -20,21 +20,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
-# Files the reader supplies; each README section that uses one must mark it as the reader's own
+# Files the reader supplies; each docs section that uses one must mark it as the reader's own
 # (`USER_SUPPLIED` below), since the kit does not ship it.
 EXAMPLES = {
     "my_text.txt": "the text to score (Perplexity on any text)",
     "corpus/train/*.txt": "the reader's own training text (Your own data)",
     "corpus/valid.txt": "the reader's own validation text (Your own data)",
     "/path/to/Llama-3.2-1B": "a local Hugging Face checkpoint (Your own ... checkpoint)",
-    "experiments/ablate_width.yaml": "the ablation YAML the Ablations section shows",
+    "experiments/ablate_width.yaml": "the ablation YAML docs/ablations.md shows",
 }
 # Written by running the kit: run folders (trainer.logger save_dir), exports, the data cache.
 OUTPUT_PREFIXES = ("runs/", "exports/", "data/tokenizers/")
 # Names in code that are not repository paths.
 NOT_PATHS = {"Salesforce/wikitext": "a dataset on the Hugging Face hub"}
-# What marks a file as the reader's own in the README section that uses it.
+# What marks a file as the reader's own in the docs section that uses it.
 USER_SUPPLIED = re.compile(r"your own|any text|an example|for example|not shipped|to create|/path/to/", re.IGNORECASE)
 
 PATH = re.compile(r"(?<![\w.<>*~/-])/?[\w.<>*~-]+(?:/[\w.<>*~-]*)+")  # at least one slash
@@ -64,7 +65,7 @@ def code_of(text: str) -> tuple[list[str], list[str], list[str]]:
 
 
 def readme_paths() -> set[str]:
-    fenced, indented, inline = code_of(README.read_text(encoding="utf-8"))
+    fenced, indented, inline = code_of("\n".join(doc.read_text(encoding="utf-8") for doc in DOCS))
     top_level = {entry.name for entry in ROOT.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
     roots = top_level | {prefix.split("/")[0] for prefix in OUTPUT_PREFIXES} | {"corpus"}
     found: set[str] = set()
@@ -105,26 +106,29 @@ def test_the_readme_names_the_kits_main_files() -> None:
 
 @pytest.mark.parametrize("path", SHIPPED)
 def test_every_shipped_path_exists(path: str) -> None:
-    assert shipped(path), f"README.md names {path!r}, which is not in the repository (renamed or removed?)"
+    assert shipped(path), f"the docs name {path!r}, which is not in the repository (renamed or removed?)"
 
 
 def test_every_path_the_readme_names_is_accounted_for() -> None:
     # Templates such as runs/<name>/<arm> are outputs; nothing else may be a placeholder.
     placeholders = [p for p in PATHS if "<" in p and not p.startswith(OUTPUT_PREFIXES)]
     assert placeholders == []
-    # A listed example or non-path that the README no longer mentions is stale here.
+    # A listed example or non-path that the docs no longer mention is stale here.
     assert set(EXAMPLES) | set(NOT_PATHS) <= set(PATHS)
 
 
 def readme_section(path: str) -> str:
-    """The README section (from its heading to the next heading) where `path` first appears."""
-    text = README.read_text(encoding="utf-8")
-    sections = re.split(r"^(?=#{2,4} )", text, flags=re.MULTILINE)
+    """The docs section (from its heading to the next heading) where `path` first appears."""
+    sections = [
+        section
+        for doc in DOCS
+        for section in re.split(r"^(?=#{1,4} )", doc.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    ]
     return next(section for section in sections if path in section)
 
 
 @pytest.mark.parametrize("path", list(EXAMPLES))
 def test_examples_are_marked_as_the_readers_own_files(path: str) -> None:
     section = readme_section(path)
-    message = f"README.md uses {path!r} ({EXAMPLES[path]}) without saying the reader supplies it"
+    message = f"the docs use {path!r} ({EXAMPLES[path]}) without saying the reader supplies it"
     assert USER_SUPPLIED.search(section), message

@@ -15,6 +15,7 @@ from midus.model import ModelConfig
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
 from midus.training.checkpoints import PeriodicCheckpoint
+from midus.training.config import OptimizerConfig, ScheduleConfig
 from midus.training.run_summary import RunSummary
 from midus.upscale import UpscaleConfig
 
@@ -59,8 +60,8 @@ def data(tiny_cache: Path) -> LanguageModelingData:
 
 def _module(data: LanguageModelingData, upscale: UpscaleConfig | None) -> CausalLM:
     config = ModelConfig(vocab_size=data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    return CausalLM(config, upscale=upscale or UpscaleConfig(), learning_rate=1e-2, warmup_steps=3,
-        probes=ProbeConfig(recall_questions=0))
+    return CausalLM(config, upscale=upscale or UpscaleConfig(), probes=ProbeConfig(recall_questions=0),
+                    optimizer=OptimizerConfig(learning_rate=1e-2), schedule=ScheduleConfig(warmup_steps=3))
 
 
 def _fit(data, root: Path, max_steps: int, upscale=None, stop_before=None, ckpt_path=None, **trainer_options):

@@ -21,6 +21,7 @@ from midus.model import MidusLM, ModelConfig
 from midus.model.rotary import RotaryEmbedding, apply_rotary
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
+from midus.training.config import OptimizerConfig, ScheduleConfig
 from midus.training.optim import fused_adamw_supported, parameter_groups
 from tests.conftest import SHARED_DATA
 from tests.test_training import quiet_trainer, tiny_config
@@ -32,7 +33,7 @@ def test_fused_adamw_is_opt_in_and_follows_the_default_one() -> None:
     models = [MidusLM(config), MidusLM(config)]
     models[1].load_state_dict(models[0].state_dict())
     for fused in (True, False):
-        module = CausalLM(config, probes=ProbeConfig(recall_questions=0), fused_adamw=fused)
+        module = CausalLM(config, probes=ProbeConfig(recall_questions=0), optimizer=OptimizerConfig(fused=fused))
         assert bool(module.optimizer_and_schedule(10)["optimizer"].defaults["fused"]) is fused
     optimizers = [torch.optim.AdamW(parameter_groups(model, 0.1), lr=3e-3, fused=fused)
                   for model, fused in zip(models, (True, False))]
@@ -69,7 +70,8 @@ def test_the_rotary_shortcut_rotates_each_pair_by_its_angle() -> None:
 
 
 def test_values_logged_on_the_loggers_steps_only_are_all_written(tiny_data, tmp_path: Path) -> None:
-    module = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0), warmup_steps=2)
+    module = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0),
+                      schedule=ScheduleConfig(warmup_steps=2))
     logger = TensorBoardLogger(str(tmp_path), name="run", version="0", default_hp_metric=False)
     trainer = quiet_trainer(max_steps=15, limit_val_batches=0, log_every_n_steps=3, logger=logger)
     trainer.fit(module, tiny_data)
@@ -134,7 +136,7 @@ def test_the_speed_benchmarks_config_is_nanogpts_char_level_shape(tmp_path: Path
     config = Path(__file__).resolve().parents[1] / "benchmarks" / "shakespeare_char.yaml"
     assert config.read_text().startswith("# python -m midus fit --config benchmarks/shakespeare_char.yaml")
     cli = MidusCLI(args=["--config", str(config), "--data.cache_dir", str(tmp_path),
-                         f"--data.train_files=[{SHARED_DATA / 'tinyshakespeare.txt'}]"], run=False, **cli_kwargs())
+                         f"--data.files.train=[{SHARED_DATA / 'tinyshakespeare.txt'}]"], run=False, **cli_kwargs())
     model = cli.model.model.config
     assert (model.d_model, model.depth, model.n_heads, model.kv_heads) == (128, 4, 4, 4)
     assert (cli.datamodule.settings["block_size"], cli.datamodule.settings["batch_size"]) == (64, 12)

@@ -1,4 +1,4 @@
-"""How plain-text files become records (``data.text_sample_by``): paragraphs split at blank lines
+"""How plain-text files become records (``data.files.sample_by``): paragraphs split at blank lines
 that may hold whitespace, WikiText articles at top-level headings, and a record too long to
 tokenize in one call refused by name (issue 25)."""
 
@@ -137,7 +137,7 @@ def test_a_record_over_the_limit_names_text_sample_by(tmp_path: Path, monkeypatc
         with pytest.raises(ValueError) as raised:
             records(tmp_path, one_long_paragraph, sample_by)
         message = str(raised.value)
-        assert message.startswith(f"data.text_sample_by={sample_by}: data.train_files (")
+        assert message.startswith(f"data.files.sample_by={sample_by}: data.files.train (")
         length = len(one_long_paragraph) - 1  # the record is the file less its final newline
         assert f"a record of {length} characters (record 0, starting 'line 0 without" in message
         assert "over the 100 a record may hold" in message and hint in message
@@ -156,17 +156,17 @@ def test_a_whole_file_over_the_limit_is_a_warning(
         assert records(tmp_path, WIKITEXT, "document") == [WIKITEXT]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 2  # training and validation files
-    assert warnings[0].startswith(f"data.text_sample_by=document: data.train_files ({tmp_path / 'text.txt'}) holds")
-    assert f"a file of {len(WIKITEXT)} characters" in warnings[0] and "data.text_sample_by=paragraph" in warnings[0]
+    assert warnings[0].startswith(f"data.files.sample_by=document: data.files.train ({tmp_path / 'text.txt'}) holds")
+    assert f"a file of {len(WIKITEXT)} characters" in warnings[0] and "data.files.sample_by=paragraph" in warnings[0]
 
 
 def test_blank_or_undecodable_text_is_refused_by_field(tmp_path: Path) -> None:
     for sample_by in ("paragraph", "article"):
-        with pytest.raises(ValueError, match=r"data.train_files \(.*\): holds no text \(every record is blank\)"):
+        with pytest.raises(ValueError, match=r"data.files.train \(.*\): holds no text \(every record is blank\)"):
             records(tmp_path, " \n\n \t\n", sample_by)
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9\n\nbar\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"data.train_files \(.*latin1.txt\): could not be read as text "
+    with pytest.raises(ValueError, match=r"data.files.train \(.*latin1.txt\): could not be read as text "
                                          r"\(UnicodeDecodeError"):
         file_splits([str(path)], [], 0.5, "text", "paragraph", str(tmp_path / "cache"), 0)
 

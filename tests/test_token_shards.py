@@ -40,7 +40,7 @@ def write(directory: Path, tokenizer, documents=DOCUMENTS, holdout: float = 0.0,
     """Shards of `documents` (one pass; with `holdout` also validation) in small shards and units."""
     options = {"shard_tokens": 400, "unit_records": 7, "num_proc": 1, **options}
     text_pass = TextPass("train", lambda: iter(documents), holdout)
-    return write_token_shards(directory, [text_pass], tokenizer, IDENTITY, "data.prepared_dir", **options)
+    return write_token_shards(directory, [text_pass], tokenizer, IDENTITY, "data.shards.directory", **options)
 
 
 def stream_of(tokenizer, documents: list[str]) -> list[int]:
@@ -139,7 +139,7 @@ def test_an_interrupted_preparation_resumes_to_the_uninterrupted_bytes(tmp_path:
 
 def test_a_rerun_reads_the_records_already_prepared_but_does_not_tokenise_them(tmp_path: Path, kit_bpe) -> None:
     write(tmp_path, kit_bpe, stop_after=2)
-    prepared = read_manifest(tmp_path, "data.prepared_dir")["shards"][-1]["records"]
+    prepared = read_manifest(tmp_path, "data.shards.directory")["shards"][-1]["records"]
     encoded: list[str] = []
 
     class Counting(type(kit_bpe)):
@@ -200,9 +200,9 @@ def test_a_token_budget_stops_the_stream_mid_document(tmp_path: Path, kit_bpe) -
 
 def test_a_directory_of_other_settings_is_refused_by_field(tmp_path: Path, kit_bpe) -> None:
     write(tmp_path, kit_bpe)
-    with pytest.raises(ValueError, match=r"data.prepared_dir: .* holds token shards prepared with other settings "
+    with pytest.raises(ValueError, match=r"data.shards.directory: .* holds token shards prepared with other settings "
                                          r"\(max_tokens: 0 there, 5 now\)"):
-        write_token_shards(tmp_path, [], kit_bpe, {**IDENTITY, "max_tokens": 5}, "data.prepared_dir")
+        write_token_shards(tmp_path, [], kit_bpe, {**IDENTITY, "max_tokens": 5}, "data.shards.directory")
 
 
 def test_a_resumed_loader_serves_the_uninterrupted_batches(tmp_path: Path, kit_bpe) -> None:

@@ -16,6 +16,7 @@ from midus.model import MidusLM, ModelConfig
 from midus.probes import ProbeConfig
 from midus.probes.recall import greedy_recall_hits
 from midus.training import CausalLM
+from midus.training.config import OptimizerConfig, ScheduleConfig
 from midus.training.optim import parameter_groups, warmup_cosine
 
 
@@ -36,8 +37,8 @@ def quiet_trainer(**overrides) -> pl.Trainer:
 
 def test_loss_goes_down_on_a_short_fit(tiny_data) -> None:
     pl.seed_everything(0)
-    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=5,
-        probes=ProbeConfig(recall_questions=0))
+    module = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0),
+                      optimizer=OptimizerConfig(learning_rate=1e-2), schedule=ScheduleConfig(warmup_steps=5))
     trainer = quiet_trainer(max_steps=60, limit_val_batches=4)
     before = trainer.validate(module, tiny_data, verbose=False)[0]["val/loss"]
     trainer.fit(module, tiny_data)
@@ -57,8 +58,8 @@ def test_summary_train_loss_is_the_mean_over_the_last_validation_interval(tiny_d
             self.losses.append(float(outputs["loss"]))
 
     pl.seed_everything(0)
-    module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-2, warmup_steps=2,
-        probes=ProbeConfig(recall_questions=0))
+    module = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0),
+                      optimizer=OptimizerConfig(learning_rate=1e-2), schedule=ScheduleConfig(warmup_steps=2))
     steps, summary = StepLosses(), RunSummary()
     # Validations after steps 4 and 8, and none after the last 2 steps: those must not count.
     trainer = quiet_trainer(max_steps=10, val_check_interval=4, limit_val_batches=2, callbacks=[steps, summary],
@@ -77,8 +78,8 @@ def test_summary_train_loss_is_the_per_token_loss_whatever_the_accumulation(tiny
     losses = {}
     for accumulation in (1, 4):
         pl.seed_everything(0)
-        module = CausalLM(tiny_config(tiny_data.vocab_size), learning_rate=1e-12, warmup_steps=0,
-                          probes=ProbeConfig(recall_questions=0))
+        module = CausalLM(tiny_config(tiny_data.vocab_size), probes=ProbeConfig(recall_questions=0),
+                          optimizer=OptimizerConfig(learning_rate=1e-12), schedule=ScheduleConfig(warmup_steps=0))
         summary = RunSummary()
         trainer = quiet_trainer(max_steps=8 // accumulation, accumulate_grad_batches=accumulation,
                                 val_check_interval=8, limit_val_batches=1, callbacks=[summary],
@@ -206,7 +207,8 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_the_newest_ch
         "--trainer.max_steps", "40", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.gradient_clip_val", "null",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--model.learning_rate", "1e6", "--model.warmup_steps", "0", "--model.probes.recall_questions", "0",
+        "--model.optimizer.learning_rate", "1e6", "--model.schedule.warmup_steps", "0",
+        "--model.probes.recall_questions", "0",
         "--model.config.d_model", "32", "--model.config.n_layers", "2",
         "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
         "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),

@@ -11,6 +11,7 @@ from midus.checkpoint import load_kit_checkpoint
 from midus.model import ModelConfig
 from midus.probes import ProbeConfig
 from midus.training import CausalLM
+from midus.training.config import OptimizerConfig, ScheduleConfig
 from midus.upscale import UpscaleConfig
 
 MEMORY = {"n_subkeys": 8, "topk": 4, "latent_dim": 8}
@@ -28,7 +29,8 @@ def fit(module: CausalLM, data, steps: int, checkpoint: Path) -> None:
 def test_midus_from_a_kit_checkpoint_trains_only_new_blocks_and_reloads_without_its_base(tiny_data, tmp_path) -> None:
     pl.seed_everything(0)
     config = ModelConfig(vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    base_module = CausalLM(config, probes=ProbeConfig(recall_questions=0), learning_rate=1e-2, warmup_steps=2)
+    base_module = CausalLM(config, probes=ProbeConfig(recall_questions=0),
+                           optimizer=OptimizerConfig(learning_rate=1e-2), schedule=ScheduleConfig(warmup_steps=2))
     base_path = tmp_path / "base.ckpt"
     fit(base_module, tiny_data, 10, base_path)
     base = load_kit_checkpoint(base_path).eval()
@@ -37,8 +39,8 @@ def test_midus_from_a_kit_checkpoint_trains_only_new_blocks_and_reloads_without_
         torch.testing.assert_close(base(batch), base_module.model.eval()(batch))
 
     settings = UpscaleConfig(base_checkpoint=str(base_path), method="midus", every=1, memory=MEMORY, trainable="new")
-    module = CausalLM(config, upscale=settings,
-        probes=ProbeConfig(recall_questions=0), learning_rate=1e-2, warmup_steps=2)
+    module = CausalLM(config, upscale=settings, probes=ProbeConfig(recall_questions=0),
+                      optimizer=OptimizerConfig(learning_rate=1e-2), schedule=ScheduleConfig(warmup_steps=2))
     assert module.model.config.depth == 4
     # Two memory blocks, each: norm 32 + attention without o_proj (q 32x32, k and v 16x32) and
     # HML+HIVE memory (sub-keys 4·8·8, bank 64·8, projections 4·8·8, rmsnorm query gains 4·8).

@@ -86,10 +86,10 @@ def test_validate_given_a_bad_ckpt_path_is_one_line_and_writes_nothing(
 
 def test_a_bad_config_value_is_one_line_naming_the_field(tmp_path: Path, tiny_cache: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", *tiny_run(tmp_path, tiny_cache), "--model.learning_rate", "-1"])
+        main(["fit", *tiny_run(tmp_path, tiny_cache), "--model.optimizer.learning_rate", "-1"])
     assert exit_.value.code == USER_ERROR_EXIT
     assert isinstance(exit_.value.__context__, ValueError)
-    assert one_error_line(capsys) == "error: model.learning_rate must be positive, got -1.0"
+    assert one_error_line(capsys) == "error: model.optimizer.learning_rate must be positive, got -1.0"
     assert not (tmp_path / "runs").exists()
 
 
@@ -111,10 +111,10 @@ def test_with_midus_debug_the_traceback_comes_too(
 ) -> None:
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", *tiny_run(tmp_path, tiny_cache), "--model.learning_rate", "-1"])
+        main(["fit", *tiny_run(tmp_path, tiny_cache), "--model.optimizer.learning_rate", "-1"])
     assert exit_.value.code == USER_ERROR_EXIT
     err = capsys.readouterr().err
-    assert "Traceback" in err and "lm_module.py" in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" in err and "training/config.py" in err and err.strip().splitlines()[-1].startswith("error: ")
     with pytest.raises(SystemExit) as exit_:  # a kit command's error too
         main(["memory-usage", "--ckpt_path", str(bad_checkpoint("corrupt", tmp_path))])
     assert exit_.value.code == USER_ERROR_EXIT
@@ -145,10 +145,10 @@ def test_an_unusable_training_file_is_one_line_naming_it(
     text.write_text(content)
     cache = tmp_path / "cache"
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", *tiny_run(tmp_path, cache), "--data.source", "files", "--data.train_files", f"[{text}]"])
+        main(["fit", *tiny_run(tmp_path, cache), "--data.source", "files", "--data.files.train", f"[{text}]"])
     assert exit_.value.code == USER_ERROR_EXIT
     error = one_error_line(capsys)
-    assert error.startswith("error: data.train_files") and str(text) in error and message in error
+    assert error.startswith("error: data.files.train") and str(text) in error and message in error
     assert not (tmp_path / "runs").exists()
     if content == "":
         assert not cache.exists()  # refused before datasets builds (and caches) anything
@@ -183,7 +183,7 @@ def test_which_exceptions_are_user_errors(tmp_path: Path) -> None:
             return error
         raise AssertionError("no exception")
 
-    assert is_user_error(raised(lambda: resolve_files([str(tmp_path / "nope.txt")], "data.train_files")))
+    assert is_user_error(raised(lambda: resolve_files([str(tmp_path / "nope.txt")], "data.files.train")))
     assert is_user_error(raised(lambda: open(tmp_path / "nope.txt")))  # the OS names the file
     assert not is_user_error(raised(lambda: json.loads("{")))  # a ValueError, but raised in json
     assert not is_user_error(raised(lambda: {}["key"]))

@@ -100,7 +100,8 @@ def parse_tune(section: Any, where: str) -> TuneSpec:
         isinstance(keys, list) and keys and all(isinstance(key, str) and key for key in keys) for keys in keep.values()
     ):
         raise AblationError(
-            f"{where}.keep: expected arm -> a list of dotted keys (e.g. [model.memory_lr]), got {keep!r}"
+            f"{where}.keep: expected arm -> a list of dotted keys (e.g. [model.memory_optimizer.learning_rate]), "
+            f"got {keep!r}"
         )
     return TuneSpec(
         seed, metric, dict(overrides), {str(name): dict(values) for name, values in candidates.items()},

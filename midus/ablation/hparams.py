@@ -41,8 +41,8 @@ HPARAMS_EVENTS_GLOB = f"events.out.tfevents.*{HPARAMS_EVENTS_SUFFIX}"
 
 KEY_CONFIG_FIELDS = (
     "seed_everything",
-    "model.learning_rate",
-    "model.memory_lr",
+    "model.optimizer.learning_rate",
+    "model.memory_optimizer.learning_rate",
     "model.config.d_model",
     "model.config.n_layers",
     "model.config.memory_layers",

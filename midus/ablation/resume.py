@@ -52,6 +52,9 @@ class ArmStart:
     why: str = ""
     warnings: list[str] = field(default_factory=list)
     """Checkpoints that could not be read (so not resumed from)."""
+    upgraded_config: dict[str, Any] | None = None
+    """The recorded config with keys that moved since the run started at their new places (None when
+    none moved): a resumed arm's fit reads its ``arm_config.yaml`` again, so `prepare` rewrites it."""
 
     def describe(self) -> str:
         """One line for the log: what happens to the arm."""
@@ -81,6 +84,8 @@ class ArmStart:
         checkpoints = self.run_dir / CHECKPOINT_DIR
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()
+        if self.action == RESUME and self.upgraded_config is not None:
+            _rewrite_with_moved_keys(self.run_dir / ARM_CONFIG, self.upgraded_config)
         if self.action != FRESH:
             return  # skipped and resumed arms keep the record their run was started with
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ def plan_start(run_dir: Path, config: dict[str, Any], command: list[str], fresh:
         return ArmStart(FRESH, run_dir, remove=fit_files(run_dir))  # leftovers of an attempt with nothing to resume
     held = [SUMMARY_FILE] if finished else []
     held += [f"{len(checkpoint_files)} checkpoint(s)"] if checkpoint_files else []
-    differences = record_differences(run_dir, config, command)
+    differences, upgraded = record_differences(run_dir, config, command)
     if differences:
         raise AblationError(
             f"{run_dir} holds a run ({', '.join(held)}) started {differences}; a rerun will not skip or resume "
@@ -117,7 +122,7 @@ def plan_start(run_dir: Path, config: dict[str, Any], command: list[str], fresh:
             "or rerun with the configuration and arguments it was started with"
         )
     if finished:
-        return ArmStart(SKIP, run_dir)
+        return ArmStart(SKIP, run_dir, upgraded_config=upgraded)
     newest, warnings = newest_checkpoint(checkpoint_files)
     if newest is None:
         raise AblationError(
@@ -125,7 +130,7 @@ def plan_start(run_dir: Path, config: dict[str, Any], command: list[str], fresh:
             f"pass {FRESH_FLAG} to start the arm again from step 0"
         )
     stale = [run_dir / SUMMARY_FILE] if (run_dir / SUMMARY_FILE).exists() else []  # unreadable or not this run's
-    return ArmStart(RESUME, run_dir, checkpoint=newest, remove=stale, warnings=warnings)
+    return ArmStart(RESUME, run_dir, checkpoint=newest, remove=stale, warnings=warnings, upgraded_config=upgraded)
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -142,19 +147,41 @@ def is_finished(run_dir: Path) -> bool:
     return isinstance(paths, list) and str(run_dir / ARM_CONFIG) in paths
 
 
-def record_differences(run_dir: Path, config: dict[str, Any], command: list[str]) -> str:
-    """How `config` and `command` differ from what `run_dir` records it was started with; "" when they do not."""
+def record_differences(run_dir: Path, config: dict[str, Any], command: list[str]) -> tuple[str, dict | None]:
+    """How `config` and `command` differ from what `run_dir` records it was started with ("" when they do
+    not), and the recorded config upgraded when keys moved since (`midus.training.moved_keys`; else None).
+
+    A record written before keys moved is compared with each key at its new place: the same experiment,
+    whatever the keys were called when it started."""
+    from midus.training.moved_keys import upgrade_config
+
     try:
         recorded_config = yaml.safe_load((run_dir / ARM_CONFIG).read_text(encoding="utf-8"))
         recorded_args = yaml.safe_load((run_dir / ARM_COMMAND).read_text(encoding="utf-8"))["args"]
     except (OSError, yaml.YAMLError, TypeError, KeyError):
-        return f"without a readable record of how ({ARM_CONFIG}, {ARM_COMMAND}: a run from before the runner resumed?)"
+        return (
+            f"without a readable record of how ({ARM_CONFIG}, {ARM_COMMAND}: a run from before the runner resumed?)",
+            None,
+        )
+    upgraded = upgrade_config(recorded_config) if isinstance(recorded_config, dict) else recorded_config
+    if upgraded != recorded_config:
+        recorded_config = upgraded
+    else:
+        upgraded = None
     changes = config_changes(recorded_config, config)
     if len(changes) > _SHOWN_DIFFERENCES:
         changes = [*changes[:_SHOWN_DIFFERENCES], f"{len(changes) - _SHOWN_DIFFERENCES} more"]
     if recorded_args != command:
         changes.append(f"command line {shlex.join(map(str, recorded_args))!r}, now {shlex.join(command)!r}")
-    return f"with a different configuration ({'; '.join(changes)})" if changes else ""
+    return (f"with a different configuration ({'; '.join(changes)})" if changes else ""), upgraded
+
+
+def _rewrite_with_moved_keys(path: Path, config: dict[str, Any]) -> None:
+    """Write `config` (the record at `path`, its keys at their new places) over it, keeping its header."""
+    header = "".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                     if line.startswith("#"))
+    note = "# Rewritten on resume with the keys that moved since at their new places (midus.training.moved_keys).\n"
+    path.write_text(header + note + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:

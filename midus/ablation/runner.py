@@ -26,8 +26,10 @@ arm ``wide`` lands in ``runs/ablate_width/wide``.
 
 1. selects the arms (``--arm``, repeatable and/or comma-separated; default: all, in YAML order);
 2. parses every selected arm's merged config, with ``args``, through the kit's LightningCLI
-   parser (no data preparation) and builds its `ModelConfig`, so a misspelt key or a bad value
-   fails with the arm's name before anything is written;
+   parser (no data preparation) and builds its `ModelConfig` and training groups
+   (`midus.training.config`), so a misspelt key or a bad value fails with the arm's name before
+   anything is written (a key that moved fails earlier, naming its new place:
+   `midus.training.moved_keys`);
 3. decides per arm whether it is skipped, resumed or started fresh (Rerunning, below), again
    before anything is written, and prints that as it reaches the arm;
 4. runs ``python -m midus fit --config runs/<name>/<arm>/arm_config.yaml [args] [--ckpt_path C]``
@@ -68,7 +70,8 @@ Rerunning (`midus.ablation.resume`): the command that started an ablation also c
 after a preemption, a crash or Ctrl-C. A fresh start records the arm's config
 (``arm_config.yaml``) and its arguments (``arm_command.yaml``: ``args``, ``--arm``/``--fresh``
 removed) in the arm's directory; a later run compares them with its own, as parsed data (YAML
-comments and key order do not count, every argument does). Per arm:
+comments and key order do not count, every argument does; a record written before keys moved is
+compared with each key at its new place, `midus.training.moved_keys`). Per arm:
 
 * finished (a ``summary.json`` its fit wrote, naming this ``arm_config.yaml``): skipped, its
   row comes from that summary;
@@ -148,6 +151,7 @@ def plan_arm(command: CommandLine, arm: str, seed: int | None = None) -> ArmPlan
 
     from midus.model import ModelConfig
     from midus.training.cli import parse_only
+    from midus.training.config import GROUPS
 
     ablation = command.ablation
     config = ablation.arm_config(arm, seed)
@@ -157,6 +161,8 @@ def plan_arm(command: CommandLine, arm: str, seed: int | None = None) -> ArmPlan
     try:
         parsed = parse_only(args)
         ModelConfig(**parsed.model.config.as_dict())
+        for name, group in GROUPS.items():  # each checks its own values (model.optimizer.learning_rate > 0, ...)
+            group(**parsed.model[name].as_dict())
     except (ArgumentError, ValueError, TypeError) as error:
         raise AblationError(f"{ablation.path}: arm {arm!r}: {error}") from error
     logger = parsed.trainer.logger

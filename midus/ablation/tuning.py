@@ -10,8 +10,8 @@ An ablation YAML may name the candidate settings every arm is tuned over::
           data.embedded.seed: 2
           data.embedded.replay_validation: false
         candidates:
-          lr_0.5x: {model.learning_rate: 0.0005, model.memory_lr: 0.015}
-          lr_1x: {model.learning_rate: 0.001, model.memory_lr: 0.03}
+          lr_0.5x: {model.optimizer.learning_rate: 0.0005, model.memory_optimizer.learning_rate: 0.015}
+          lr_1x: {model.optimizer.learning_rate: 0.001, model.memory_optimizer.learning_rate: 0.03}
       arms: ...
 
 ``python -m midus fit --config X.yaml --tune`` runs every selected arm once per candidate, as

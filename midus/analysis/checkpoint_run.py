@@ -6,7 +6,8 @@ where to write.
 
 The text comes from the ``data:`` section of, in order: ``--config`` (an ablation YAML needs
 ``--arm``), else the ``config.yaml`` that ``fit`` saved in the run directory next to the
-checkpoint's ``checkpoints/`` folder; ``--data.*`` flags override single fields. Analyses
+checkpoint's ``checkpoints/`` folder (one written before data keys moved is read with each at its
+new place, `midus.data.moved_keys`); ``--data.*`` flags override single fields. Analyses
 read the validation split. Outputs go to ``<run dir>/analysis/`` unless ``--out_dir`` says
 otherwise, and TensorBoard images into the run directory itself, beside its training curves.
 """
@@ -22,6 +23,7 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 
 from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
+from midus.data.moved_keys import MOVED_DATA_KEYS, check_moved_keys, upgrade_config
 from midus.data.text_data import TextData
 from midus.data.tokenizers import same_vocabulary
 from midus.model.transformer import MidusLM
@@ -90,6 +92,8 @@ def data_section(checkpoint_path: Path, config: str | None, arm: str | None) -> 
                 "give the YAML the checkpoint was trained with (its data: section names the text)"
             )
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(document, dict):  # written by fit, perhaps before keys moved
+            document = upgrade_config(document, MOVED_DATA_KEYS)
     else:
         path = Path(config)
         if not path.is_file():
@@ -117,6 +121,7 @@ def load_checkpoint_run(parser: ArgumentParser, args: list[str]) -> CheckpointRu
     """
     if any(arg in ("-h", "--help") for arg in args):
         parser.parse_args(args)  # prints the help and exits
+    check_moved_keys(args, MOVED_DATA_KEYS)  # given by the user: one error line naming the new place
     checkpoint_path = _flag(args, "ckpt_path")
     if checkpoint_path is None:
         parser.parse_args(args)  # reports the missing required option

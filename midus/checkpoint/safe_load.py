@@ -13,7 +13,6 @@ with full unpickling instead, by the kit and by Lightning's ``--ckpt_path`` load
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import sys
@@ -29,7 +28,7 @@ from midus.model.memory_config import MemoryConfig
 TRUST_ENV = "MIDUS_TRUST_CHECKPOINTS"
 """Environment variable: ``1`` reads checkpoints with full unpickling (only for files you trust)."""
 
-MOVED_MODULES = {"midus.training.data_module": "midus.data.text_data"}
+MOVED_MODULES = {"midus.training.data_module": "midus.data.sources", "midus.data.text_data": "midus.data.sources"}
 """Modules whose classes older checkpoints pickled (the data module's hyperparameters hold an
 `EmbeddedCorpusConfig`) → where those classes live now."""
 
@@ -38,8 +37,16 @@ KIT_TYPE_NAMES = (
     "midus.model.config.LayerSpec",
     "midus.model.memory_config.MemoryConfig",
     "midus.upscale.config.UpscaleConfig",
-    "midus.data.text_data.EmbeddedCorpusConfig",
+    "midus.data.sources.EmbeddedCorpusConfig",
+    "midus.data.sources.FilesConfig",
+    "midus.data.sources.HubConfig",
+    "midus.data.prepare.ShardsConfig",
     "midus.probes.config.ProbeConfig",
+    "midus.training.config.OptimizerConfig",
+    "midus.training.config.ScheduleConfig",
+    "midus.training.config.MemoryOptimizerConfig",
+    "midus.training.config.ComputeConfig",
+    "midus.training.config.GenerationConfig",
 )
 """The kit's plain-data classes a checkpoint may hold, by the name pickle stores them under
 (plus the old names of `MOVED_MODULES`)."""
@@ -178,24 +185,3 @@ def _load(path: str | Path, field_name: str, read: Callable[[], Any]) -> Any:
             f"{field_name}: {str(path)!r} is not a readable checkpoint ({_reason(error)}); "
             "expected a .ckpt written by fit"
         ) from None
-
-
-def trusted_globals(path: str | Path) -> list[Any]:
-    """Every class or function the pickle in `path` names, imported, as `safe_globals` entries: lets a
-    weights-only reader (Lightning's ``--ckpt_path`` hyperparameter parsing) read a trusted file.
-
-    Only for `trusted` files: importing what a checkpoint names is what full unpickling does.
-    """
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, OSError):
-        return []  # not a zip checkpoint (a pre-1.6 torch file): no static scan; the load reports it
-    entries = []
-    for name in names:
-        module, _, attribute = name.rpartition(".")
-        try:
-            found = getattr(importlib.import_module(MOVED_MODULES.get(module, module)), attribute)
-        except (ImportError, AttributeError, ValueError):
-            continue  # the weights-only load then names it
-        entries.append((found, name))
-    return entries

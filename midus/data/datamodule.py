@@ -8,9 +8,11 @@ import inspect
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from midus.data.text_data import EmbeddedCorpusConfig, TextData
+from midus.data.prepare import ShardsConfig
+from midus.data.sources import EmbeddedCorpusConfig, FilesConfig, HubConfig
+from midus.data.text_data import TextData
 
-__all__ = ["EmbeddedCorpusConfig", "LanguageModelingData"]
+__all__ = ["EmbeddedCorpusConfig", "FilesConfig", "HubConfig", "LanguageModelingData", "ShardsConfig"]
 
 
 class LanguageModelingData(TextData, pl.LightningDataModule):

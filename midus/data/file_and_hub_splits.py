@@ -3,7 +3,7 @@
 Each loader returns a `DatasetDict` with ``train`` and ``validation`` splits holding one
 ``text`` column, plus a short corpus key that names the text in cache paths. Local files
 and hub datasets go through `datasets.load_dataset`, which caches them under the data
-cache; errors name the `data.*` field that needs fixing. How .txt files become records, and
+cache; errors name the ``data.files.*`` / ``data.hub.*`` field that needs fixing. How .txt files become records, and
 which records are kept, is `midus.data.text_records`; the same sources read as streams for
 token shards are `midus.data.streamed_text`; the embedded corpus is `midus.data.embedded_splits`.
 """
@@ -111,9 +111,11 @@ def _load_files(files: list[str], text_field: str, sample_by: str, cache_dir: st
     return dataset
 
 
-def _split_off_validation(train: Dataset, val_fraction: float, seed: int, where: str) -> DatasetDict:
+def _split_off_validation(train: Dataset, val_fraction: float, seed: int, where: str, group: str) -> DatasetDict:
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction}")
+        raise ValueError(
+            f"data.{group}.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction}"
+        )
     if len(train) < 2:
         raise ValueError(f"{where}: needs at least 2 text records to split off validation, got {len(train)}")
     parts = train.train_test_split(test_size=val_fraction, seed=seed)
@@ -141,34 +143,34 @@ def file_splits(
 ) -> tuple[DatasetDict, str]:
     """Local .txt / .jsonl / .parquet files; validation from `val_files` or split off.
 
-    `sample_by` is ``data.text_sample_by``: how .txt files become records (``line``,
+    `sample_by` is ``data.files.sample_by``: how .txt files become records (``line``,
     ``paragraph``, ``article``, ``document``; see `text_records`); other files ignore it.
     """
     if not train_files:
-        raise ValueError("data.train_files is empty; data.source=files needs at least one file")
-    train_paths = resolve_files(train_files, "data.train_files")
-    val_paths = resolve_files(val_files, "data.val_files") if val_files else []
+        raise ValueError("data.files.train is empty; data.source=files needs at least one file")
+    train_paths = resolve_files(train_files, "data.files.train")
+    val_paths = resolve_files(val_files, "data.files.val") if val_files else []
     key = "files-" + short_hash(*files_key_parts(train_paths, val_paths, text_field, sample_by, val_fraction, seed))
-    train = _load_files(train_paths, text_field, sample_by, cache_dir, "data.train_files")
+    train = _load_files(train_paths, text_field, sample_by, cache_dir, "data.files.train")
     if val_paths:
-        validation = _load_files(val_paths, text_field, sample_by, cache_dir, "data.val_files")
+        validation = _load_files(val_paths, text_field, sample_by, cache_dir, "data.files.val")
         return DatasetDict(train=train, validation=validation), key
-    return _split_off_validation(train, val_fraction, seed, "data.train_files"), key
+    return _split_off_validation(train, val_fraction, seed, "data.files.train", "files"), key
 
 
 def load_hub_dataset(name: str, config_name: str, train_split: str, offline_hint: str, **options: Any) -> Any:
-    """``datasets.load_dataset(name, config_name, **options)`` with one error naming data.hub_dataset
-    (and `offline_hint`, what to do without network) or data.hub_train_split."""
+    """``datasets.load_dataset(name, config_name, **options)`` with one error naming data.hub.dataset
+    (and `offline_hint`, what to do without network) or data.hub.train_split."""
     if not name:
-        raise ValueError("data.hub_dataset is empty; data.source=hub needs a dataset name")
+        raise ValueError("data.hub.dataset is empty; data.source=hub needs a dataset name")
     try:
         loaded = datasets.load_dataset(name, config_name or None, **options)
     except Exception as error:  # datasets raises many types for "offline" / "not found"
         raise ValueError(
-            f"data.hub_dataset={name!r} could not be loaded ({type(error).__name__}: {error}). {offline_hint}"
+            f"data.hub.dataset={name!r} could not be loaded ({type(error).__name__}: {error}). {offline_hint}"
         ) from error
     if train_split not in loaded:
-        raise ValueError(f"data.hub_train_split={train_split!r} is not a split of {name!r}; it has {list(loaded)}")
+        raise ValueError(f"data.hub.train_split={train_split!r} is not a split of {name!r}; it has {list(loaded)}")
     return loaded
 
 
@@ -186,12 +188,13 @@ def hub_splits(
     loaded = load_hub_dataset(
         name, config_name, train_split,
         "If this machine is offline, load it once on a machine with network access (it is then cached "
-        "under data/hf_datasets), or point data.source=files and data.train_files at local files.",
+        "under data/hf_datasets), or point data.source=files and data.files.train at local files.",
         cache_dir=str(Path(cache_dir) / "hf_datasets"),
     )
     where = f"dataset {name!r}"
-    train = select_text(loaded[train_split], text_field, where)
+    train = select_text(loaded[train_split], text_field, where, "data.hub.text_field")
     key = "hub-" + short_hash(name, config_name, train_split, val_split, text_field, val_fraction, seed)
     if val_split and val_split in loaded:
-        return DatasetDict(train=train, validation=select_text(loaded[val_split], text_field, where)), key
-    return _split_off_validation(train, val_fraction, seed, where), key
+        validation = select_text(loaded[val_split], text_field, where, "data.hub.text_field")
+        return DatasetDict(train=train, validation=validation), key
+    return _split_off_validation(train, val_fraction, seed, where, "hub"), key

@@ -70,7 +70,7 @@ MAP_BATCH_RECORDS = 2000
 """Records tokenised per call, as long as they are short (the embedded corpus's always are)."""
 MAP_BATCH_CHARS = 8_000_000
 """Text per call at most, in characters: long records (WikiText articles read with
-``data.text_sample_by: article``, ~19k characters each) get fewer per call, so one call's token lists
+``data.files.sample_by: article``, ~19k characters each) get fewer per call, so one call's token lists
 stay tens of MB instead of GB."""
 
 

@@ -1,11 +1,11 @@
 """Token shards of a run's text, prepared once: which directory, which tokenizer, what to write.
 
 ``data.format: shards`` reads the text as streams (`midus.data.streamed_text.StreamedText`: local
-files record by record, a hub dataset with ``streaming=True``), tokenises it in ``data.num_proc``
-processes up to ``data.max_tokens`` and keeps one copy, the token shards of
+files record by record, a hub dataset with ``streaming=True``), tokenises it in ``data.shards.num_proc``
+processes up to ``data.shards.max_tokens`` and keeps one copy, the token shards of
 `midus.data.token_shards`, in a directory of its own::
 
-    data.prepared_dir, or <data.cache_dir>/shards/<corpus key>-<tokenizer>[-max<max_tokens>]
+    data.shards.directory, or <data.cache_dir>/shards/<corpus key>-<tokenizer>[-max<max_tokens>]
 
 ``<tokenizer>`` is ``bpe<vocabulary size>``, ``char`` or ``hf-<fingerprint>``. The block size is
 not part of it: blocks are cut when the shards are read, so one preparation serves every
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -33,10 +34,49 @@ from midus.data.tokenizers import cached_tokenizer
 log = logging.getLogger(__name__)
 
 TRAINING_CHARS_PER_TOKEN = 4
-"""With a token budget, a bpe/char tokenizer is trained on the first ``4 * data.max_tokens``
+"""With a token budget, a bpe/char tokenizer is trained on the first ``4 * data.shards.max_tokens``
 characters of training text: about the text the budget covers (English BPE vocabularies of a
 few thousand entries and more average 3-4.5 characters a token), where a stream has no end to
 read to first."""
+
+
+@dataclass
+class ShardsConfig:
+    """``data.shards``: the token shards of ``data.format: shards`` (this module): where they go, how
+    much text they hold, and how many processes prepare them. Each field needs that format."""
+
+    directory: str = ""
+    """Directory of the token shards; "" for ``<cache_dir>/shards/<corpus key>-<tokenizer>[-max<max_tokens>]``."""
+    max_tokens: int = 0
+    """Training tokens to prepare, 0 for all: the stream stops there, mid-document. A trained bpe/char
+    tokenizer then learns from the first 4 * max_tokens characters of training text, and validation
+    text of its own (``data.files.val``, ``data.hub.val_split``) is cut at the same count."""
+    num_proc: int = 0
+    """Processes that tokenise when the shards are prepared; 0 for one per available CPU core. The
+    shards are the same for any number."""
+    tokens_per_shard: int = 1 << 26
+    """Tokens per shard file: a shard is written, and an interrupted preparation resumes, in units of
+    about this many tokens."""
+
+    def __post_init__(self) -> None:
+        for name, zero in (("max_tokens", "all"), ("num_proc", "one per core")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.shards.{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+        if self.tokens_per_shard < 1:
+            raise ValueError(f"data.shards.tokens_per_shard must be >= 1, got {self.tokens_per_shard}")
+
+    def check_format(self, data_format: str) -> None:
+        """Refuse a setting given for another ``data.format`` than shards: it would do nothing."""
+        if data_format == "shards":
+            return
+        default = ShardsConfig()
+        for name in ("directory", "max_tokens", "num_proc", "tokens_per_shard"):
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                raise ValueError(
+                    f"data.shards.{name}={value!r} applies to token shards; set data.format: shards as well "
+                    f"(data.format is {data_format})"
+                )
 
 
 def available_cores() -> int:
@@ -52,7 +92,7 @@ def tokenizer_label(kind: str, bpe_vocab_size: int, tokenizer: PreTrainedTokeniz
 
 
 def shards_directory(cache_dir: str, prepared_dir: str, key: str, label: str, max_tokens: int) -> Path:
-    """``data.prepared_dir`` when set, else ``<cache_dir>/shards/<key>-<label>[-max<max_tokens>]``."""
+    """``data.shards.directory`` when set, else ``<cache_dir>/shards/<key>-<label>[-max<max_tokens>]``."""
     if prepared_dir:
         return Path(prepared_dir)
     return Path(cache_dir) / "shards" / (f"{key}-{label}" + (f"-max{max_tokens}" if max_tokens else ""))
@@ -101,7 +141,7 @@ def prepare_shards(
         bpe_vocab_size: vocabulary size of a trained BPE.
         cache_dir: the data cache (trained tokenizers, default shard directories, locks).
         prepared_dir: where the shards go ("": under `cache_dir`).
-        max_tokens: training tokens at most (0: all); see ``data.max_tokens``.
+        max_tokens: training tokens at most (0: all); see ``data.shards.max_tokens``.
         num_proc: tokenising processes (0: one per available core).
         shard_tokens: tokens per shard file (a shard closes at the first unit boundary past it).
         stop_after: stop after this many shard writes, as an interruption would (tests).
@@ -111,7 +151,7 @@ def prepare_shards(
     """
     label = tokenizer_label(kind, bpe_vocab_size, tokenizer)
     directory = shards_directory(cache_dir, prepared_dir, text.key, label, max_tokens)
-    field = "data.prepared_dir" if prepared_dir else "data.cache_dir"
+    field = "data.shards.directory" if prepared_dir else "data.cache_dir"
     identity = {"text": text.key, "tokenizer": label, "max_tokens": max_tokens}
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory.parent / f".{directory.name}.lock")):

@@ -1,6 +1,7 @@
 """``python -m midus prepare``: tokenise a run's text into token shards once, before ``fit``.
 
-    python -m midus prepare --config experiments/my_run.yaml [--data.num_proc 8] [--data.max_tokens 1000000000]
+    python -m midus prepare --config experiments/my_run.yaml [--data.shards.num_proc 8] \
+        [--data.shards.max_tokens 1000000000]
     python -m midus fit     --config experiments/my_run.yaml
 
 It reads the ``data:`` section of the YAML that ``fit`` takes (every ``--data.*`` flag of
@@ -11,8 +12,9 @@ takes the tokenizer of the YAML's ``model.pretrained`` or ``model.upscale.base_c
 ``fit`` does. An ablation YAML is accepted when no arm changes ``data.*`` (its arms then share
 one preparation).
 
-Bad input (a missing file, a wrong field, a directory prepared with other settings) is one
-``error:`` line naming the field and exit status 2, before anything is written.
+Bad input (a missing file, a wrong field, a directory prepared with other settings, a data key
+that moved: `midus.data.moved_keys`) is one ``error:`` line naming the field and exit status 2,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Optional
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
+from midus.data.moved_keys import MOVED_DATA_KEYS, check_moved_keys
 from midus.data.starting_tokenizer import StartingModel, refuse_a_new_tokenizer, resolve_tokenizer
 from midus.data.text_data import TextData
 
@@ -94,6 +97,7 @@ def prepare(args: list[str]) -> TextData:
     if "-h" in args or "--help" in args:
         # --help (which exits) shows the embedded corpus's field docs too, as fit's does.
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    check_moved_keys(args, MOVED_DATA_KEYS)
     parser = build_parser()
     config = None
     for index, arg in enumerate(args):  # --config first: its data: section is the base the flags override

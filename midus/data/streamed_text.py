@@ -76,13 +76,15 @@ def streamed_files(
     tokenizer is shared).
     """
     if not train_files:
-        raise ValueError("data.train_files is empty; data.source=files needs at least one file")
-    train_paths = resolve_files(train_files, "data.train_files")
-    val_paths = resolve_files(val_files, "data.val_files") if val_files else []
+        raise ValueError("data.files.train is empty; data.source=files needs at least one file")
+    train_paths = resolve_files(train_files, "data.files.train")
+    val_paths = resolve_files(val_files, "data.files.val") if val_files else []
     if not val_paths and not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction}")
-    # With val_files the text is file_splits' and so is the key; the streamed holdout does not
-    # depend on data.seed, so its key does not either (a new seed prepares nothing again).
+        raise ValueError(
+            f"data.files.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction}"
+        )
+    # With validation files the text is file_splits' and so is the key; the streamed holdout does
+    # not depend on data.files.seed, so its key does not either (a new seed prepares nothing again).
     key_seed = seed if val_paths else 0
     key_parts = files_key_parts(train_paths, val_paths, text_field, sample_by, val_fraction, key_seed)
     key = "files-" + short_hash(*key_parts, *(() if val_paths else ("streamed-holdout",)))
@@ -96,9 +98,9 @@ def streamed_files(
             _file_rows(paths, sample_by), text_field, where, builder, sample_by if builder == "text" else None
         )
 
-    streams = {"train": stream(train_paths, "data.train_files")}
+    streams = {"train": stream(train_paths, "data.files.train")}
     if val_paths:
-        streams["validation"] = stream(val_paths, "data.val_files")
+        streams["validation"] = stream(val_paths, "data.files.val")
     return StreamedText(key, lambda: streams, 0.0 if val_paths else val_fraction)
 
 
@@ -118,7 +120,7 @@ def streamed_hub(
     key is made without contacting the hub (a prepared directory is found offline).
     """
     if not name:
-        raise ValueError("data.hub_dataset is empty; data.source=hub needs a dataset name")
+        raise ValueError("data.hub.dataset is empty; data.source=hub needs a dataset name")
     key = "hub-" + short_hash(name, config_name, train_split, val_split, text_field, val_fraction, "streamed")
     where = f"dataset {name!r}"
 
@@ -126,15 +128,18 @@ def streamed_hub(
         loaded = load_hub_dataset(
             name, config_name, train_split,
             "If this machine is offline, prepare the shards where the hub is reachable (python -m midus prepare) "
-            "and copy data.prepared_dir here, or point data.source=files and data.train_files at local files.",
+            "and copy data.shards.directory here, or point data.source=files and data.files.train at local files.",
             streaming=True,
         )
-        streams = {"train": lambda: stream_records(loaded[train_split], text_field, where, "a dataset")}
+        def records(split: str) -> Iterator[str]:
+            return stream_records(loaded[split], text_field, where, "a dataset", field_name="data.hub.text_field")
+
+        streams = {"train": lambda: records(train_split)}
         if val_split and val_split in loaded:
-            streams["validation"] = lambda: stream_records(loaded[val_split], text_field, where, "a dataset")
+            streams["validation"] = lambda: records(val_split)
         elif not 0.0 < val_fraction < 1.0:
             raise ValueError(
-                f"data.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction} "
+                f"data.hub.val_fraction must be in (0, 1) when no validation split is given, got {val_fraction} "
                 f"({name!r} has no split {val_split!r})"
             )
         return streams

@@ -1,14 +1,15 @@
 """Records of text: how plain-text files split into records, which rows are kept, and how long
 one may be.
 
-Plain-text files become records in one of four ways (``data.text_sample_by``): ``line`` and
+Plain-text files become records in one of four ways (``data.files.sample_by``): ``line`` and
 ``document`` are `datasets`' text builder as is; ``paragraph`` and ``article`` are split here
 (`text_records`), because `datasets`' own paragraph split only knows an exactly empty line
 (``"\\n\\n"``): a WikiText file, whose blank lines hold a space, was one record of the whole
 file, and one tokenizer call of 22 MB took 3.5-4.1 GB. A .txt record over `MAX_RECORD_CHARS`
 characters is refused (`check_record_size`), and every source keeps only the non-blank
-``data.text_field`` of its rows: `select_text` for a loaded `Dataset`, `stream_records` for the
-streams that token shards are prepared from (`midus.data.streamed_text`).
+text field (``data.files.text_field``, ``data.hub.text_field``) of its rows: `select_text` for a
+loaded `Dataset`, `stream_records` for the streams that token shards are prepared from
+(`midus.data.streamed_text`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
+TEXT_SAMPLE_BY = ("line", "paragraph", "article", "document")
+"""``data.files.sample_by`` values: how .txt files become records."""
 TEXT_RECORD_MODES = ("paragraph", "article")
-"""``data.text_sample_by`` values whose .txt records `text_records` makes (the others: `datasets`)."""
+"""``data.files.sample_by`` values whose .txt records `text_records` makes (the others: `datasets`)."""
 
 MAX_RECORD_CHARS = 1_000_000
 """Longest .txt record accepted, in characters. Packing tokenizes records in batches of whole
 records; the kit's BPE took about 200 bytes of memory per character of one call (a record of
 22 MB of WikiText: 4.1 GB; of 1.1 MB: 270 MB), so a record of this size costs about 200 MB. A
-longer record means that ``data.text_sample_by`` did not find the file's record boundaries
+longer record means that ``data.files.sample_by`` did not find the file's record boundaries
 (``paragraph``, ``article``, ``line``: an error) or that whole files were asked for
 (``document``: a warning)."""
 
@@ -73,7 +76,7 @@ def text_records(path: str, sample_by: str) -> Iterator[str]:
     Lines are read as `datasets` reads them: UTF-8, universal newlines.
     """
     if sample_by not in TEXT_RECORD_MODES:
-        raise ValueError(f"data.text_sample_by={sample_by!r}: text_records splits {' or '.join(TEXT_RECORD_MODES)}")
+        raise ValueError(f"data.files.sample_by={sample_by!r}: text_records splits {' or '.join(TEXT_RECORD_MODES)}")
     lines: list[str] = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
@@ -98,7 +101,7 @@ def text_records(path: str, sample_by: str) -> Iterator[str]:
 
 def check_record_size(dataset: Dataset, sample_by: str, where: str) -> None:
     """Refuse (warn of, for ``document``) a .txt record over `MAX_RECORD_CHARS` characters, naming
-    ``data.text_sample_by``: one tokenizer call of it would take gigabytes."""
+    ``data.files.sample_by``: one tokenizer call of it would take gigabytes."""
     if len(dataset) == 0:
         return
     lengths = pc.utf8_length(dataset.data.column("text"))  # Arrow: no pass over the text in Python
@@ -114,30 +117,31 @@ def _long_record(sample_by: str, where: str, longest: int, index: int, text: str
     start = " ".join(text[:60].split())
     if sample_by == "document":
         log.warning(
-            "data.text_sample_by=document: %s holds a file of %s characters (record %d, starting %r); one "
+            "data.files.sample_by=document: %s holds a file of %s characters (record %d, starting %r); one "
             "tokenizer call of it takes about %.1f GB (about 200 bytes a character). For less memory, "
-            "split the text into records: data.text_sample_by=paragraph (blank lines), article (WikiText "
+            "split the text into records: data.files.sample_by=paragraph (blank lines), article (WikiText "
             "headings) or line", where, f"{longest:,}", index, start, longest * 200 / 1e9,
         )
         return
     hints = {
-        "paragraph": "the file has no blank lines between paragraphs; use data.text_sample_by=line for a record "
+        "paragraph": "the file has no blank lines between paragraphs; use data.files.sample_by=line for a record "
                      "per line, or article for WikiText files",
         "article": "the file has no top-level WikiText heading (' = Title = ') in that stretch; use "
-                   "data.text_sample_by=paragraph (blank lines) or line",
+                   "data.files.sample_by=paragraph (blank lines) or line",
         "line": "the file has a line that long; split it into lines",
     }
     raise ValueError(
-        f"data.text_sample_by={sample_by}: {where} gives a record of {longest:,} characters (record {index}, "
+        f"data.files.sample_by={sample_by}: {where} gives a record of {longest:,} characters (record {index}, "
         f"starting {start!r}), over the {MAX_RECORD_CHARS:,} a record may hold (one tokenizer call takes about "
         f"200 bytes a character): {hints.get(sample_by, 'split the text into smaller records')}"
     )
 
 
-def select_text(dataset: Dataset, text_field: str, where: str) -> Dataset:
+def select_text(dataset: Dataset, text_field: str, where: str, field_name: str = "data.files.text_field") -> Dataset:
+    """The non-blank `text_field` of `dataset`'s rows as one ``text`` column (`field_name` names the setting)."""
     if text_field not in dataset.column_names:
         raise ValueError(
-            f"data.text_field={text_field!r} is not a column of {where}; its columns are {dataset.column_names}"
+            f"{field_name}={text_field!r} is not a column of {where}; its columns are {dataset.column_names}"
         )
     dataset = dataset.select_columns([text_field])
     if text_field != "text":
@@ -146,9 +150,11 @@ def select_text(dataset: Dataset, text_field: str, where: str) -> Dataset:
 
 
 def stream_records(
-    rows: Iterable[dict], text_field: str, where: str, reading: str, sample_by: str | None = None
+    rows: Iterable[dict], text_field: str, where: str, reading: str, sample_by: str | None = None,
+    field_name: str = "data.files.text_field",
 ) -> Iterator[str]:
-    """The non-blank `text_field` of each row, as `select_text` keeps them; read errors name `where`.
+    """The non-blank `text_field` of each row, as `select_text` keeps them; read errors name `where`
+    (and `field_name`, the setting, a missing column).
 
     With `sample_by` (a .txt file), a record over `MAX_RECORD_CHARS` is refused (warned of for
     ``document``) as `check_record_size` does.
@@ -165,7 +171,7 @@ def stream_records(
         except Exception as error:  # pyarrow, json, fsspec, decoding: the cause says what
             raise ValueError(f"{where}: could not be read as {reading} ({type(error).__name__}: {error})") from error
         if text_field not in row:
-            raise ValueError(f"data.text_field={text_field!r} is not a column of {where}; its columns are {list(row)}")
+            raise ValueError(f"{field_name}={text_field!r} is not a column of {where}; its columns are {list(row)}")
         text = row[text_field]
         if sample_by is not None and len(text) > MAX_RECORD_CHARS:
             _long_record(sample_by, where, len(text), index, text)

@@ -103,9 +103,9 @@ class TokenBlocks(Dataset):
 
     def __init__(self, directory: str | Path, split: str, block_size: int) -> None:
         self.directory = Path(directory)
-        manifest = read_manifest(self.directory, "data.prepared_dir")
+        manifest = read_manifest(self.directory, "data.shards.directory")
         if manifest is None:
-            raise FileNotFoundError(f"data.prepared_dir: {str(self.directory)!r} holds no {MANIFEST}")
+            raise FileNotFoundError(f"data.shards.directory: {str(self.directory)!r} holds no {MANIFEST}")
         self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<" if manifest["byteorder"] == "little" else ">")
         shards = [entry for entry in manifest["shards"] if entry["split"] == split and entry["tokens"]]
         self.files = [self.directory / entry["file"] for entry in shards]

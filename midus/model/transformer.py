@@ -38,7 +38,7 @@ class MidusLM(nn.Module):
             block at a time, as litgpt and torchtitan checkpoint per block). Applies only in
             training mode with gradients enabled and without a KV cache, so evaluation, probes and
             generation run as usual. A training setting, not architecture: not in `ModelConfig`.
-            Off by default; `midus.training.CausalLM` sets it from ``model.activation_checkpointing``.
+            Off by default; `midus.training.CausalLM` sets it from ``model.compute.activation_checkpointing``.
     """
 
     def __init__(self, config: ModelConfig) -> None:

@@ -18,9 +18,16 @@ from midus.data.starting_tokenizer import (
     resolve_tokenizer,
 )
 from midus.training.callbacks import CompletionWriter
-from midus.training.lightning_internals import CheckpointHookCLI, cli_parser, set_purge_step, subcommand_config
+from midus.training.lightning_internals import (
+    CheckpointHookCLI,
+    cli_parser,
+    parse_checkpoint_hparams,
+    set_purge_step,
+    subcommand_config,
+)
 from midus.training.lm_module import CausalLM
 from midus.training.model_source import StoredModel, building_from_checkpoint
+from midus.training.moved_keys import upgrade_config
 from midus.training.run_summary import RunSummary
 from midus.upscale.methods import check_method_name
 
@@ -41,7 +48,7 @@ class MidusCLI(CheckpointHookCLI):
     """LightningCLI with the data's vocabulary size linked into the model config.
 
     Every ``fit`` gets a `RunSummary` callback (``summary.json`` in the run directory) unless
-    the config lists one already. With ``model.compile: true`` and ``trainer.deterministic`` unset,
+    the config lists one already. With ``model.compute.compile: true`` and ``trainer.deterministic`` unset,
     the Trainer gets ``deterministic: warn`` (see `before_instantiate_classes`).
 
     The data's ``tokenizer: auto`` becomes the starting model's own tokenizer (`instantiate_classes`).
@@ -70,9 +77,9 @@ class MidusCLI(CheckpointHookCLI):
         * A new ``bpe``/``char`` tokenizer on a pretrained Hugging Face model is refused: its
           embeddings know the base's token ids (a kit ``.ckpt`` base: `_check_base_tokenizer`).
         * Compiled runs get Lightning's ``trainer.deterministic: warn`` unless the config sets it.
-          Why compiled runs need it: `CausalLM`'s ``compile`` docs. ``warn`` rather than ``true``: an
-          op without a deterministic kernel warns instead of stopping the run. The value lands in the
-          saved config.
+          Why compiled runs need it: ``model.compute.compile``'s docs (`midus.training.config.ComputeConfig`).
+          ``warn`` rather than ``true``: an op without a deterministic kernel warns instead of stopping
+          the run. The value lands in the saved config.
         """
         config = subcommand_config(self)
         if self.subcommand == "fit" and str(config["trainer"]["precision"]) == "bf16-true":
@@ -83,7 +90,7 @@ class MidusCLI(CheckpointHookCLI):
             )
         check_method_name(config["model"]["upscale"]["method"])
         refuse_a_new_tokenizer(config["data"]["tokenizer"], starting_model(config["model"]))
-        if config["model"]["compile"] and config["trainer"]["deterministic"] is None:
+        if config["model"]["compute"]["compile"] and config["trainer"]["deterministic"] is None:
             config["trainer"]["deterministic"] = "warn"
 
     def instantiate_classes(self) -> None:
@@ -150,14 +157,17 @@ class MidusCLI(CheckpointHookCLI):
         Lightning parses the checkpoint's hyperparameters over the whole ``model`` section, so on
         its own every ``--model.*`` flag and YAML value would be silently replaced. A value the
         command line or a YAML gave (not a default) is put back when it is a training or evaluation
-        setting (``--model.learning_rate``, ``--model.max_new_tokens``, …), and refused when it is
-        part of the architecture (``model.config``, ``model.pretrained``, ``model.upscale``) and
-        differs from the checkpoint's: the model is the checkpoint's.
+        setting (``--model.optimizer.learning_rate``, ``--model.generation.max_new_tokens``, …), and
+        refused when it is part of the architecture (``model.config``, ``model.pretrained``,
+        ``model.upscale``) and differs from the checkpoint's: the model is the checkpoint's.
+
+        A checkpoint written before keys moved (flat ``learning_rate``, ``memory_lr``, … in its
+        hyperparameters) is read with each key at its new place (`midus.training.moved_keys`).
         """
         import torch
 
         from midus.checkpoint.kit import TOKENIZER_KEY, read_kit_checkpoint
-        from midus.checkpoint.safe_load import TRUST_ENV, CheckpointError, kit_safe_globals, trusted, trusted_globals
+        from midus.checkpoint.safe_load import TRUST_ENV, CheckpointError, kit_safe_globals, trusted
 
         subcommand = self.config.get("subcommand")
         config = self.config.get(str(subcommand)) if subcommand else None
@@ -185,10 +195,13 @@ class MidusCLI(CheckpointHookCLI):
         # The model to build (instantiate_classes) and where `auto` finds the tokenizer (resolved_tokenizer).
         self._stored_model = StoredModel.read(checkpoint, ckpt_path)
         self._checkpoint_has_tokenizer = TOKENIZER_KEY in checkpoint
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         del checkpoint
         given = self._given_model_values()
-        with torch.serialization.safe_globals(trusted_globals(ckpt_path) if trusted() else []):
-            lightning_parses()
+        hparams.pop("_instantiator", None)
+        if hparams and "_class_path" not in hparams:
+            hparams = upgrade_config(hparams, "model.")
+        parse_checkpoint_hparams(self, hparams)
         self._keep_given_model_values(given, ckpt_path)
 
     def _given_model_values(self) -> dict[str, Any]:

@@ -55,5 +55,5 @@ def check_finite_loss(loss: torch.Tensor, trainer: pl.Trainer) -> None:
     raise NonFiniteLossError(
         f"training diverged: train/loss is {float(loss.detach()):g} at step {trainer.global_step}"
         f"{'' if trainer.world_size == 1 else ' on at least one process'}; {resume} "
-        "(lower model.learning_rate or raise trainer.gradient_clip_val, then resume with --ckpt_path)"
+        "(lower model.optimizer.learning_rate or raise trainer.gradient_clip_val, then resume with --ckpt_path)"
     )

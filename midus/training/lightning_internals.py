@@ -6,7 +6,8 @@ touches no private Lightning name itself (`tests/test_layering.py` checks the ob
 a Lightning upgrade, re-read this module against the new sources first: a renamed private method
 breaks here, with the kit's reason beside it.
 
-    LightningCLI   `CheckpointHookCLI` (reading ``--ckpt_path``), `subcommand_config`, `cli_parser`
+    LightningCLI   `CheckpointHookCLI` (reading ``--ckpt_path``), `parse_checkpoint_hparams`,
+                   `subcommand_config`, `cli_parser`
     loggers        `set_purge_step`
     Trainer        `attached_trainer`, `is_fitting`, `logs_this_step`, `validation_follows`,
                    `keep_sanity_metrics`
@@ -16,6 +17,7 @@ breaks here, with the kit's reason beside it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -49,6 +51,28 @@ class CheckpointHookCLI(LightningCLI):
         """Read ``--ckpt_path`` before anything is built; `lightning_parses` is Lightning's own reading
         (it loads the file and puts its hyperparameters into ``self.config``)."""
         lightning_parses()
+
+
+def parse_checkpoint_hparams(cli: LightningCLI, hparams: dict[str, Any]) -> None:
+    """Parse a checkpoint's hyperparameters over the running subcommand's ``model`` section, as
+    Lightning's own ``--ckpt_path`` step does, on hyperparameters the kit has already read (weights-only)
+    and upgraded (moved keys), so the file is not loaded a second time.
+
+    Lightning 2.6.6's ``LightningCLI._parse_ckpt_path`` drops ``_instantiator``, wraps a
+    ``_class_path`` (a model given by class path) as ``{class_path, dict_kwargs}``, and parses the
+    result with ``parser.parse_object`` into ``cli.config``; it writes that line to stderr on failure.
+    """
+    hparams = dict(hparams)
+    hparams.pop("_instantiator", None)
+    if not hparams:
+        return
+    if "_class_path" in hparams:
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+    try:
+        cli.config = cli.parser.parse_object({cli.config.subcommand: {"model": hparams}}, cli.config)
+    except SystemExit:
+        sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+        raise
 
 
 def subcommand_config(cli: LightningCLI) -> Namespace:

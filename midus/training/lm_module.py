@@ -9,7 +9,6 @@ called from the validation hooks here.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +22,13 @@ from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
 from midus.probes import ProbeConfig, Processes, ValidationProbes
+from midus.training.config import (
+    ComputeConfig,
+    GenerationConfig,
+    MemoryOptimizerConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+)
 from midus.training.divergence import check_finite_loss
 from midus.training.lightning_internals import attached_trainer, is_fitting, logs_this_step
 from midus.training.memory_estimate import MemoryReport
@@ -42,40 +48,18 @@ class CausalLM(pl.LightningModule):
             own architecture replaces `config` (use ``data.tokenizer: hf`` with the same directory).
         upscale: make a trained base deeper (DUS copies or MIDUS memory blocks) and train
             that; its architecture replaces `config` (see `midus.upscale.UpscaleConfig`).
-        learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay of weight matrices (never norms, biases, embeddings).
-        betas: AdamW betas.
-        warmup_steps: linear warmup steps before the cosine decay.
-        min_lr_ratio: final learning rate as a fraction of the peak.
-        memory_lr: peak learning rate of memory values (HIVE banks, value tables), which
-            form their own AdamW group without weight decay; 0 means `learning_rate`. The
-            default 0.03 (10–30× the base rates of the kit's experiments) and `memory_lr_keys`
-            come from the memory_health study: at the base rate the memories were not used.
-        memory_lr_keys: put the product-key sub-keys in the memory group too.
-        memory_lr_schedule: the memory group's schedule after the shared warmup: ``cosine``
-            (decays with every other group) or ``constant`` (stays at its peak rate).
+        optimizer: AdamW's learning rate, weight decay, betas and kernel (`OptimizerConfig`).
+        schedule: the warmup and the cosine decay of every group (`ScheduleConfig`).
+        memory_optimizer: the memory values' own AdamW group: its rate, whether the product-key
+            sub-keys join it, and its schedule (`MemoryOptimizerConfig`).
         probes: what each full validation measures besides ``val/loss``: the recall probe,
             knowledge bits, the memory-zeroed loss and recall, slot usage (`midus.probes.ProbeConfig`).
-        fused_adamw: take AdamW's fused kernel (one kernel for all parameters) where it supports
-            every parameter (`midus.training.optim.fused_adamw_supported`); on CPU the default
-            loops over the tensors in Python. Off by default because it rounds differently: the
-            same seed then gives a slightly different curve (its cost and effect: experiments/README.md).
-        compile: compile the model with `torch.compile` before training. ``python -m midus``
-            then sets ``trainer.deterministic: warn`` unless the config sets it: compiled kernels
-            otherwise accumulate the embedding gradient with atomic adds, and the same seed gives a
-            different curve in every run; in that mode inductor takes the deterministic eager
-            kernels for those ops. What a compiled step saves, and what compiling costs:
-            experiments/README.md (benchmarks/small_model_speed.py).
-        activation_checkpointing: recompute each block in the backward instead of keeping its
-            activations (about one more forward of compute); the same loss and gradients, training
-            forwards only. Under FSDP the strategy's ``activation_checkpointing_policy`` does it
-            instead (`midus.training.model_setup`). ``fit`` logs its memory estimate first
-            (`midus.training.memory_estimate`).
-        loss_chunk_tokens: compute the loss in chunks of this many tokens without full-vocabulary
-            logits (`midus.model.chunked_loss`: the same loss and gradients up to summation order);
-            0 (the default) builds the full logits. For large vocabularies: about d_model tokens.
-        max_new_tokens: tokens generated per prompt by ``predict``.
-        temperature: sampling temperature of ``predict`` (0 = greedy).
+        compute: compilation, activation checkpointing and the chunked loss (`ComputeConfig`).
+        generation: tokens and temperature of ``predict`` (`GenerationConfig`).
+
+    Under the CLI the saved hyperparameters are the parsed config, plain data (a checkpoint's
+    ``hyper_parameters`` rebuild the same module); this class reads its settings from the groups
+    it was given (``optimizer_config``, ...), never from ``hparams``, which may hold either form.
     """
 
     def __init__(
@@ -83,39 +67,25 @@ class CausalLM(pl.LightningModule):
         config: ModelConfig = ModelConfig(),
         pretrained: str = "",
         upscale: UpscaleConfig = UpscaleConfig(),
-        learning_rate: float = 3e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.1,
-        memory_lr: float = 0.03,
-        memory_lr_keys: bool = True,
-        memory_lr_schedule: Literal["cosine", "constant"] = "cosine",
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        memory_optimizer: MemoryOptimizerConfig = MemoryOptimizerConfig(),
         probes: ProbeConfig = ProbeConfig(),
-        fused_adamw: bool = False,
-        compile: bool = False,
-        activation_checkpointing: bool = False,
-        loss_chunk_tokens: int = 0,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
+        compute: ComputeConfig = ComputeConfig(),
+        generation: GenerationConfig = GenerationConfig(),
     ) -> None:
         super().__init__()
         # The config object carries the linked vocab size, so saved hparams rebuild the same model.
         self.save_hyperparameters()
-        if learning_rate <= 0:
-            raise ValueError(f"model.learning_rate must be positive, got {learning_rate}")
-        if memory_lr < 0:
-            raise ValueError(f"model.memory_lr must be 0 (= learning_rate) or positive, got {memory_lr}")
-        if memory_lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"model.memory_lr_schedule={memory_lr_schedule!r}; expected cosine or constant")
-        if loss_chunk_tokens < 0:
-            raise ValueError(
-                "model.loss_chunk_tokens must be 0 (full logits) or a positive number of tokens, "
-                f"got {loss_chunk_tokens}"
-            )
+        # Each group checked its own values when it was built (`midus.training.config`).
+        self.optimizer_config = optimizer
+        self.schedule_config = schedule
+        self.memory_optimizer_config = memory_optimizer
+        self.compute_config = compute
+        self.generation_config = generation
         source = build_model(config, pretrained, upscale)
         self.model = source.model
-        self.model.activation_checkpointing = activation_checkpointing  # training forwards only (MidusLM)
+        self.model.activation_checkpointing = compute.activation_checkpointing  # training forwards only (MidusLM)
         self.base_parameters = source.base_parameters
         self.eval_loss = MeanMetric()  # validation and test never run at once
         self.probes = ValidationProbes(probes)
@@ -167,9 +137,10 @@ class CausalLM(pl.LightningModule):
         """(mean next-token loss, inputs, targets) of a batch of packed rows (``input_ids``: B x (T + 1))."""
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        if self.hparams.loss_chunk_tokens:
+        chunk = self.compute_config.loss_chunk_tokens
+        if chunk:
             # Through the model's forward (so a compiled model compiles the chunked loss too).
-            loss = self.model(inputs, targets=targets, loss_chunk_tokens=self.hparams.loss_chunk_tokens)
+            loss = self.model(inputs, targets=targets, loss_chunk_tokens=chunk)
             return loss, inputs, targets
         return next_token_loss(self.model(inputs), targets), inputs, targets
 
@@ -178,7 +149,8 @@ class CausalLM(pl.LightningModule):
         trainer = attached_trainer(self)
         strategy = getattr(trainer, "strategy", None)
         fitting = is_fitting(trainer)
-        setup_model(self.model, strategy, self.hparams.compile, self.hparams.activation_checkpointing, fitting)
+        compute = self.compute_config
+        setup_model(self.model, strategy, compute.compile, compute.activation_checkpointing, fitting)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         # fit logs its memory estimate first (and on CUDA the measured peak after a few steps).
@@ -287,7 +259,8 @@ class CausalLM(pl.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_index: int) -> list[list[int]]:
         """Continue each prompt; returns the new token ids (decode with the data tokenizer)."""
         prompt = batch["input_ids"]
-        generated = self.model.generate(prompt, self.hparams.max_new_tokens, temperature=self.hparams.temperature)
+        settings = self.generation_config
+        generated = self.model.generate(prompt, settings.max_new_tokens, temperature=settings.temperature)
         return generated[:, prompt.shape[1] :].tolist()
 
     def configure_optimizers(self):
@@ -296,24 +269,21 @@ class CausalLM(pl.LightningModule):
     def optimizer_and_schedule(self, total_steps: int) -> dict:
         """AdamW over the parameter groups and the per-step warmup-cosine schedule over `total_steps`,
         as `configure_optimizers` returns them (benchmarks build the same optimizer outside a Trainer)."""
-        groups = parameter_groups(
-            self.model, self.hparams.weight_decay, self.hparams.memory_lr or None, self.hparams.memory_lr_keys
-        )
+        adamw, schedule, memory = self.optimizer_config, self.schedule_config, self.memory_optimizer_config
+        groups = parameter_groups(self.model, adamw.weight_decay, memory.learning_rate or None, memory.subkeys)
         fused = None  # PyTorch's default implementation
-        if self.hparams.fused_adamw:
+        if adamw.fused:
             if fused_adamw_supported(groups):
                 fused = True
             else:
-                rank_zero_warn("model.fused_adamw: the fused AdamW does not take these parameters (a tensor "
+                rank_zero_warn("model.optimizer.fused: the fused AdamW does not take these parameters (a tensor "
                                "subclass, or a device other than CPU and CUDA); training with the default AdamW")
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas), fused=fused
-        )
-        schedule = warmup_cosine(
+        optimizer = torch.optim.AdamW(groups, lr=adamw.learning_rate, betas=tuple(adamw.betas), fused=fused)
+        scheduler = warmup_cosine(
             optimizer,
-            self.hparams.warmup_steps,
+            schedule.warmup_steps,
             total_steps,
-            self.hparams.min_lr_ratio,
-            memory_constant=self.hparams.memory_lr_schedule == "constant",
+            schedule.min_lr_ratio,
+            memory_constant=memory.schedule == "constant",
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -40,7 +40,7 @@ block (`math_attention`).
 The loss: full-vocabulary logits (V) keep a float32 log-softmax (4V per token) and in their
 backward two more float32 (tokens, V) tensors: 12·V·N at the start of the backward (the forward
 holds (8 + m·c)·V·N for a moment: the logits, their float32 copy, the log-softmax). Chunked
-(``model.loss_chunk_tokens`` = C, the maximum of two moments of a chunk's backward):
+(``model.compute.loss_chunk_tokens`` = C, the maximum of two moments of a chunk's backward):
 
     log-softmax backward   12·V·C + r·V·d (the head gradient summed so far) + r·d·N + m·c·C·d
     head matmul backward   (m ? 2r + c : 3r)·V·d (the chunk's head gradient, the sum, the new sum) + r·d·N + c·C·d
@@ -199,8 +199,8 @@ def estimate_training_memory(
         batch_size: sequences per micro-batch (``data.batch_size``).
         block_size: tokens per sequence (``data.block_size``).
         precision: ``trainer.precision``.
-        activation_checkpointing: ``model.activation_checkpointing`` (or FSDP's policy).
-        loss_chunk_tokens: ``model.loss_chunk_tokens`` (0: full logits).
+        activation_checkpointing: ``model.compute.activation_checkpointing`` (or FSDP's policy).
+        loss_chunk_tokens: ``model.compute.loss_chunk_tokens`` (0: full logits).
         total_parameters: all parameters; None counts them from `config`.
         math_attention: attention runs PyTorch's math kernel (float32 with grouped-query heads on CUDA).
 
@@ -261,6 +261,12 @@ def estimate_training_memory(
     )
 
 
+def _loss_chunk_tokens(module: pl.LightningModule) -> int:
+    """``model.compute.loss_chunk_tokens`` of a `CausalLM` (0 for any other module)."""
+    compute = getattr(module, "compute_config", None)
+    return int(getattr(compute, "loss_chunk_tokens", 0) or 0)
+
+
 class MemoryReport(pl.Callback):
     """Log the memory estimate when ``fit`` starts and, on CUDA, the measured peak after a few batches.
 
@@ -297,7 +303,7 @@ class MemoryReport(pl.Callback):
             *self._micro_batch,
             trainer.precision,
             checkpointing,
-            int(getattr(pl_module.hparams, "loss_chunk_tokens", 0) or 0),
+            _loss_chunk_tokens(pl_module),
             total_parameters=model.num_parameters(),
             math_attention=(
                 c == 4 and model.config.kv_heads != model.config.n_heads and pl_module.device.type == "cuda"
@@ -313,7 +319,7 @@ class MemoryReport(pl.Callback):
             "(micro-batch %d x %d, %s, activation checkpointing %s, loss chunk %s) = at most %.2f%s",
             gib["weights"], gib["gradients"], gib["optimizer"], gib["activations"], *self._micro_batch,
             trainer.precision, "on" if checkpointing else "off",
-            getattr(trainer.lightning_module.hparams, "loss_chunk_tokens", 0) or "off", gib["total"],
+            _loss_chunk_tokens(trainer.lightning_module) or "off", gib["total"],
             " (parameter counts of this process's FSDP shard)" if fsdp else "",
         )
         for logger in trainer.loggers:

@@ -2,10 +2,10 @@
 
 `CausalLM.configure_model` calls `setup_model` once the strategy is known (Lightning's hook for it):
 
-* ``model.compile``: the whole model, or under FSDP each block, since Lightning's FSDPStrategy wraps the
+* ``model.compute.compile``: the whole model, or under FSDP each block, since Lightning's FSDPStrategy wraps the
   blocks after the hook and does not compile over its wrappers (torch.compile's docs advise per-unit
   compilation for FSDP; compiling the whole model breaks its graph at every unit's all-gather);
-* ``model.activation_checkpointing``: the model checkpoints its blocks itself on one device; under FSDP
+* ``model.compute.activation_checkpointing``: the model checkpoints its blocks itself on one device; under FSDP
   the strategy's ``activation_checkpointing_policy`` does it inside each unit, never both.
 """
 
@@ -29,7 +29,7 @@ def setup_model(model: MidusLM, strategy: Strategy | None, compile: bool, activa
         return
     if not torch.are_deterministic_algorithms_enabled():
         rank_zero_warn(
-            "model.compile without PyTorch's deterministic mode: compiled kernels accumulate the "
+            "model.compute.compile without PyTorch's deterministic mode: compiled kernels accumulate the "
             "embedding gradient with atomic adds, so the same seed gives a different curve in every "
             "run; set trainer.deterministic: warn (python -m midus sets it when it is unset)"
         )
@@ -46,13 +46,13 @@ def leave_checkpointing_to_fsdp(model: MidusLM, strategy: FSDPStrategy, fitting:
     that policy a fit is refused: checkpointing outside the units is not what FSDP expects."""
     model.activation_checkpointing = False
     if fsdp_checkpoints_activations(strategy):
-        rank_zero_info("model.activation_checkpointing: FSDPStrategy's activation_checkpointing_policy "
+        rank_zero_info("model.compute.activation_checkpointing: FSDPStrategy's activation_checkpointing_policy "
                        "checkpoints the blocks; the model does not checkpoint them again")
     elif fitting:
         raise ValueError(
-            "model.activation_checkpointing=true under FSDPStrategy, whose activation_checkpointing_policy is "
+            "model.compute.activation_checkpointing=true under FSDPStrategy, whose activation_checkpointing_policy is "
             "not set: under FSDP the strategy checkpoints; set trainer.strategy.init_args."
             "activation_checkpointing_policy to the block classes (midus.model.block.TransformerBlock, "
             "midus.model.memory_block.MemoryBlock; experiments/gpu/fsdp.yaml does) and leave "
-            "model.activation_checkpointing false"
+            "model.compute.activation_checkpointing false"
         )

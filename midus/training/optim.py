@@ -7,12 +7,12 @@ inverse temperature, and decay holds it back. The memory_health study measured w
 without decay, normalised queries and keys over-sharpened (ablate_hive/hive, one seed: val loss
 3.266 → 3.545, recall 0.878 → 0.705; experiments/README.md). Memory values are
 rows that only a few tokens update at each step; like the PKM literature they get their
-own group, with their own learning rate (`memory_lr`) and no decay. Sub-keys are not
+own group, with their own learning rate (``model.memory_optimizer.learning_rate``) and no decay. Sub-keys are not
 decayed either (shrinking them only flattens the retrieval softmax) and can join the
 memory group. Which parameters are value tables and sub-keys, each branch says itself
 (`Branch.value_tables`, `Branch.subkey_tables`). Every group warms up linearly; then the
 others decay on a cosine, and the memory group either does the same or, with
-``memory_lr_schedule: constant``, stays at its peak (as Memory Layers at Scale trains values
+``model.memory_optimizer.schedule: constant``, stays at its peak (as Memory Layers at Scale trains values
 at a fixed rate).
 """
 
@@ -82,7 +82,7 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 def fused_adamw_supported(groups: list[dict]) -> bool:
     """Whether AdamW's fused kernel takes every parameter: plain floating tensors on the CPU or CUDA.
 
-    `CausalLM`'s ``fused_adamw`` uses it: one kernel per device for all tensors, where the default
+    ``model.optimizer.fused`` uses it: one kernel per device for all tensors, where the default
     on CPU loops over them in Python. It computes the same update with other roundings, so the
     last bits of the weights differ from the default implementation's.
     """

@@ -46,11 +46,11 @@ class Branch(nn.Module):
                 "(Branch.decoupled_heads_error); use a branch that does (hml, pkm, multihead_pkm, ffn)")
 
     def value_tables(self) -> list[nn.Parameter]:
-        """Memory value tables: their own optimizer group (``memory_lr``, no weight decay)."""
+        """Memory value tables: their own optimizer group (``model.memory_optimizer``, no weight decay)."""
         return []
 
     def subkey_tables(self) -> list[nn.Parameter]:
-        """Product-key sub-keys: never weight-decayed; join the memory group with ``memory_lr_keys``."""
+        """Product-key sub-keys: never weight-decayed; join the memory group with ``model.memory_optimizer.subkeys``."""
         return []
 
 

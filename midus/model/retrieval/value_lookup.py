@@ -29,7 +29,8 @@ def weighted_row_sum(table: torch.Tensor, slots: torch.Tensor, weights: torch.Te
 
 
 class MemoryValues(nn.Module):
-    """A value table (rows × width) read by weighted sums; the optimizer gives it `memory_lr`.
+    """A value table (rows × width) read by weighted sums; the optimizer gives it the memory group's
+    rate (``model.memory_optimizer.learning_rate``).
 
     Args:
         rows: number of value rows (slots).

@@ -1,19 +1,18 @@
 """Optimizer parameter groups and the learning-rate schedule.
 
-Weight decay applies to weight matrices only: decaying norm gains, biases and embedding
-rows pulls them towards zero for no benefit (the GPT-2/Llama recipe). One gain is the exception:
-a product-key query norm's gain sets the scale of the retrieval scores, i.e. the softmax's
-inverse temperature, and decay holds it back. The memory_health study measured with it decayed;
-without decay, normalised queries and keys over-sharpened (ablate_hive/hive, one seed: val loss
-3.266 → 3.545, recall 0.878 → 0.705; experiments/README.md). Memory values are
-rows that only a few tokens update at each step; like the PKM literature they get their
-own group, with their own learning rate (``model.memory_optimizer.learning_rate``) and no decay. Sub-keys are not
-decayed either (shrinking them only flattens the retrieval softmax) and can join the
-memory group. Which parameters are value tables and sub-keys, each branch says itself
-(`Branch.value_tables`, `Branch.subkey_tables`). Every group warms up linearly; then the
+Weight decay applies to weight matrices only: decaying norm gains, biases and embedding rows
+pulls them towards zero for no benefit (the GPT-2/Llama recipe). One gain is the exception: a
+product-key query norm's gain sets the scale of the retrieval scores, i.e. the softmax's inverse
+temperature, and decay holds it back. The memory_health study measured with it decayed; without
+decay, normalised queries and keys over-sharpened (experiments/README.md, "Memory health").
+Memory values are rows that only a few tokens update at each step; like the PKM literature they
+get their own group, with their own learning rate (``model.memory_optimizer.learning_rate``) and
+no decay. Sub-keys are not decayed either (shrinking them only flattens the retrieval softmax)
+and can join the memory group. Which parameters are value tables and sub-keys, each branch says
+itself (`Branch.value_tables`, `Branch.subkey_tables`). Every group warms up linearly; then the
 others decay on a cosine, and the memory group either does the same or, with
-``model.memory_optimizer.schedule: constant``, stays at its peak (as Memory Layers at Scale trains values
-at a fixed rate).
+``model.memory_optimizer.schedule: constant``, stays at its peak (as Memory Layers at Scale
+trains values at a fixed rate).
 """
 
 from __future__ import annotations

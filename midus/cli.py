@@ -180,14 +180,14 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
         return None
 
     from midus.host_allocator import keep_freed_memory
+    from midus.moved_keys import MOVED_KEYS, check_config, check_moved_keys
     from midus.training.cli import MidusCLI, cli_kwargs
     from midus.training.divergence import EXIT_CODE, NonFiniteLossError
-    from midus.training.moved_keys import check_moved_config, check_moved_keys
 
     if not isinstance(command_line, (list, tuple)):  # a dict config: a LightningCLI run
         keep_freed_memory()  # a training step's freed memory is reused, not faulted in again
         if isinstance(command_line, dict):
-            check_moved_config(command_line, "args")
+            check_config(command_line, MOVED_KEYS, "args")
         return MidusCLI(**cli_kwargs(), args=args)
     command_line = list(command_line)
     if command_line in ([], ["-h"], ["--help"]):
@@ -195,7 +195,7 @@ def _dispatch(args: list[str] | dict[str, Any] | None) -> Any:
             return MidusCLI(**cli_kwargs(), args=args)
         finally:
             _print_kit_commands()
-    check_moved_keys(command_line)  # before any parsing: a moved key is one line naming its new place
+    check_moved_keys(command_line, MOVED_KEYS)  # before any parsing: a moved key is one line naming its new place
     if _run_if_ablation(command_line):
         return None
     keep_freed_memory()  # (not in the ablation runner's process: each arm's fit is a process of its own)

@@ -24,21 +24,24 @@ LAYERS: dict[str, set[str]] = {
     "midus.upscale": {"midus.model"},
     "midus.run_files": set(),
     "midus.host_allocator": set(),
-    "midus.data": {"midus.checkpoint", "midus.model"},
+    "midus.moved_keys": set(),
+    "midus.data": {"midus.checkpoint", "midus.model", "midus.moved_keys"},
     "midus.probes": {"midus.model", "midus.data"},
     "midus.training": {"midus.model", "midus.checkpoint", "midus.upscale", "midus.data", "midus.probes",
-                       "midus.run_files"},
+                       "midus.run_files", "midus.moved_keys"},
     # The results tables are report's; the runner writes an ablation's summary.md and .csv with them.
     "midus.report": {"midus.run_files"},
-    "midus.ablation": {"midus.training", "midus.model", "midus.run_files", "midus.report"},
-    "midus.analysis": {"midus.model", "midus.checkpoint", "midus.data", "midus.ablation", "midus.run_files"},
+    "midus.ablation": {"midus.training", "midus.model", "midus.run_files", "midus.report", "midus.moved_keys"},
+    "midus.analysis": {"midus.model", "midus.checkpoint", "midus.data", "midus.ablation", "midus.run_files",
+                       "midus.moved_keys"},
     "midus.evaluation": {"midus.model", "midus.checkpoint", "midus.data", "midus.analysis"},
-    "midus.cli": {"midus.ablation", "midus.training", "midus.host_allocator"},
+    "midus.cli": {"midus.ablation", "midus.training", "midus.host_allocator", "midus.moved_keys"},
     "midus.__main__": {"midus.cli"},
     "midus": set(),
 }
 # Modules that must never import Lightning, directly or through the kit modules they import.
-LIGHTNING_FREE = ("midus.model", "midus.checkpoint", "midus.upscale", "midus.run_files", "midus.data", "midus.probes",
+LIGHTNING_FREE = ("midus.model", "midus.checkpoint", "midus.upscale", "midus.run_files", "midus.moved_keys",
+                  "midus.data", "midus.probes",
                   "midus.report", "midus.ablation.config", "midus.ablation.command_line", "midus.analysis",
                   "midus.evaluation")
 LIGHTNING_ALLOWED_IN_DATA = {"midus.data.datamodule"}  # the LightningDataModule wrapper of TextData

@@ -1,4 +1,4 @@
-"""Keys that moved (`midus.training.moved_keys`): given by a user, each is one ``error:`` line naming
+"""Keys that moved (`midus.moved_keys`): given by a user, each is one ``error:`` line naming
 its new place before anything is written (a flag, a ``--config`` YAML, an ablation's overrides, the
 analyses' and ``prepare``'s flags); written by the kit before the move (a checkpoint's hyperparameters,
 an ablation arm's record, a run's ``config.yaml``), each is read at its new place."""
@@ -15,10 +15,9 @@ import yaml
 from midus.ablation.resume import RESUME, SKIP, plan_start
 from midus.analysis.checkpoint_run import data_section
 from midus.cli import USER_ERROR_EXIT, main
-from midus.data.moved_keys import SOURCE, upgrade_config
+from midus.moved_keys import MOVED_DATA_KEYS, MOVED_KEYS, MOVED_MODEL_KEYS, SOURCE, upgrade_config
 from midus.run_files import ARM_COMMAND, ARM_CONFIG, CHECKPOINT_DIR, SUMMARY_FILE
 from midus.training.cli import parse_only
-from midus.training.moved_keys import MOVED_DATA_KEYS, MOVED_KEYS, MOVED_MODEL_KEYS
 from tests.test_ablation import write_ablation
 from tests.test_checkpoint_safety import tiny_run
 from tests.test_user_errors import one_error_line

@@ -149,11 +149,11 @@ def is_finished(run_dir: Path) -> bool:
 
 def record_differences(run_dir: Path, config: dict[str, Any], command: list[str]) -> tuple[str, dict | None]:
     """How `config` and `command` differ from what `run_dir` records it was started with ("" when they do
-    not), and the recorded config upgraded when keys moved since (`midus.training.moved_keys`; else None).
+    not), and the recorded config upgraded when keys moved since (`midus.moved_keys`; else None).
 
     A record written before keys moved is compared with each key at its new place: the same experiment,
     whatever the keys were called when it started."""
-    from midus.training.moved_keys import upgrade_config
+    from midus.moved_keys import MOVED_KEYS, upgrade_config
 
     try:
         recorded_config = yaml.safe_load((run_dir / ARM_CONFIG).read_text(encoding="utf-8"))
@@ -163,7 +163,7 @@ def record_differences(run_dir: Path, config: dict[str, Any], command: list[str]
             f"without a readable record of how ({ARM_CONFIG}, {ARM_COMMAND}: a run from before the runner resumed?)",
             None,
         )
-    upgraded = upgrade_config(recorded_config) if isinstance(recorded_config, dict) else recorded_config
+    upgraded = upgrade_config(recorded_config, MOVED_KEYS) if isinstance(recorded_config, dict) else recorded_config
     if upgraded != recorded_config:
         recorded_config = upgraded
     else:
@@ -180,7 +180,7 @@ def _rewrite_with_moved_keys(path: Path, config: dict[str, Any]) -> None:
     """Write `config` (the record at `path`, its keys at their new places) over it, keeping its header."""
     header = "".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                      if line.startswith("#"))
-    note = "# Rewritten on resume with the keys that moved since at their new places (midus.training.moved_keys).\n"
+    note = "# Rewritten on resume with the keys that moved since at their new places (midus.moved_keys).\n"
     path.write_text(header + note + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 

@@ -29,7 +29,7 @@ arm ``wide`` lands in ``runs/ablate_width/wide``.
    parser (no data preparation) and builds its `ModelConfig` and training groups
    (`midus.training.config`), so a misspelt key or a bad value fails with the arm's name before
    anything is written (a key that moved fails earlier, naming its new place:
-   `midus.training.moved_keys`);
+   `midus.moved_keys`);
 3. decides per arm whether it is skipped, resumed or started fresh (Rerunning, below), again
    before anything is written, and prints that as it reaches the arm;
 4. runs ``python -m midus fit --config runs/<name>/<arm>/arm_config.yaml [args] [--ckpt_path C]``
@@ -71,7 +71,7 @@ after a preemption, a crash or Ctrl-C. A fresh start records the arm's config
 (``arm_config.yaml``) and its arguments (``arm_command.yaml``: ``args``, ``--arm``/``--fresh``
 removed) in the arm's directory; a later run compares them with its own, as parsed data (YAML
 comments and key order do not count, every argument does; a record written before keys moved is
-compared with each key at its new place, `midus.training.moved_keys`). Per arm:
+compared with each key at its new place, `midus.moved_keys`). Per arm:
 
 * finished (a ``summary.json`` its fit wrote, naming this ``arm_config.yaml``): skipped, its
   row comes from that summary;

@@ -7,7 +7,7 @@ where to write.
 The text comes from the ``data:`` section of, in order: ``--config`` (an ablation YAML needs
 ``--arm``), else the ``config.yaml`` that ``fit`` saved in the run directory next to the
 checkpoint's ``checkpoints/`` folder (one written before data keys moved is read with each at its
-new place, `midus.data.moved_keys`); ``--data.*`` flags override single fields. Analyses
+new place, `midus.moved_keys`); ``--data.*`` flags override single fields. Analyses
 read the validation split. Outputs go to ``<run dir>/analysis/`` unless ``--out_dir`` says
 otherwise, and TensorBoard images into the run directory itself, beside its training curves.
 """
@@ -23,10 +23,10 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 
 from midus.checkpoint.kit import checkpoint_tokenizer, model_from_checkpoint, read_kit_checkpoint
-from midus.data.moved_keys import MOVED_DATA_KEYS, check_moved_keys, upgrade_config
 from midus.data.text_data import TextData
 from midus.data.tokenizers import same_vocabulary
 from midus.model.transformer import MidusLM
+from midus.moved_keys import MOVED_DATA_KEYS, check_moved_keys, upgrade_config
 from midus.run_files import RUN_CONFIG
 
 

@@ -13,7 +13,7 @@ takes the tokenizer of the YAML's ``model.pretrained`` or ``model.upscale.base_c
 one preparation).
 
 Bad input (a missing file, a wrong field, a directory prepared with other settings, a data key
-that moved: `midus.data.moved_keys`) is one ``error:`` line naming the field and exit status 2,
+that moved: `midus.moved_keys`) is one ``error:`` line naming the field and exit status 2,
 before anything is written.
 """
 
@@ -26,9 +26,9 @@ from typing import Any, Optional
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
-from midus.data.moved_keys import MOVED_DATA_KEYS, check_moved_keys
 from midus.data.starting_tokenizer import StartingModel, refuse_a_new_tokenizer, resolve_tokenizer
 from midus.data.text_data import TextData
+from midus.moved_keys import MOVED_DATA_KEYS, check_moved_keys
 
 log = logging.getLogger(__name__)
 

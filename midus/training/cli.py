@@ -17,6 +17,7 @@ from midus.data.starting_tokenizer import (
     refuse_a_new_tokenizer,
     resolve_tokenizer,
 )
+from midus.moved_keys import MOVED_KEYS, upgrade_config
 from midus.training.callbacks import CompletionWriter
 from midus.training.lightning_internals import (
     CheckpointHookCLI,
@@ -27,7 +28,6 @@ from midus.training.lightning_internals import (
 )
 from midus.training.lm_module import CausalLM
 from midus.training.model_source import StoredModel, building_from_checkpoint
-from midus.training.moved_keys import upgrade_config
 from midus.training.run_summary import RunSummary
 from midus.upscale.methods import check_method_name
 
@@ -162,7 +162,7 @@ class MidusCLI(CheckpointHookCLI):
         ``model.upscale``) and differs from the checkpoint's: the model is the checkpoint's.
 
         A checkpoint written before keys moved (flat ``learning_rate``, ``memory_lr``, … in its
-        hyperparameters) is read with each key at its new place (`midus.training.moved_keys`).
+        hyperparameters) is read with each key at its new place (`midus.moved_keys`).
         """
         import torch
 
@@ -200,7 +200,7 @@ class MidusCLI(CheckpointHookCLI):
         given = self._given_model_values()
         hparams.pop("_instantiator", None)
         if hparams and "_class_path" not in hparams:
-            hparams = upgrade_config(hparams, "model.")
+            hparams = upgrade_config(hparams, MOVED_KEYS, "model.")
         parse_checkpoint_hparams(self, hparams)
         self._keep_given_model_values(given, ckpt_path)
 

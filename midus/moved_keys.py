@@ -1,15 +1,16 @@
-"""Configuration keys that moved, and how every reader of a config deals with them.
+"""Configuration keys that moved, in one table, and how every reader of a config deals with them.
 
-* Given by the user (a command-line flag, a ``--config`` YAML, an ablation arm's overrides): one
-  ``error:`` line naming the new place (`check_moved_keys`), before anything is parsed or written,
-  instead of jsonargparse's "unrecognized arguments" after a page of usage.
+* Given by the user (a command-line flag, a ``--config`` YAML, an ablation arm's overrides and
+  tuning candidates): one ``error:`` line naming the new place (`check_moved_keys`), before
+  anything is parsed or written, instead of jsonargparse's "unrecognized arguments" after a page
+  of usage. ``python -m midus`` checks `MOVED_KEYS`; the analyses and ``prepare``, which read a
+  data section alone, check `MOVED_DATA_KEYS`.
 * Written by the kit before the move (a run's ``config.yaml``, an ablation arm's
   ``arm_config.yaml``, a checkpoint's hyperparameters): moved to the new place when read
   (`upgrade_config`), so old runs still resume, skip and analyse.
 
-This module holds the data keys (`MOVED_DATA_KEYS`, issue 28: each data source's settings in
-its own group, the token shards' in ``data.shards``); `midus.training.moved_keys` adds the
-model's and is the one table ``python -m midus`` checks. Both are plain dotted paths, old -> new.
+The tables are plain dotted paths, old -> new; this module imports nothing of the kit, so every
+layer that reads configs can use it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,33 @@ MOVED_DATA_KEYS: dict[str, str] = {
     "data.num_proc": "data.shards.num_proc",
     "data.shard_tokens": "data.shards.tokens_per_shard",
 }
-"""Old dotted key -> where it lives now (`SOURCE`: in the group of the source that reads it)."""
+"""Old dotted ``data.*`` key -> where it lives now (`SOURCE`: in the group of the source that reads it)."""
+
+MOVED_MODEL_KEYS: dict[str, str] = {
+    # Issue 21: the validation probes' settings in model.probes.
+    "model.recall_probe_size": "model.probes.recall_questions",
+    "model.knowledge_bits_people": "model.probes.knowledge_bits_people",
+    "model.memory_zeroed_eval": "model.probes.memory_zeroed",
+    # Issue 28: CausalLM's knobs in groups (midus.training.config).
+    "model.learning_rate": "model.optimizer.learning_rate",
+    "model.weight_decay": "model.optimizer.weight_decay",
+    "model.betas": "model.optimizer.betas",
+    "model.fused_adamw": "model.optimizer.fused",
+    "model.warmup_steps": "model.schedule.warmup_steps",
+    "model.min_lr_ratio": "model.schedule.min_lr_ratio",
+    "model.memory_lr": "model.memory_optimizer.learning_rate",
+    "model.memory_lr_keys": "model.memory_optimizer.subkeys",
+    "model.memory_lr_schedule": "model.memory_optimizer.schedule",
+    "model.compile": "model.compute.compile",
+    "model.activation_checkpointing": "model.compute.activation_checkpointing",
+    "model.loss_chunk_tokens": "model.compute.loss_chunk_tokens",
+    "model.max_new_tokens": "model.generation.max_new_tokens",
+    "model.temperature": "model.generation.temperature",
+}
+"""Old dotted ``model.*`` key -> where it lives now."""
+
+MOVED_KEYS: dict[str, str] = {**MOVED_MODEL_KEYS, **MOVED_DATA_KEYS}
+"""Every old dotted key -> where it lives now."""
 
 Table = Mapping[str, str]
 

@@ -40,7 +40,7 @@ KIT_TYPE_NAMES = (
     "midus.data.sources.EmbeddedCorpusConfig",
     "midus.data.sources.FilesConfig",
     "midus.data.sources.HubConfig",
-    "midus.data.prepare.ShardsConfig",
+    "midus.data.sources.ShardsConfig",
     "midus.probes.config.ProbeConfig",
     "midus.training.config.OptimizerConfig",
     "midus.training.config.ScheduleConfig",

@@ -8,8 +8,7 @@ import inspect
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from midus.data.prepare import ShardsConfig
-from midus.data.sources import EmbeddedCorpusConfig, FilesConfig, HubConfig
+from midus.data.sources import EmbeddedCorpusConfig, FilesConfig, HubConfig, ShardsConfig
 from midus.data.text_data import TextData
 
 __all__ = ["EmbeddedCorpusConfig", "FilesConfig", "HubConfig", "LanguageModelingData", "ShardsConfig"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -38,45 +37,6 @@ TRAINING_CHARS_PER_TOKEN = 4
 characters of training text: about the text the budget covers (English BPE vocabularies of a
 few thousand entries and more average 3-4.5 characters a token), where a stream has no end to
 read to first."""
-
-
-@dataclass
-class ShardsConfig:
-    """``data.shards``: the token shards of ``data.format: shards`` (this module): where they go, how
-    much text they hold, and how many processes prepare them. Each field needs that format."""
-
-    directory: str = ""
-    """Directory of the token shards; "" for ``<cache_dir>/shards/<corpus key>-<tokenizer>[-max<max_tokens>]``."""
-    max_tokens: int = 0
-    """Training tokens to prepare, 0 for all: the stream stops there, mid-document. A trained bpe/char
-    tokenizer then learns from the first 4 * max_tokens characters of training text, and validation
-    text of its own (``data.files.val``, ``data.hub.val_split``) is cut at the same count."""
-    num_proc: int = 0
-    """Processes that tokenise when the shards are prepared; 0 for one per available CPU core. The
-    shards are the same for any number."""
-    tokens_per_shard: int = 1 << 26
-    """Tokens per shard file: a shard is written, and an interrupted preparation resumes, in units of
-    about this many tokens."""
-
-    def __post_init__(self) -> None:
-        for name, zero in (("max_tokens", "all"), ("num_proc", "one per core")):
-            if getattr(self, name) < 0:
-                raise ValueError(f"data.shards.{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
-        if self.tokens_per_shard < 1:
-            raise ValueError(f"data.shards.tokens_per_shard must be >= 1, got {self.tokens_per_shard}")
-
-    def check_format(self, data_format: str) -> None:
-        """Refuse a setting given for another ``data.format`` than shards: it would do nothing."""
-        if data_format == "shards":
-            return
-        default = ShardsConfig()
-        for name in ("directory", "max_tokens", "num_proc", "tokens_per_shard"):
-            value = getattr(self, name)
-            if value != getattr(default, name):
-                raise ValueError(
-                    f"data.shards.{name}={value!r} applies to token shards; set data.format: shards as well "
-                    f"(data.format is {data_format})"
-                )
 
 
 def available_cores() -> int:

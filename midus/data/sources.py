@@ -1,6 +1,7 @@
-"""The data sources of a run, one settings group each: ``data.embedded`` (the generated biography
-corpus), ``data.files`` (local files) and ``data.hub`` (a Hugging Face dataset); ``data.source``
-says which one a run reads (`midus.data.text_data.TextData`).
+"""The data settings of a run, one group each: the sources ``data.embedded`` (the generated biography
+corpus), ``data.files`` (local files) and ``data.hub`` (a Hugging Face dataset), of which
+``data.source`` says which one a run reads (`midus.data.text_data.TextData`), and ``data.shards``,
+the token shards of ``data.format: shards`` (`midus.data.prepare`).
 
 Each group checks its own values when it is built (``__post_init__``), with errors naming the
 field's full config path; what needs the files or the dataset themselves is checked when they
@@ -151,3 +152,42 @@ class HubConfig:
             raise ValueError("data.hub.train_split is empty; name the split to train on")
         # Whether the dataset has `val_split` is known once it is loaded (`midus.data.file_and_hub_splits`).
         _check_val_fraction("hub", self.val_fraction, bool(self.val_split), "data.hub.val_split is empty")
+
+
+@dataclass
+class ShardsConfig:
+    """``data.shards``: the token shards of ``data.format: shards`` (`midus.data.prepare`): where they go, how
+    much text they hold, and how many processes prepare them. Each field needs that format."""
+
+    directory: str = ""
+    """Directory of the token shards; "" for ``<cache_dir>/shards/<corpus key>-<tokenizer>[-max<max_tokens>]``."""
+    max_tokens: int = 0
+    """Training tokens to prepare, 0 for all: the stream stops there, mid-document. A trained bpe/char
+    tokenizer then learns from the first 4 * max_tokens characters of training text, and validation
+    text of its own (``data.files.val``, ``data.hub.val_split``) is cut at the same count."""
+    num_proc: int = 0
+    """Processes that tokenise when the shards are prepared; 0 for one per available CPU core. The
+    shards are the same for any number."""
+    tokens_per_shard: int = 1 << 26
+    """Tokens per shard file: a shard is written, and an interrupted preparation resumes, in units of
+    about this many tokens."""
+
+    def __post_init__(self) -> None:
+        for name, zero in (("max_tokens", "all"), ("num_proc", "one per core")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.shards.{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+        if self.tokens_per_shard < 1:
+            raise ValueError(f"data.shards.tokens_per_shard must be >= 1, got {self.tokens_per_shard}")
+
+    def check_format(self, data_format: str) -> None:
+        """Refuse a setting given for another ``data.format`` than shards: it would do nothing."""
+        if data_format == "shards":
+            return
+        default = ShardsConfig()
+        for name in ("directory", "max_tokens", "num_proc", "tokens_per_shard"):
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                raise ValueError(
+                    f"data.shards.{name}={value!r} applies to token shards; set data.format: shards as well "
+                    f"(data.format is {data_format})"
+                )

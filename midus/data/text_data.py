@@ -23,10 +23,10 @@ from midus.data.corpus import BiographyCorpus, RecallItem
 from midus.data.embedded_splits import embedded_key, embedded_splits, shared_names
 from midus.data.file_and_hub_splits import file_splits, hub_splits
 from midus.data.packing import cached_blocks
-from midus.data.prepare import ShardsConfig, prepare_shards
+from midus.data.prepare import prepare_shards
 from midus.data.recall_probe import TokenizedQuestion, tokenize_probe
 from midus.data.resumable_loader import EpochShuffleSampler, ResumableLoader, ShardSampler
-from midus.data.sources import EmbeddedCorpusConfig, FilesConfig, HubConfig
+from midus.data.sources import EmbeddedCorpusConfig, FilesConfig, HubConfig, ShardsConfig
 from midus.data.streamed_text import streamed_embedded, streamed_files, streamed_hub
 from midus.data.token_shards import TokenBlocks
 from midus.data.tokenizers import cached_tokenizer, load_tokenizer_dir
@@ -82,7 +82,7 @@ class TextData:
             ``hub.val_split``), ``shards`` holds out every record that raises
             ceil(records * val_fraction) instead of a seeded shuffle.
         shards: where the token shards go, how much text, how many processes (format=shards;
-            `midus.data.prepare.ShardsConfig`).
+            `midus.data.sources.ShardsConfig`).
     """
 
     def __init__(

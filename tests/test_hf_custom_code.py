@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from midus.checkpoint.hf_custom_code import custom_code_files, relative_imports
-from midus.checkpoint.kit import MODEL_CONFIG_KEY, TOKENIZER_KEY
-from midus.checkpoint.tokenizer_record import tokenizer_record
+from midus.checkpoint.kit import MODEL_CONFIG_KEY, TOKENIZER_KEY, tokenizer_record
 from midus.cli import main
 from midus.data.tokenizers import train_char
 from midus.model import MidusLM, ModelConfig

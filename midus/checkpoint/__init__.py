@@ -26,8 +26,9 @@ from midus.checkpoint.kit import (
     model_from_checkpoint,
     read_kit_checkpoint,
     stored_model_source,
+    tokenizer_from_record,
+    tokenizer_record,
 )
-from midus.checkpoint.tokenizer_record import tokenizer_from_record, tokenizer_record
 
 __all__ = [
     "MODEL_CONFIG_KEY",

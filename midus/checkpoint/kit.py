@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # MOVED_MODULES is kept importable from here, where it was defined before safe_load.
 from midus.checkpoint.safe_load import MOVED_MODULES, CheckpointError, load_checkpoint_data  # noqa: F401
-from midus.checkpoint.tokenizer_record import tokenizer_from_record, tokenizer_record
 from midus.model.config import ModelConfig
 from midus.model.transformer import MidusLM
 
@@ -42,6 +42,31 @@ STATE_PREFIX = "model."
 # checkpointing and torch.compile's OptimizedModule. Stripped as torch's own FSDP state-dict code
 # cleans names (torch.distributed.fsdp._common_utils.clean_tensor_name), so a name is the bare model's.
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+
+# The tokenizer as plain strings: the `tokenizers` JSON and the special tokens' text, so a checkpoint
+# stays loadable without unpickling tokenizer objects and evaluation needs nothing but the file.
+def tokenizer_record(tokenizer: PreTrainedTokenizerBase) -> dict[str, str] | None:
+    """The tokenizer as plain strings (stored in kit checkpoints); None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    record = {"tokenizer_json": backend.to_str()}
+    for role in ("eos_token", "pad_token", "unk_token", "bos_token"):
+        if getattr(tokenizer, role, None) is not None:
+            record[role] = str(getattr(tokenizer, role))
+    return record
+
+
+def tokenizer_from_record(record: dict[str, str]) -> PreTrainedTokenizerFast:
+    """The tokenizer `tokenizer_record` stored."""
+    specials = {role: value for role, value in record.items() if role != "tokenizer_json"}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(record["tokenizer_json"]),
+        model_input_names=["input_ids", "attention_mask"],
+        **specials,
+    )
 
 
 def kit_entries(

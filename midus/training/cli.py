@@ -88,9 +88,7 @@ class MidusCLI(CheckpointHookCLI):
                 "away and fit trains nothing; fit with trainer.precision: bf16-mixed (bfloat16 compute, float32 "
                 "weights); validate, test and predict may use bf16-true"
             )
-        method = config["model"]["upscale"]["method"]
-        if method != "none":  # as UpscaleConfig: a run that up-scales nothing never consults the registry
-            check_method_name(method)
+        check_method_name(config["model"]["upscale"]["method"])
         refuse_a_new_tokenizer(config["data"]["tokenizer"], starting_model(config["model"]))
         if config["model"]["compute"]["compile"] and config["trainer"]["deterministic"] is None:
             config["trainer"]["deterministic"] = "warn"

@@ -48,12 +48,11 @@ class UpscaleConfig:
     """What trains: everything, only the inserted blocks (LLaMA Pro), or those plus every RMSNorm."""
 
     def __post_init__(self) -> None:
-        if self.method != "none":  # a run that up-scales nothing never consults the registry
-            # Imported on use: importing the registry imports every method file, and those import this
-            # module for the config type, so a module-level import here would run before UpscaleConfig exists.
-            from midus.upscale.methods.registry import check_method_name
+        # Imported on use: importing the registry imports every method file, and those import this
+        # module for the config type, so a module-level import here would run before UpscaleConfig exists.
+        from midus.upscale.methods.registry import check_method_name
 
-            check_method_name(self.method)
+        check_method_name(self.method)
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
 

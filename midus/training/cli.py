@@ -198,8 +198,7 @@ class MidusCLI(CheckpointHookCLI):
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         del checkpoint
         given = self._given_model_values()
-        hparams.pop("_instantiator", None)
-        if hparams and "_class_path" not in hparams:
+        if "_class_path" not in hparams:  # a model given by class path keeps its own keys
             hparams = upgrade_config(hparams, MOVED_KEYS, "model.")
         parse_checkpoint_hparams(self, hparams)
         self._keep_given_model_values(given, ckpt_path)

@@ -518,6 +518,14 @@ EXPECTED.update({
         pkm_layout(n, query_width=96, zero_values=True, retrieval=INSERTED_PKM_KEYS, subspaces=p), {"added": added},
     )) for p, n, added in ((2, 64, 1_151_424), (3, 16, 1_142_208))},
 })
+EXPECTED.update({
+    # sparse_memory_x100_d128: regime_x100_d128's frozen arms; the sparse arms build midus_hml_hive_frozen's
+    # model (their value rows are chosen and split when a fit starts, test_sparse_memory_arms_... below).
+    **{("sparse_memory_x100_d128", arm): EXPECTED[("regime_x100_d128", arm)]
+       for arm in ("base", "dus_interleave_frozen", "midus_hml_hive_frozen")},
+    **{("sparse_memory_x100_d128", f"sparse_t{t}"): EXPECTED[("regime_x100_d128", "midus_hml_hive_frozen")]
+       for t in (64, 256)},
+})
 
 # ---------------------------------------------------------------------------------------------
 # Resolving and building arms the way the kit does.
@@ -873,6 +881,34 @@ def test_regime_x100_d128_sees_each_new_fact_100_times_from_the_flagship_base() 
     assert tuning["data.embedded.seed"] not in (3, flagship.data.embedded.seed)
     assert tuning["data.embedded.replay_validation"] is False
     assert ablation.tune.keep == {"midus_literal_frozen": ["model.memory_optimizer.learning_rate"]}
+
+
+def test_sparse_memory_arms_are_regime_x100_d128s_frozen_cell_with_t_rows_per_block() -> None:
+    """sparse_memory_x100_d128.yaml: regime_x100_d128's data, base and rates for every arm; "only 64 of each
+    block's 1,024 bank rows train (... 2 x 64 x 32 = 4,096 trainable parameters)", 256 likewise (16,384),
+    TF-IDF over one-sequence documents, everything else fixed; the other arms not sparse."""
+    ablation = load_ablation(EXPERIMENTS / "sparse_memory_x100_d128.yaml")
+    assert ablation.references == ["midus_hml_hive_frozen", "dus_interleave_frozen"]
+    assert set(ablation.control) == set(ablation.arms) and set(ablation.control.values()) == {"base"}
+    tuned = parse_arm("regime_x100_d128", "midus_hml_hive_frozen")
+    for arm in ablation.arms:
+        parsed = parse_arm("sparse_memory_x100_d128", arm)
+        regime = tuned if arm.startswith("sparse_t") else parse_arm("regime_x100_d128", arm)
+        assert parsed.data == regime.data
+        assert parsed.model.upscale.base_checkpoint == regime.model.upscale.base_checkpoint
+        sparse = parsed.model.sparse_memory
+        if arm.startswith("sparse_t"):
+            t = int(arm.removeprefix("sparse_t"))
+            assert (sparse.trainable_slots, sparse.ranking, sparse.count_batch_size, sparse.freeze_rest) == (
+                t, "tfidf", 1, True)
+            assert parsed.model.upscale == tuned.model.upscale
+            memory = tuned.model.upscale.memory
+            assert 2 * t * memory.latent_dim == {64: 4_096, 256: 16_384}[t] and memory.n_subkeys**2 == 1024
+        else:
+            assert sparse.trainable_slots == 0
+        if arm != "base":
+            assert (parsed.model.optimizer, parsed.model.memory_optimizer, parsed.model.schedule) == (
+                regime.model.optimizer, regime.model.memory_optimizer, regime.model.schedule), arm
 
 
 def test_absorption_populations_see_each_fact_100_times_and_hold_the_quoted_bits() -> None:

@@ -1,4 +1,4 @@
-"""The kit's checkpoint format: a Lightning ``.ckpt`` written by `CausalLM`, plus three entries.
+"""The kit's checkpoint format: a Lightning ``.ckpt`` written by `CausalLM`, plus its own entries.
 
 * ``midus_model_config``: the resolved architecture (`ModelConfig` as plain data), so an
   up-scaled or imported model reloads without its base and can itself be up-scaled again;
@@ -6,6 +6,9 @@
   evaluation needs only the file.
 * ``midus_training_progress``: tokens and sequences trained so far, so a resumed run's
   counts continue (written and read by `CausalLM`).
+* ``midus_sparse_memory``: under ``model.sparse_memory``, the value rows each memory block trains,
+  so a resumed fit trains the same rows (written and read by `CausalLM`; the weights are the
+  ordinary model's, each table merged).
 * ``midus_model_source``: what building the model from its base gave it beyond its config (the
   parameters it froze, the base's size), so ``validate``/``test``/``predict``/resume rebuild the
   trained model from the file alone, base gone (`stored_model_source`).
@@ -35,6 +38,8 @@ MODEL_CONFIG_KEY = "midus_model_config"
 TOKENIZER_KEY = "midus_tokenizer"
 PROGRESS_KEY = "midus_training_progress"
 """Tokens and sequences trained since step 0, which `CausalLM` restores on resume."""
+SPARSE_MEMORY_KEY = "midus_sparse_memory"
+"""``{memory block label: trainable value rows}`` of a fit under ``model.sparse_memory``."""
 SOURCE_KEY = "midus_model_source"
 """``{"frozen_parameters": [names], "base_parameters": int}``: what the base build gave the model."""
 STATE_PREFIX = "model."

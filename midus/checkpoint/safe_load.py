@@ -51,6 +51,7 @@ KIT_TYPE_NAMES = (
     "midus.training.config.MemoryOptimizerConfig",
     "midus.training.config.ComputeConfig",
     "midus.training.config.GenerationConfig",
+    "midus.training.config.SparseMemoryConfig",
 )
 """The kit's plain-data classes a checkpoint may hold, by the name pickle stores them under
 (plus the old names of `MOVED_MODULES`)."""

@@ -253,6 +253,37 @@ class TextData:
         encoded = [{"input_ids": torch.tensor(ids)} for ids in frame_prompts(self.tokenizer, prompts)]
         return DataLoader(encoded, batch_size=1)
 
+    def population_blocks(self, population: Literal["new", "background"], count: int) -> torch.Tensor | None:
+        """Up to `count` blocks (rows of ``block_size + 1`` token ids) of one population's text alone.
+
+        ``new``: the embedded corpus's main population packed on its own (other sources: the training
+        blocks); ``background``: the replay population's documents, all of them (the base's own
+        text), None without a replay population. The blocks are a sample drawn with a generator of
+        their own, seeded by the run's seed: the training loader's order and position and the global
+        random state stay untouched (sparse memory finetuning counts memory reads on them).
+        """
+        if population == "background" and self.replay_corpus is None:
+            return None
+        if population == "new" and self.corpus is None:
+            blocks = self.train_blocks
+        else:
+            from datasets import Dataset
+
+            from midus.data.packing import pack_documents
+
+            if population == "new":
+                kept = [0 if person.name in self.dropped_people else self.corpus.docs_per_person
+                        for person in self.corpus.people]
+                documents = self.corpus.train_documents(kept)
+            else:
+                documents = self.replay_corpus.train_documents()
+            blocks = pack_documents(
+                Dataset.from_dict({"text": documents}), self.tokenizer, self.settings["block_size"], population
+            )
+        generator = torch.Generator().manual_seed(self.shuffle_seed + (population == "background"))
+        chosen = torch.randperm(len(blocks), generator=generator)[:count].tolist()
+        return blocks[chosen]["input_ids"]
+
     def _probe_items(self, phrasing: str = "train") -> list[RecallItem]:
         """Probe items of a `recall_questions` key: train, heldout, replay or replay_heldout."""
         if phrasing.startswith("replay"):

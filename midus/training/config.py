@@ -124,11 +124,57 @@ class GenerationConfig:
             raise ValueError(f"model.generation.temperature must be >= 0 (0: greedy), got {self.temperature}")
 
 
+@dataclass
+class SparseMemoryConfig:
+    """``model.sparse_memory``: sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103): of each memory's
+    value table only the rows that the new text reads much more often than the background text train
+    (`midus.training.sparse_memory`; docs/memory.md, "Sparse memory finetuning")."""
+
+    trainable_slots: int = 0
+    """Value rows that train per memory block (t; a HIVE bank row is one slot, read by every head);
+    0 (the default) is off: the value tables train whole, as without this section."""
+    ranking: Literal["tfidf", "frequency"] = "tfidf"
+    """How the rows are ranked before a fit trains: ``tfidf`` (the paper's: share of the new text's reads
+    times log((B + 1) / (background batches reading the row + 1))) or ``frequency`` (reads of the new text)."""
+    count_batches: int = 16
+    """Batches (of `count_batch_size` blocks) of new text, and as many of background text, whose reads are
+    counted once before training. The new text is the training population's own documents, the
+    background the replay population's (``data.embedded.replay_seed``: the base's own documents)."""
+    count_batch_size: int = 0
+    """Sequences (blocks) per counted batch, 0: ``data.batch_size``. A background batch is TF-IDF's
+    "document": where one batch reads nearly every slot (a small memory, many tokens), every row gets
+    the same IDF and the ranking falls back to row order; smaller batches keep the rows apart."""
+    freeze_rest: bool = True
+    """Freeze every other parameter too, as the paper does; false: the rest trains as it would without
+    this section (e.g. the inserted blocks under ``model.upscale.trainable: new``)."""
+
+    def __post_init__(self) -> None:
+        if self.trainable_slots < 0:
+            raise ValueError(
+                f"model.sparse_memory.trainable_slots must be 0 (off) or a number of rows, got {self.trainable_slots}"
+            )
+        if self.ranking not in ("tfidf", "frequency"):
+            raise ValueError(f"model.sparse_memory.ranking={self.ranking!r}; expected tfidf or frequency")
+        if self.count_batches < 1:
+            raise ValueError(f"model.sparse_memory.count_batches must be >= 1, got {self.count_batches}")
+        if self.count_batch_size < 0:
+            raise ValueError(
+                "model.sparse_memory.count_batch_size must be 0 (= data.batch_size) or >= 1, "
+                f"got {self.count_batch_size}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether only chosen rows of the value tables train."""
+        return self.trainable_slots > 0
+
+
 GROUPS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,
     "memory_optimizer": MemoryOptimizerConfig,
     "compute": ComputeConfig,
     "generation": GenerationConfig,
+    "sparse_memory": SparseMemoryConfig,
 }
 """``model.<name>`` -> its class: what the ablation runner builds to check an arm before it runs."""

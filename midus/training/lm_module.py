@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
-from midus.checkpoint.kit import PROGRESS_KEY, frozen_parameter_names
+from midus.checkpoint.kit import PROGRESS_KEY, SPARSE_MEMORY_KEY
 from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
@@ -28,6 +28,7 @@ from midus.training.config import (
     MemoryOptimizerConfig,
     OptimizerConfig,
     ScheduleConfig,
+    SparseMemoryConfig,
 )
 from midus.training.divergence import check_finite_loss
 from midus.training.lightning_internals import attached_trainer, is_fitting, logs_this_step
@@ -36,6 +37,7 @@ from midus.training.model_setup import setup_model
 from midus.training.model_source import build_model
 from midus.training.optim import fused_adamw_supported, parameter_groups, warmup_cosine
 from midus.training.progress import TrainingProgress
+from midus.training.sparse_memory import choose_rows, make_sparse, saved_frozen_parameter_names, sparse_rows
 from midus.upscale import UpscaleConfig
 
 
@@ -56,6 +58,8 @@ class CausalLM(pl.LightningModule):
             knowledge bits, the memory-zeroed loss and recall, slot usage (`midus.probes.ProbeConfig`).
         compute: compilation, activation checkpointing and the chunked loss (`ComputeConfig`).
         generation: tokens and temperature of ``predict`` (`GenerationConfig`).
+        sparse_memory: train only the value rows the new text reads more than the background, a fixed
+            number per memory block (Lin et al. 2025; `SparseMemoryConfig`, off by default).
 
     Under the CLI the saved hyperparameters are the parsed config, plain data (a checkpoint's
     ``hyper_parameters`` rebuild the same module); this class reads its settings from the groups
@@ -73,6 +77,7 @@ class CausalLM(pl.LightningModule):
         probes: ProbeConfig = ProbeConfig(),
         compute: ComputeConfig = ComputeConfig(),
         generation: GenerationConfig = GenerationConfig(),
+        sparse_memory: SparseMemoryConfig = SparseMemoryConfig(),
     ) -> None:
         super().__init__()
         # The config object carries the linked vocab size, so saved hparams rebuild the same model.
@@ -83,6 +88,7 @@ class CausalLM(pl.LightningModule):
         self.memory_optimizer_config = memory_optimizer
         self.compute_config = compute
         self.generation_config = generation
+        self.sparse_memory_config = sparse_memory
         source = build_model(config, pretrained, upscale)
         self.model = source.model
         self.model.activation_checkpointing = compute.activation_checkpointing  # training forwards only (MidusLM)
@@ -116,8 +122,11 @@ class CausalLM(pl.LightningModule):
         # (evaluation needs only the file), as plain data: `midus.checkpoint.kit`.
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
         checkpoint.update(kit_entries(
-            self.model.config, tokenizer, frozen_parameter_names(self.model), self.base_parameters
+            self.model.config, tokenizer, saved_frozen_parameter_names(self.model), self.base_parameters
         ))
+        rows = sparse_rows(self.model)
+        if rows:
+            checkpoint[SPARSE_MEMORY_KEY] = rows
         # Training progress counted since step 0, so a resumed run's train/tokens continue (and
         # Lightning's Throughput, which needs samples >= the restored global step, accepts them).
         checkpoint[PROGRESS_KEY] = self.progress.state_dict()
@@ -132,6 +141,40 @@ class CausalLM(pl.LightningModule):
                 "data: the data's tokenizer is not the one this checkpoint was trained with; evaluate other "
                 "text with the checkpoint's own tokenizer: data.tokenizer=hf and data.tokenizer_path=<the .ckpt>"
             )
+        if is_fitting(attached_trainer(self)):
+            self._resume_sparse_memory(checkpoint.get(SPARSE_MEMORY_KEY))
+
+    def setup(self, stage: str) -> None:
+        # Sparse memory finetuning chooses its rows before the optimizer is built (and before a resumed
+        # fit's weights are loaded; `on_load_checkpoint` then puts the checkpoint's own rows in place).
+        settings = self.sparse_memory_config
+        if stage != "fit" or not settings.enabled:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "model.sparse_memory.trainable_slots under FSDPStrategy: FSDP shards the model before a resumed "
+                "fit's weights are loaded, so the sparse tables could not be restored; train on one device or DDP"
+            )
+        self.model.to(self.trainer.strategy.root_device)  # the strategy moves it there anyway; count there
+        rows = choose_rows(self.model, settings, self.trainer.datamodule, self.trainer.strategy.root_device)
+        make_sparse(self.model, settings, rows)
+
+    def _resume_sparse_memory(self, stored: dict | None) -> None:
+        """A fit resumed from a checkpoint trains the rows that checkpoint's fit trained."""
+        settings = self.sparse_memory_config
+        if settings.enabled and stored is None:
+            raise ValueError(
+                f"model.sparse_memory.trainable_slots={settings.trainable_slots}: --ckpt_path was not trained with "
+                "sparse memory finetuning, so its optimizer state is the full tables'; start sparse finetuning from "
+                "it as a base (model.upscale.base_checkpoint) or resume with trainable_slots: 0"
+            )
+        if stored is not None and not settings.enabled:
+            raise ValueError(
+                "model.sparse_memory.trainable_slots=0: --ckpt_path was trained with sparse memory finetuning ("
+                f"{len(next(iter(stored.values())))} rows per memory block); resume it with that model.sparse_memory"
+            )
+        if stored is not None:
+            make_sparse(self.model, settings, stored)
 
     def next_token_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean next-token loss, inputs, targets) of a batch of packed rows (``input_ids``: B x (T + 1))."""

@@ -72,6 +72,10 @@ class HeadwiseMemory(MemoryBranch):
             self.values = MemoryValues(tables * self.n_slots, out_width, memory.zero_init_values)
             self.head_proj = None
 
+    def value_row_reads(self, counts: torch.Tensor) -> torch.Tensor:
+        # per_head: head h owns rows h·n² .. (h+1)·n² - 1 (see `read`); hive and shared: one table.
+        return counts.flatten() if self.layout == "per_head" else counts.sum(0)
+
     def forward(self, heads: torch.Tensor) -> torch.Tensor:
         # heads: (batch, time, H·d_h) = concatenated a_h -> queries (batch, time, H, d_h)
         weights, slots = self.keys(heads.unflatten(-1, (self.n_heads, self.head_dim)))  # (batch, time, H, k)

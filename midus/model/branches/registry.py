@@ -61,10 +61,21 @@ class MemoryBranch(Branch):
     is_product_key_memory: ClassVar[bool] = True
 
     def value_tables(self) -> list[nn.Parameter]:
-        return [self.values.weight]
+        # The table, or under sparse memory finetuning its trainable rows and its frozen rest
+        # (`midus.model.retrieval.sparse_values.SparseRowValues`).
+        return list(self.values.parameters())
 
     def subkey_tables(self) -> list[nn.Parameter]:
         return [self.keys.subkeys]
+
+    def value_row_reads(self, counts: Any) -> Any:
+        """Reads per value row from reads per (head, slot): `counts` (heads, n_slots) → (value rows,).
+
+        By default every head reads the same table (PKM, multi-head PKM, HML ``shared`` and ``hive``):
+        a row's reads are its slot's reads summed over the heads. A branch whose heads own stacked
+        tables says otherwise (HML ``per_head``). Sparse memory finetuning ranks rows by these.
+        """
+        return counts.sum(0)
 
 
 _BRANCHES: dict[str, type[Branch]] = {}

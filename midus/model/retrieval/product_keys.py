@@ -81,15 +81,23 @@ class ProductKeys(nn.Module):
         query_norm: ``none``, ``layernorm`` or ``rmsnorm`` on each query half.
         score_scale: factor on the k best scores before their softmax (inverse temperature).
         key_norm: ``none``, ``layernorm`` or ``rmsnorm`` of every sub-key row (no gain).
+        head_topk: per-head k_h (``memory.head_topk``), or None for `topk` in every head. Every head
+            then retrieves max k_h slots, sorted best first, and keeps its own k_h best: the rest get
+            weight exactly zero (outside the softmax), so shapes stay (..., H, max k_h). Exact per
+            head: the shortlists and candidate pairs for max k_h contain those for any k_h ≤ max k_h.
     """
 
     def __init__(
         self, n_heads: int, query_dim: int, n_subkeys: int, topk: int, query_norm: str = "none",
-        score_scale: float = 1.0, key_norm: str = "none",
+        score_scale: float = 1.0, key_norm: str = "none", head_topk: list[int] | None = None,
     ) -> None:
         super().__init__()
         if query_dim % 2:
             raise ValueError(f"product keys: query width {query_dim} cannot be split into two halves")
+        if head_topk is not None:
+            if len(head_topk) != n_heads or not all(0 < k <= n_subkeys for k in head_topk):
+                raise ValueError(f"product keys: head_topk={head_topk} needs {n_heads} values in 1..{n_subkeys}")
+            topk = max(head_topk)
         if not 0 < topk <= n_subkeys:
             raise ValueError(f"product keys: topk={topk} must be between 1 and n_subkeys={n_subkeys}")
         self.n_heads, self.n_subkeys, self.topk = n_heads, n_subkeys, topk
@@ -102,6 +110,10 @@ class ProductKeys(nn.Module):
         pair_i, pair_j = sorted_pair_candidates(topk)
         self.register_buffer("pair_i", pair_i, persistent=False)
         self.register_buffer("pair_j", pair_j, persistent=False)
+        # (H, topk) True at the first k_h sorted positions of head h; None: every head keeps all topk.
+        self.head_keep: torch.Tensor | None
+        keep = None if head_topk is None else torch.arange(topk) < torch.tensor(head_topk)[:, None]
+        self.register_buffer("head_keep", keep, persistent=False)
 
     @property
     def n_slots(self) -> int:
@@ -130,12 +142,16 @@ class ProductKeys(nn.Module):
         s1, s2 = top.unbind(-2)  # each shortlist sorted best first
         # index_select rather than advanced indexing: its backward is an index_add, not an index_put.
         pair_scores = s1.index_select(-1, self.pair_i) + s2.index_select(-1, self.pair_j)  # (..., H, P)
-        best, pair = pair_scores.topk(self.topk, dim=-1, sorted=False)  # a bag's order is irrelevant
+        # A bag's order is irrelevant, unless each head keeps only its first k_h (head_keep).
+        best, pair = pair_scores.topk(self.topk, dim=-1, sorted=self.head_keep is not None)
         a = sub_index[..., 0, :].gather(-1, self.pair_i[pair])  # row of K1 of each kept pair
         b = sub_index[..., 1, :].gather(-1, self.pair_j[pair])  # row of K2
         slots = a * self.n_subkeys + b
         # Softmax in float32: under bf16 the k scores are often close enough to round together.
-        return torch.softmax(best.float() * self.score_scale, dim=-1), slots
+        scores = best.float() * self.score_scale
+        if self.head_keep is not None:  # slots past k_h: weight exactly 0, no gradient
+            scores = scores.masked_fill(~self.head_keep, float("-inf"))
+        return torch.softmax(scores, dim=-1), slots
 
 
 def brute_force_retrieval(keys: ProductKeys, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

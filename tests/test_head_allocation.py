@@ -5,6 +5,7 @@ the default unchanged bit for bit, the allocation rule, identity at insertion an
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import lightning.pytorch as pl
 import pytest
@@ -234,7 +235,9 @@ def test_importance_allocation_with_given_rows_or_no_batches_is_refused() -> Non
         importance_allocation(base_model(), settings, [])
 
 
-def test_the_lightning_module_allocates_from_training_batches_and_the_checkpoint_keeps_it(tiny_data, tmp_path) -> None:
+def test_the_lightning_module_allocates_from_training_batches_and_the_checkpoint_keeps_it(
+    tiny_data, tmp_path, caplog
+) -> None:
     pl.seed_everything(0)
     config = ModelConfig(vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
     base_path = tmp_path / "base.ckpt"
@@ -246,9 +249,11 @@ def test_the_lightning_module_allocates_from_training_batches_and_the_checkpoint
                              memory_allocation="head_importance", importance_batches=2, trainable="new")
     with pytest.raises(ValueError, match="built without data"):
         CausalLM(config, upscale=settings)
-    module = CausalLM(config, upscale=settings, probes=ProbeConfig(recall_questions=0), allocation_data=tiny_data)
+    with caplog.at_level(logging.INFO, logger="midus.training.model_source"):
+        module = CausalLM(config, upscale=settings, probes=ProbeConfig(recall_questions=0), allocation_data=tiny_data)
     assert "allocation_data" not in module.hparams
     rows = module.model.config.memory.head_topk
+    assert f"memory.head_topk = {rows}" in caplog.text  # the allocation is logged
     base = load_kit_checkpoint(base_path).eval()
     loader = torch.utils.data.DataLoader(tiny_data.train_blocks, batch_size=tiny_data.settings["batch_size"])
     first = [batch["input_ids"] for _, batch in zip(range(2), loader)]

@@ -210,12 +210,15 @@ def _run_if_ablation(command_line: list[str]) -> bool:
     """Run the arms of the ablation YAML a ``--config`` names, each a fit of its own; False when none does.
 
     The command line is parsed once (`midus.ablation.command_line`): the runner's flags, and the
-    arguments every arm's fit gets. A configuration error exits 2 with its one ``error:`` line (the
-    error stays the exit's cause); an arm that failed makes the exit status 1, after the table.
+    arguments every arm's fit gets. A plain fit (`_may_be_ablation` says no) never enters the
+    ablation package. A configuration error exits 2 with its one ``error:`` line (the error stays
+    the exit's cause); an arm that failed makes the exit status 1, after the table.
     """
-    from midus.ablation.command_line import parse_command_line
+    from midus.ablation.command_line import CONFIG_FLAGS, RUNNER_FLAGS, parse_command_line
     from midus.ablation.config import AblationError
 
+    if not _may_be_ablation(command_line, CONFIG_FLAGS, RUNNER_FLAGS):
+        return False
     try:
         command = parse_command_line(command_line)
         if command is None:
@@ -229,3 +232,25 @@ def _run_if_ablation(command_line: list[str]) -> bool:
     if status:
         raise SystemExit(status)
     return True
+
+
+def _may_be_ablation(command_line: list[str], config_flags: tuple[str, ...], runner_flags: dict) -> bool:
+    """Whether the ablation runner must read `command_line`: a runner flag (refused without an
+    ablation YAML), or a ``--config`` file whose top level has an ``ablation:`` key. Anything else is
+    a plain LightningCLI run, which reports unreadable configs itself."""
+    import yaml
+
+    for index, arg in enumerate(map(str, command_line)):
+        flag, equals, inline = arg.partition("=")
+        if flag in runner_flags:
+            return True
+        if flag not in config_flags:
+            continue
+        value = inline if equals else (str(command_line[index + 1]) if index + 1 < len(command_line) else "")
+        try:
+            document = yaml.safe_load(Path(value).read_text(encoding="utf-8")) if Path(value).is_file() else None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue
+        if isinstance(document, dict) and "ablation" in document:
+            return True
+    return False

@@ -13,7 +13,7 @@ from test_ablation import command, fake_finished_runs, tiny_base, write_ablation
 
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
-from midus.ablation.hparams import HPARAMS_EVENTS_GLOB
+from midus.ablation.results import HPARAMS_EVENTS_GLOB
 from midus.ablation.runner import run_ablation
 from midus.report.intervals import (
     BETTER,

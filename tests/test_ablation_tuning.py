@@ -11,8 +11,7 @@ from test_ablation import command, fake_finished_runs, write_ablation
 
 from midus.ablation.command_line import parse_command_line
 from midus.ablation.config import AblationError, load_ablation
-from midus.ablation.parallel import LOG_FILE, Launch, child_environment, run_launches
-from midus.ablation.runner import run_ablation
+from midus.ablation.runner import LOG_FILE, Launch, child_environment, run_ablation, run_launches
 from midus.ablation.tuning import choose, tuning_markdown
 from midus.report.table import ArmRow
 

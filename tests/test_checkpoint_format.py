@@ -64,6 +64,28 @@ def test_a_checkpoint_pickled_while_the_corpus_config_lived_in_text_data_still_r
     assert isinstance(embedded, EmbeddedCorpusConfig) and embedded == EmbeddedCorpusConfig(seed=3)
 
 
+
+def test_a_checkpoint_pickled_while_the_probe_config_had_its_own_module_still_reads(tmp_path: Path) -> None:
+    # Issue 28 moved ProbeConfig from midus.probes.config into midus.probes.validation.
+    from midus.probes import ProbeConfig
+
+    path = tmp_path / "old.ckpt"
+    old = types.ModuleType("midus.probes.config")
+    old.ProbeConfig = ProbeConfig  # type: ignore[attr-defined]
+    sys.modules[old.__name__], ProbeConfig.__module__ = old, old.__name__
+    try:
+        torch.save({MODEL_CONFIG_KEY: dataclasses.asdict(ModelConfig(vocab_size=30, d_model=16, n_layers=1, n_heads=2)),
+                    "hyper_parameters": {"probes": ProbeConfig(recall_questions=7)}}, path)
+    finally:
+        ProbeConfig.__module__ = "midus.probes.validation"
+        del sys.modules[old.__name__]
+    with zipfile.ZipFile(path) as archive:
+        pickled = next(archive.read(name) for name in archive.namelist() if name.endswith("data.pkl"))
+    assert b"midus.probes.config" in pickled
+    probes = read_kit_checkpoint(path)["hyper_parameters"]["probes"]
+    assert isinstance(probes, ProbeConfig) and probes == ProbeConfig(recall_questions=7)
+
+
 @pytest.mark.slow
 def test_a_fit_checkpoint_is_plain_data_that_loads_weights_only(tiny_memory_run: Path) -> None:
     # LightningCLI reads --ckpt_path hyperparameters with torch.load(weights_only=True): every

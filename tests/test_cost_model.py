@@ -24,6 +24,7 @@ from midus.analysis.cost_model import (
     Part,
     Workload,
     block_parts,
+    candidate_tuples,
     pair_candidates,
     part_seconds,
     roofline_seconds,
@@ -34,7 +35,7 @@ from midus.model import LayerSpec, ModelConfig
 from midus.model.block import TransformerBlock
 from midus.model.kv_cache import KVCache
 from midus.model.memory_block import MemoryBlock
-from midus.model.retrieval.product_keys import sorted_pair_candidates
+from midus.model.retrieval.product_keys import sorted_pair_candidates, sorted_tuple_candidates
 from midus.model.rotary import RotaryEmbedding
 
 BRANCHES = {
@@ -47,13 +48,16 @@ BRANCHES = {
 }
 
 
-def tiny_block(kind: str) -> tuple[torch.nn.Module, ModelConfig]:
+def tiny_block(kind: str, n_subspaces: int = 2) -> tuple[torch.nn.Module, ModelConfig]:
     block_kind, branch, values = BRANCHES[kind]
-    # Odd-ish sizes on purpose: a formula that swaps two of them gives a different count.
+    # Odd-ish sizes on purpose: a formula that swaps two of them gives a different count. Three
+    # sub-spaces: heads of 24 and PKM queries of 30 split in three.
     config = ModelConfig(
-        vocab_size=8, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, layers=[LayerSpec(block_kind, branch)],
-        memory={"n_subkeys": 12, "topk": 5, "latent_dim": 6, "values": values, "zero_init_values": False,
-                "pkm_heads": 3, "pkm_query_dim": 40},
+        vocab_size=8, d_model=64 if n_subspaces == 2 else 96, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+        layers=[LayerSpec(block_kind, branch)],
+        memory={"n_subkeys": 12 if n_subspaces == 2 else 5, "topk": 5, "latent_dim": 6, "values": values,
+                "zero_init_values": False, "pkm_heads": 3, "pkm_query_dim": 40 if n_subspaces == 2 else 30,
+                "n_subspaces": n_subspaces},
     )
     torch.manual_seed(0)
     block = TransformerBlock(config, 0) if block_kind == "transformer" else MemoryBlock(config, 0)
@@ -75,9 +79,10 @@ def test_every_block_kind_is_covered() -> None:
     assert set(BRANCHES) == set(BLOCK_KINDS)
 
 
+@pytest.mark.parametrize("n_subspaces", [2, 3])
 @pytest.mark.parametrize("kind", BLOCK_KINDS)
-def test_training_step_matmul_flops_equal_the_counted_ones(kind: str) -> None:
-    block, config = tiny_block(kind)
+def test_training_step_matmul_flops_equal_the_counted_ones(kind: str, n_subspaces: int) -> None:
+    block, config = tiny_block(kind, n_subspaces)
     batch, tokens = 2, 7
     x = torch.randn(batch, tokens, config.d_model)
     rope = RotaryEmbedding(config.head_dim, config.rope_theta)(torch.arange(tokens), x.dtype)
@@ -129,6 +134,20 @@ def test_non_matmul_parts_are_counted_beside_the_matmuls() -> None:
 @pytest.mark.parametrize("k", [1, 2, 5, 16, 32])
 def test_pair_candidates_match_the_kits_shortlist_pairs(k: int) -> None:
     assert pair_candidates(k) == len(sorted_pair_candidates(k)[0])
+
+
+@pytest.mark.parametrize(("k", "parts"), [(1, 2), (5, 2), (32, 2), (5, 3), (16, 3), (16, 4)])
+def test_candidate_tuples_match_the_kits_shortlist_tuples(k: int, parts: int) -> None:
+    assert candidate_tuples(k, parts) == sorted_tuple_candidates(k, parts).shape[1]
+
+
+def test_three_sub_spaces_cost_the_same_scoring_on_more_slots() -> None:
+    # Equal N = 4096 and query width: p = 3 scores 3 × 16 sub-keys of c/3 where p = 2 scores 2 × 64 of c/2.
+    two, three = (BlockSizes(d_model=96, n_heads=4, n_kv_heads=2, head_dim=24, ffn_hidden=96, n_subkeys=n, topk=16,
+                             n_subspaces=p) for n, p in ((64, 2), (16, 3)))
+    parts = [{part.name: part for part in block_parts("hml-hive", sizes, Workload(2, 8))} for sizes in (two, three)]
+    assert parts[1]["sub-key scoring"].forward.matmul_flops * 4 == parts[0]["sub-key scoring"].forward.matmul_flops
+    assert parts[1]["value gather"].forward == parts[0]["value gather"].forward  # the same 4096-row bank
 
 
 def test_roofline_takes_the_slower_of_compute_and_memory_per_part_and_sums_parts() -> None:

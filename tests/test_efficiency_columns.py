@@ -17,12 +17,11 @@ from test_report import write_events
 from test_training import quiet_trainer, tiny_config
 
 from midus.ablation.config import AblationError, load_ablation, parse_control
-from midus.ablation.parallel import child_environment
-from midus.ablation.runner import run_ablation
+from midus.ablation.results import write_tables
+from midus.ablation.runner import child_environment, run_ablation
 from midus.ablation.tuning import tuning_ablation
 from midus.probes import ProbeConfig
 from midus.report.build import write_report
-from midus.report.summary_files import write_tables
 from midus.report.table import ArmRow, markdown_table, with_control
 from midus.run_files import RUNS_AT_A_TIME_ENV
 from midus.training import CausalLM

@@ -73,10 +73,12 @@ def swiglu(hidden: int = FFN_HIDDEN) -> int:
 QUERY_NORM_VECTORS = {"none": 0, "rmsnorm": 1, "layernorm": 2}  # gain; layernorm also a bias
 
 
-def product_keys(spaces: int, query_width: int, n_subkeys: int, query_norm: str = "none") -> int:
-    """Per space two half-key tables of n rows × query_width/2, and the query norm's gain (and bias)
-    per space and half. `key_norm` (no gain) and `score_scale` (a constant) add nothing."""
-    return spaces * 2 * n_subkeys * (query_width // 2) + QUERY_NORM_VECTORS[query_norm] * spaces * query_width
+def product_keys(spaces: int, query_width: int, n_subkeys: int, query_norm: str = "none", subspaces: int = 2) -> int:
+    """Per space two half-key tables (`subspaces` tables in general) of n rows × query_width/2 (/p), and the
+    query norm's gain (and bias) per space and half. `key_norm` (no gain) and `score_scale` (a constant) add
+    nothing."""
+    return (spaces * subspaces * n_subkeys * (query_width // subspaces)
+            + QUERY_NORM_VECTORS[query_norm] * spaces * query_width)
 
 
 def hml(values: str, n_subkeys: int, latent: int = 32, query_norm: str = "none") -> int:
@@ -90,9 +92,10 @@ def hml(values: str, n_subkeys: int, latent: int = 32, query_norm: str = "none")
     return table + product_keys(H, DH, n_subkeys, query_norm)
 
 
-def pkm(n_subkeys: int, heads: int = 1, query_width: int = D, query_norm: str = "none") -> int:
-    """(Multi-head) PKM: query projection d → heads·c, a key space per head, one n² × d table."""
-    return D * heads * query_width + product_keys(heads, query_width, n_subkeys, query_norm) + n_subkeys**2 * D
+def pkm(n_subkeys: int, heads: int = 1, query_width: int = D, query_norm: str = "none", subspaces: int = 2) -> int:
+    """(Multi-head) PKM: query projection d → heads·c, a key space per head, one n² (nᵖ) × d table."""
+    keys = product_keys(heads, query_width, n_subkeys, query_norm, subspaces)
+    return D * heads * query_width + keys + n_subkeys**subspaces * D
 
 
 def transformer_block(branch: int) -> int:
@@ -161,26 +164,27 @@ class Retrieval:
     """``memory.head_topk``: per-head k, each 1..n_subkeys, summing to H · topk (False: every head reads topk)."""
 
 
-def check_product_keys(keys, spaces: int, query_width: int, n_subkeys: int, retrieval: Retrieval) -> None:
+def check_product_keys(keys, spaces: int, query_width: int, n_subkeys: int, retrieval: Retrieval,
+                       subspaces: int = 2) -> None:
     """A `ProductKeys`: a key space per query, k slots read, query/key normalisation and score scale."""
-    half = query_width // 2
+    half = query_width // subspaces
     if retrieval.per_head:  # each head keeps its first k_h of max k_h sorted reads; same reads in total
         ks = keys.head_keep.sum(-1)
         assert keys.head_keep.shape == (spaces, keys.topk) and keys.topk == int(ks.max())
         assert int(ks.sum()) == spaces * retrieval.topk and int(ks.min()) >= 1 and keys.topk <= n_subkeys
-        assert keys.subkeys.shape == (spaces, 2, n_subkeys, half)
     else:
-        assert keys.head_keep is None
-        assert keys.subkeys.shape == (spaces, 2, n_subkeys, half) and keys.topk == retrieval.topk
+        assert keys.head_keep is None and keys.topk == retrieval.topk
+    assert keys.subkeys.shape == (spaces, subspaces, n_subkeys, half)
+    assert keys.n_subspaces == subspaces and keys.n_slots == n_subkeys**subspaces
     assert keys.score_scale == retrieval.score_scale  # the softmax's inverse temperature
     if retrieval.query_norm == "none":
         assert keys.query_norm is None
     else:  # a gain (and a layernorm bias) per space and half, from the identity
         norm = keys.query_norm
-        assert norm is not None and norm.kind == retrieval.query_norm and norm.weight.shape == (spaces, 2, half)
-        assert bool((norm.weight == 1).all())
+        assert norm is not None and norm.kind == retrieval.query_norm
+        assert norm.weight.shape == (spaces, subspaces, half) and bool((norm.weight == 1).all())
         if retrieval.query_norm == "layernorm":
-            assert norm.bias.shape == (spaces, 2, half) and not norm.bias.any()
+            assert norm.bias.shape == (spaces, subspaces, half) and not norm.bias.any()
         else:
             assert norm.bias is None
     # Sub-key rows as scored: as stored, or normalised (no gain) to unit RMS / zero mean and unit variance.
@@ -224,13 +228,15 @@ def hml_layout(
 
 
 def pkm_layout(
-    n_subkeys: int, heads: int = 1, query_width: int = D, zero_values: bool = False, retrieval: Retrieval = Retrieval()
+    n_subkeys: int, heads: int = 1, query_width: int = D, zero_values: bool = False, retrieval: Retrieval = Retrieval(),
+    subspaces: int = 2,
 ) -> Callable[[torch.nn.Module], None]:
     def check(branch: torch.nn.Module) -> None:
         assert branch.n_heads == heads
         assert branch.query_proj.weight.shape == (heads * query_width, D)  # `heads` learned queries of width c
-        check_product_keys(branch.keys, heads, query_width, n_subkeys, retrieval)  # a key space per query
-        assert branch.values.weight.shape == (n_subkeys**2, D)  # one table of d-wide values, shared by the heads
+        check_product_keys(branch.keys, heads, query_width, n_subkeys, retrieval, subspaces)  # a key space per query
+        # One table of d-wide values, shared by the heads.
+        assert branch.values.weight.shape == (n_subkeys**subspaces, D)
         assert bool((branch.values.weight == 0).all()) == zero_values
 
     return check
@@ -514,6 +520,12 @@ EXPECTED.update({
     **{("regime_x100_d128", arm): EXPECTED[("dus_vs_midus", arm)]
        for arm in ("base", "base_continued", "dus_interleave", "midus_hml_hive", "midus_literal_frozen",
                    *(f"{source}_frozen" for source in FROZEN_SOURCES if source != "dus_solar"))},
+    # subspaces_x100_d128: PKM (queries of 96) over 64² or 16³ = 4096 slots, frozen base, as its header.
+    ("subspaces_x100_d128", "base"): EXPECTED[("dus_vs_midus", "base")],
+    **{("subspaces_x100_d128", f"midus_p{p}_frozen"): frozen(midus(
+        "pkm", pkm(n, query_width=96, query_norm="rmsnorm", subspaces=p),
+        pkm_layout(n, query_width=96, zero_values=True, retrieval=INSERTED_PKM_KEYS, subspaces=p), {"added": added},
+    )) for p, n, added in ((2, 64, 1_151_424), (3, 16, 1_142_208))},
 })
 EXPECTED.update({
     # head_alloc_x100_d128: regime_x100_d128's frozen HML+HIVE, uniform and importance-weighted reads,

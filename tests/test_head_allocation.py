@@ -47,9 +47,10 @@ def test_default_retrieval_is_todays_unsorted_top_k_bit_for_bit() -> None:
     halves = keys.query_halves(queries)
     top, sub_index = top_subkey_scores(halves, keys.scored_subkeys(), 5)
     s1, s2 = top.unbind(-2)
-    pair_scores = s1.index_select(-1, keys.pair_i) + s2.index_select(-1, keys.pair_j)
+    first, second = keys.candidates
+    pair_scores = s1.index_select(-1, first) + s2.index_select(-1, second)
     best, pair = pair_scores.topk(5, dim=-1, sorted=False)
-    slots = sub_index[..., 0, :].gather(-1, keys.pair_i[pair]) * 8 + sub_index[..., 1, :].gather(-1, keys.pair_j[pair])
+    slots = sub_index[..., 0, :].gather(-1, first[pair]) * 8 + sub_index[..., 1, :].gather(-1, second[pair])
     weights, got_slots = keys(queries)
     assert torch.equal(got_slots, slots)
     assert torch.equal(weights, torch.softmax(best.float() * 1.5, dim=-1))
@@ -57,15 +58,18 @@ def test_default_retrieval_is_todays_unsorted_top_k_bit_for_bit() -> None:
     assert set(keys.state_dict()) == set(per_head.state_dict())  # head_keep is no weight: checkpoints unchanged
 
 
+@pytest.mark.parametrize("subspaces", [2, 3])
 @pytest.mark.parametrize("head_topk", [[1, 8, 3, 4], [6, 6, 2, 2], [2, 2, 2, 2]])
-def test_per_head_retrieval_is_each_heads_brute_force_top_k_h(head_topk: list[int]) -> None:
+def test_per_head_retrieval_is_each_heads_brute_force_top_k_h(head_topk: list[int], subspaces: int) -> None:
     torch.manual_seed(1)
-    keys = ProductKeys(4, 12, 8, 4, "rmsnorm", score_scale=2.0, head_topk=head_topk)
+    keys = ProductKeys(4, 12, 8, 4, "rmsnorm", score_scale=2.0, n_subspaces=subspaces, head_topk=head_topk)
     queries = torch.randn(5, 3, 4, 12)
     weights, slots = keys(queries)
     assert weights.shape == slots.shape == (5, 3, 4, max(head_topk))
-    scores = subkey_scores(keys.query_halves(queries), keys.scored_subkeys())
-    full = (scores[..., 0, :, None] + scores[..., 1, None, :]).flatten(-2)  # (..., H, n²): every slot
+    scores = subkey_scores(keys.query_halves(queries), keys.scored_subkeys())  # (..., H, p, n)
+    full = scores[..., 0, :]
+    for part in range(1, subspaces):  # (..., H, nᵖ): every slot, mixed radix as the retrieval numbers them
+        full = (full[..., :, None] + scores[..., part, None, :]).flatten(-2)
     for head, k in enumerate(head_topk):
         best, expected = full[..., head, :].topk(k, dim=-1)
         kept = weights[..., head, :] > 0

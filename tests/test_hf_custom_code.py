@@ -35,6 +35,9 @@ LAYOUTS = {
         "memory_branch": "hml", "tie_embeddings": False, "qk_norm": True,
         "memory": {**MEMORY, "values": "hive", "attn_output_projection": True, "key_norm": "rmsnorm"},
     },
+    # memory.n_subspaces: the exported config carries it; heads of 8 in four parts, PKM queries of 24 in three.
+    "hml_hive_four_subspaces": {"memory_branch": "hml", "memory": {**MEMORY, "values": "hive", "n_subspaces": 4}},
+    "pkm_three_subspaces": {"memory_branch": "pkm", "memory": {**MEMORY, "n_subspaces": 3, "pkm_query_dim": 24}},
 }
 NEW_TOKENS = 8
 

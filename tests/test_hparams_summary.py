@@ -1,4 +1,4 @@
-"""midus.ablation.hparams: TensorBoard's own hparams plugin lists every run of an ablation it wrote."""
+"""midus.ablation.results: TensorBoard's own hparams plugin lists every run of an ablation it wrote."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from midus.ablation.config import deep_merge
-from midus.ablation.hparams import HPARAMS_EVENTS_GLOB, hparams_of_arm, metrics_of_record, write_hparams
+from midus.ablation.results import HPARAMS_EVENTS_GLOB, hparams_of_arm, metrics_of_record, write_hparams
 
 BASE = {
     "seed_everything": 0,

@@ -103,14 +103,16 @@ def _tracked_peak(config: ModelConfig, batch: int, block: int, autocast: bool, c
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize(("checkpointing", "chunk"), [(False, 0), (True, 0), (False, 128), (True, 128)])
-@pytest.mark.parametrize("branches", ["llama", "midus"])
+@pytest.mark.parametrize("branches", ["llama", "midus", "midus_p4"])
 def test_the_estimate_follows_pytorchs_memory_tracker(branches: str, checkpointing: bool, chunk: int,
                                                       autocast: bool) -> None:
     config = ModelConfig(vocab_size=2048, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=384)
-    if branches == "midus":
+    if branches.startswith("midus"):
+        # midus_p4: four sub-spaces of the 32-wide heads (4096 slots), four shortlists of indices kept.
+        sizes = {"n_subkeys": 8, "n_subspaces": 4} if branches == "midus_p4" else {"n_subkeys": 32}
         config = ModelConfig(
             vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=384, memory_layers=[1, 3],
-            memory=MemoryConfig(n_subkeys=32, topk=8, latent_dim=16, zero_init_values=False), tie_embeddings=True,
+            memory=MemoryConfig(topk=8, latent_dim=16, zero_init_values=False, **sizes), tie_embeddings=True,
         )
     batch, block = 4, 128
     total, gradients, activations = _tracked_peak(config, batch, block, autocast, checkpointing, chunk)

@@ -291,3 +291,30 @@ def test_a_resume_from_an_earlier_checkpoint_replaces_the_steps_logged_after_it(
     events.Reload()
     steps = [event.step for event in events.Scalars("train/loss")]
     assert steps == list(range(6))
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_its_final_checkpoint_summarises_its_last_validation(
+    tmp_path: Path, tiny_cache: Path
+) -> None:
+    # A run stopped after its final checkpoint and resumed with no step left validates nothing, so
+    # its summary.json had val.loss null (and an ablation's tuner scored it as failed).
+    from midus.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    common = [
+        "--config", str(root / "experiments" / "quickstart.yaml"), "--trainer.num_sanity_val_steps", "0",
+        "--trainer.val_check_interval", "3", "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--model.probes.recall_questions", "4", "--model.config.d_model", "32", "--model.config.n_layers", "2",
+        "--data.embedded.num_people", "20", "--data.embedded.docs_per_person", "3", "--data.bpe_vocab_size", "300",
+        "--data.block_size", "32", "--data.batch_size", "8", "--data.cache_dir", str(tiny_cache),
+    ]
+    run = tmp_path / "runs" / "quickstart" / "ffn"
+    main(["fit", *common])
+    finished = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    main(["fit", *common, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["train"]["steps"] == 6 and finished["val"]["loss"] is not None
+    assert resumed["val"] == finished["val"]  # loss, best loss and the recall probe's accuracies

@@ -1,123 +1,135 @@
-"""Ablations: the "arms" of one experiment YAML, each a full ``fit`` run in its own process.
+"""Ablations: the "arms" of one experiment YAML, each a full ``fit`` run in a process of its own.
 
-A YAML with a top-level ``ablation:`` section is an ablation; everything else in it is the
-shared base configuration::
+What a user sees (the YAML's ``ablation:`` section, seeds, references and controls, ``--arm``,
+``--fresh``, ``--tune``, ``--jobs``, rerunning after a preemption) is in docs/ablations.md.
+`run_ablation` does, for a `CommandLine` (`midus.ablation.command_line`):
 
-    # python -m midus fit --config experiments/ablate_width.yaml
-    ablation:
-      name: ablate_width                  # optional; default: the YAML file's stem
-      arms:
-        wide:
-          model.config.d_model: 64        # dotted keys (at the top level of an arm) ...
-        narrow:
-          model: {config: {d_model: 32}}  # ... or nested dicts
-        base: {}                          # the base as is
-    seed_everything: 0
-    trainer: {...}
-    model: {...}
-    data: {...}
-
-Each arm's overrides are deep-merged onto the base: mappings merge key by key, lists and
-scalars replace. The runner then sets the logger to TensorBoard with ``name=<ablation name>``
-and ``version=<arm>`` (``save_dir`` from the base's TensorBoardLogger, default ``runs``), so
-arm ``wide`` lands in ``runs/ablate_width/wide``.
-
-``python -m midus fit --config experiments/ablate_width.yaml [--arm NAME[,NAME...]] [--fresh] [args]``:
-
-1. selects the arms (``--arm``, repeatable and/or comma-separated; default: all, in YAML order);
-2. parses every selected arm's merged config, with ``args``, through the kit's LightningCLI
-   parser (no data preparation) and builds its `ModelConfig` and training groups
-   (`midus.training.config`), so a misspelt key or a bad value fails with the arm's name before
-   anything is written (a key that moved fails earlier, naming its new place:
-   `midus.moved_keys`);
-3. decides per arm whether it is skipped, resumed or started fresh (Rerunning, below), again
-   before anything is written, and prints that as it reaches the arm;
-4. runs ``python -m midus fit --config runs/<name>/<arm>/arm_config.yaml [args] [--ckpt_path C]``
-   per arm, one after the other; ``arm_config.yaml`` is base + overrides + logger, and ``args``
-   come after it, so they override it (``--trainer.max_steps 10``);
-5. keeps going when an arm fails (a crash, or exit 3 for a diverged loss), and exits non-zero
-   at the end if one did;
-6. reads ``runs/<name>/<arm>/summary.json`` of every arm in the YAML (ones run earlier or on
-   other machines included), prints a Markdown table and writes ``runs/<name>/summary.md`` and
-   ``summary.csv`` (`midus.report.summary_files`), and gives every selected run with a summary a
-   TensorBoard HParams session (`midus.ablation.hparams`): ``tensorboard --logdir runs/<name>``
-   shows the ablation as one HParams table, filterable by arm and seed.
-
-Seeds: ``ablation.seeds: [0, 1, 2]`` (or ``--seeds 0,1,2``, which replaces it) runs every arm once
-per seed, with ``seed_everything: <seed>`` (initialisation and data order; the embedded corpus
-keeps its own ``data.embedded.seed``, so every seed trains on the same people), in
-``runs/<name>/<arm>/seed<seed>``; each seed is its own run for skipping and resuming. The table
-then gives per arm and metric the mean over seeds with a 95 % Student-t interval
-(`midus.report.intervals`), and with ``ablation.reference: <arm>`` every other arm's paired
-difference to the reference over the seeds both ran, with a verdict: better, worse, or not
-distinguishable (`midus.report.seed_table`). ``summary_seeds.csv`` holds the means and bounds.
-
-With ``ablation.reference: [a, b]`` (a list) every arm gets a paired table against each of them;
-``ablation.json`` records the first as the reference ``report`` uses. ``ablation.control: <arm>``
-(default: the first reference) is the arm without up-scaling that the "bits above control"
-columns subtract, seed by seed: (knowledge bits - the control's) per added and per trainable
-parameter (`midus.report.table`); a mapping of control arms to the arms each controls gives
-frozen and trainable arms their own (`midus.ablation.config.parse_control`).
-
-Several at a time: ``ablation.jobs: 2`` (or ``--jobs 2``) runs two runs at once, each with its
-output in ``<run dir>/fit.log`` and the CPU threads split between them (`midus.ablation.parallel`).
-
-Tuning: ``ablation.tune`` names candidate settings (learning rates, say) and the data the tuning
-runs use; ``--tune`` runs every arm once per candidate as the ablation ``<name>_tune`` and writes
-``tuning.md`` with each arm's choice (`midus.ablation.tuning`).
-
-Rerunning (`midus.ablation.resume`): the command that started an ablation also continues it
-after a preemption, a crash or Ctrl-C. A fresh start records the arm's config
-(``arm_config.yaml``) and its arguments (``arm_command.yaml``: ``args``, ``--arm``/``--fresh``
-removed) in the arm's directory; a later run compares them with its own, as parsed data (YAML
-comments and key order do not count, every argument does; a record written before keys moved is
-compared with each key at its new place, `midus.moved_keys`). Per arm:
-
-* finished (a ``summary.json`` its fit wrote, naming this ``arm_config.yaml``): skipped, its
-  row comes from that summary;
-* checkpoints in ``checkpoints/`` but no finished summary (killed, crashed, diverged): resumed
-  with ``--ckpt_path`` of the newest one, the highest ``global_step`` read from the files
-  themselves (``last.ckpt`` names no step, copies reset mtimes); the last written wins a tie;
-* neither: started fresh (leftovers of an attempt that wrote no checkpoint are removed);
-* a summary or checkpoints with a different or missing record: one error naming each such
-  arm, before any arm runs; the runner never skips or resumes a different experiment.
-
-``--fresh`` starts the selected arms from step 0: it deletes what their fits wrote (summary,
-``config.yaml``, ``hparams.yaml``, TensorBoard event files, ``checkpoints/*.ckpt``) and keeps
-anything else in the directory (``analysis/``, notes). It applies to that one invocation:
-rerun without it to continue. A ``--ckpt_path`` of its own is refused: the runner picks each
-arm's. To train a finished arm longer, resume it by hand (``fit --config
-runs/<name>/<arm>/config.yaml --ckpt_path ... --trainer.max_steps N``).
-
-Only ``fit`` takes an ablation YAML. To ``validate``/``test``/``predict`` one arm, give the
-``config.yaml`` its run saved (the resolved config, ``args`` included):
-``python -m midus validate --config runs/<name>/<arm>/config.yaml --ckpt_path runs/<name>/<arm>/checkpoints/last.ckpt``.
-``--print_config`` prints every selected arm's resolved config and runs nothing.
+1. parses every selected arm's merged config through the kit's LightningCLI parser (no data
+   preparation), so a misspelt key or a bad value fails with the arm's name before anything is
+   written (a key that moved fails earlier, naming its new place: `midus.moved_keys`);
+2. decides per arm and seed whether it is skipped, resumed or started fresh
+   (`midus.ablation.resume`), again before anything is written;
+3. runs ``python -m midus fit --config <run dir>/arm_config.yaml [args] [--ckpt_path C]`` per
+   run, one at a time with the terminal's output or ``jobs`` at a time (`run_launches`: each
+   run's output in ``<run dir>/fit.log`` and the CPU threads split between them); a failed run
+   does not stop the others, and the exit status is non-zero at the end if one failed;
+4. reads every run's ``summary.json`` (ones run earlier or elsewhere included) and writes the
+   tables and TensorBoard HParams sessions (`midus.ablation.results`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
 from midus.ablation.command_line import ARM_FLAG, FRESH_FLAG, SEEDS_FLAG, CommandLine, parse_command_line
 from midus.ablation.config import TENSORBOARD, AblationError
-from midus.ablation.hparams import hparams_of_arm, metrics_of_record, write_hparams
-from midus.ablation.parallel import Launch, child_environment, run_launches
+from midus.ablation.results import hparams_of_arm, metrics_of_record, write_hparams, write_tables
 from midus.ablation.resume import SKIP, ArmStart, plan_start
 from midus.ablation.tuning import TUNING_FILE, tuned_arms, tuning_ablation, write_tuning
-from midus.report.summary_files import write_tables
 from midus.report.table import ArmRow, collect_rows
-from midus.run_files import ARM_CONFIG, run_label, value_at
+from midus.run_files import ARM_CONFIG, RUNS_AT_A_TIME_ENV, run_label, value_at
 
 CKPT_FLAG = "--ckpt_path"
+
+
+# Running the runs: one at a time, or several as child processes.
+
+LOG_FILE = "fit.log"
+_POLL_S = 0.5
+
+
+@dataclass
+class Launch:
+    """One run to start: its label, and `begin`, which prepares its directory and returns the
+    ``python -m midus`` arguments to run, or None when the run is skipped."""
+
+    label: str
+    run_dir: Path
+    begin: Callable[[], list[str] | None]
+
+
+def child_environment(jobs: int, environment: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child run when `jobs` run at a time: thread counts split between them,
+    and `RUNS_AT_A_TIME_ENV` = `jobs` for its summary."""
+    environment = dict(os.environ if environment is None else environment)
+    environment[RUNS_AT_A_TIME_ENV] = str(jobs)
+    if jobs > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // jobs))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            environment.setdefault(name, threads)
+    return environment
+
+
+def run_launches(
+    launches: list[Launch],
+    jobs: int,
+    run_inline: Callable[[list[str]], int],
+    on_failure: Callable[[str, int], None],
+    exit_codes: dict[str, int],
+    program: list[str] | None = None,
+) -> None:
+    """Run `launches` in order, at most `jobs` at a time; fills in `exit_codes`, each ended run's
+    exit status by label (filled as runs end, so an interrupted call leaves those).
+
+    One at a time, `run_inline` runs a run's arguments with the terminal's output. `on_failure`
+    is called with the label and status of each run that fails, as it ends. Several at a time,
+    each run is `program` (default ``python -m midus``) with its arguments. An
+    interruption (Ctrl-C) terminates the runs still going, which resume from their newest
+    checkpoints when the same command runs again.
+    """
+    if jobs <= 1:
+        for launch in launches:
+            arguments = launch.begin()
+            if arguments is None:
+                continue
+            exit_codes[launch.label] = run_inline(arguments)
+            if exit_codes[launch.label]:
+                on_failure(launch.label, exit_codes[launch.label])
+        return
+    program = program or [sys.executable, "-m", "midus"]
+    environment = child_environment(jobs)
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    pending = list(launches)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                launch = pending.pop(0)
+                arguments = launch.begin()
+                if arguments is None:
+                    continue
+                log_path = launch.run_dir / LOG_FILE
+                log = open(log_path, "a", encoding="utf-8")  # appended: a resumed run keeps its earlier log
+                process = subprocess.Popen(
+                    [*program, *arguments], stdout=log, stderr=subprocess.STDOUT, env=environment
+                )
+                running[launch.label] = (process, log)
+                print(f"=== run {launch.label} started, output in {log_path}", flush=True)
+            time.sleep(_POLL_S)
+            for label, (process, log) in list(running.items()):
+                status = process.poll()
+                if status is None:
+                    continue
+                log.close()
+                del running[label]
+                exit_codes[label] = status
+                print(f"=== run {label} ended with exit status {status}", flush=True)
+                if status:
+                    on_failure(label, status)
+    finally:
+        for process, log in running.values():
+            process.terminate()
+            process.wait()
+            log.close()
 
 
 @dataclass
@@ -278,7 +290,7 @@ def run_ablation(command: CommandLine | Sequence[str]) -> int:
 
 
 def write_run_hparams(command: CommandLine, plans: list[ArmPlan], rows: list[ArmRow]) -> None:
-    """Give every selected run with a summary its TensorBoard HParams session (`midus.ablation.hparams`):
+    """Give every selected run with a summary its TensorBoard HParams session (`midus.ablation.results`):
     the arm's overridden fields, its seed and key config values, against its final metrics."""
     records = {row.label: row.record for row in rows if row.record is not None}
     for plan in plans:

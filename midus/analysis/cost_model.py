@@ -12,6 +12,8 @@ block), G key/value heads, F SwiGLU hidden width; n sub-keys per half-key table,
 L HIVE latent width, Hp multi-head PKM query heads of width c (PKM: Hp = 1); P = #{(i, j):
 (i+1)(j+1) ≤ k} the kit's exact candidate pairs (`sorted_pair_candidates`); s bytes per
 activation / weight element, 8 per index (int64), 4 per retrieval weight (float32 softmax).
+With p sub-spaces (``memory.n_subspaces``) the query splits into p parts of c/p, each scored
+against n sub-keys (N = nᵖ), and P counts the tuples with ∏(i_j + 1) ≤ k (`candidate_tuples`).
 
 Conventions:
 
@@ -112,6 +114,8 @@ class BlockSizes:
     pkm_heads: int = 4
     pkm_query_dim: int = 0
     """0 means d_model, as in `MemoryConfig.pkm_query_dim`."""
+    n_subspaces: int = 2
+    """p query parts and sub-key tables per product-key space, as in `MemoryConfig.n_subspaces`."""
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> BlockSizes:
@@ -119,6 +123,7 @@ class BlockSizes:
         return cls(
             config.d_model, config.n_heads, config.kv_heads, config.head_dim, config.ffn_width, memory.n_subkeys,
             memory.topk, memory.latent_dim, memory.query_heads(config.n_heads), memory.query_dim(config.d_model),
+            memory.n_subspaces,
         )
 
     @property
@@ -162,6 +167,13 @@ H100_SXM_L2 = Device(H100_SXM.name + "; 50 MB L2 at 5.5 TB/s (assumed) serving g
 def pair_candidates(k: int) -> int:
     """P = Σ_{i<k} ⌊k/(i+1)⌋: shortlist pairs (i, j) with (i+1)(j+1) ≤ k, about k·ln k (119 for k = 32)."""
     return sum(k // (i + 1) for i in range(k))
+
+
+def candidate_tuples(k: int, parts: int = 2) -> int:
+    """P: shortlist tuples (i_1, …, i_p) with ∏(i_j + 1) ≤ k (`pair_candidates` for p = 2)."""
+    if parts == 1:
+        return k
+    return sum(candidate_tuples(k // (i + 1), parts - 1) for i in range(k))
 
 
 def _matmul(batches: int, m: int, q: int, p: int, s: int) -> Cost:
@@ -221,30 +233,34 @@ def ffn_parts(sizes: BlockSizes, work: Workload, s: int) -> list[Part]:
 def retrieval_parts(sizes: BlockSizes, work: Workload, s: int, heads: int, width: int) -> list[Part]:
     """Product-key retrieval for `heads` queries of `width` c per token (per (token, head) unless noted).
 
+    Written for p = 2 halves; with p sub-spaces (``n_subspaces``) read p for the 2 of "two halves",
+    c/p for the half width and the p-tuples for the pairs:
+
     * query norm (RMSNorm on each half): 4 FLOPs/element over M·heads·c, read and write
     * sub-key scoring, two halves × n sub-keys: 2·n·c matmul FLOPs; bytes (c + 2n)·s, plus the
       sub-key tables heads·n·c·s once. Backward (sparse bags, no matmul): 4·k·c FLOPs, bytes
       (2k·s + 2k·8 + 3·k·c·s + 2c·s) plus the zero-filled sub-key gradient heads·n·c·s once
     * top-k over each half's n scores: 2·n·⌈log2 k⌉ comparisons; read 2n·s, write 2k·(s + 8).
       No backward of its own (the sparse sub-key backward consumes the kept scores' gradients)
-    * candidates: P pair sums, top-k over them (P·⌈log2 k⌉), slot ids and softmax (8k); bytes:
-      read the shortlists 2k·(s + 8), write and read P scores 2P·s, write k·(4 + 8). Backward:
-      softmax, top-k scatter and index_add, 2P + 4k FLOPs, (2P + 3k)·s bytes
+    * candidates: P pair sums ((p − 1)·P additions), top-k over them (P·⌈log2 k⌉), slot ids and
+      softmax (8k); bytes: read the shortlists 2k·(s + 8), write and read P scores 2P·s, write
+      k·(4 + 8). Backward: softmax, top-k scatter and index_add, 2P + 4k FLOPs, (2P + 3k)·s bytes
     """
-    m, n, k = work.rows, sizes.n_subkeys, sizes.topk
+    m, n, k, parts = work.rows, sizes.n_subkeys, sizes.topk, sizes.n_subspaces
     rows = m * heads
     norm = _elementwise(rows * width, 4, 2, s)
-    scoring = _matmul(2 * heads, m, width // 2, n, s)
+    scoring = _matmul(parts * heads, m, width // parts, n, s)
     gathered = 3.0 * rows * k * width * s
     sparse_back = Cost(4.0 * rows * k * width, 0.0,
-                       rows * (2 * k * s + 2 * k * INDEX_BYTES + 2 * width * s) + gathered + heads * n * width * s,
+                       rows * (parts * k * s + parts * k * INDEX_BYTES + 2 * width * s) + gathered
+                       + heads * n * width * s,
                        gathered, 2.0 * heads * n * width * s)  # the sub-keys and their gradient
     log_k = max(1, math.ceil(math.log2(k)))
-    top = Cost(2.0 * rows * n * log_k, 0.0, float(rows * (2 * n * s + 2 * k * (s + INDEX_BYTES))))
-    p = pair_candidates(k)
-    candidates = Cost(rows * (p + p * log_k + 8.0 * k), 0.0,
-                      float(rows * (2 * k * (s + INDEX_BYTES) + 2 * p * s + k * (WEIGHT_BYTES + INDEX_BYTES))))
-    candidates_back = Cost(rows * (2.0 * p + 4 * k), 0.0, float(rows * (2 * p + 3 * k) * s))
+    top = Cost(float(parts * rows * n * log_k), 0.0, float(rows * (parts * n * s + parts * k * (s + INDEX_BYTES))))
+    p = candidate_tuples(k, parts)
+    candidates = Cost(rows * ((parts - 1) * p + p * log_k + 8.0 * k), 0.0,
+                      float(rows * (parts * k * (s + INDEX_BYTES) + 2 * p * s + k * (WEIGHT_BYTES + INDEX_BYTES))))
+    candidates_back = Cost(rows * (parts * p + 4 * k), 0.0, float(rows * (2 * p + 3 * k) * s))
     return [
         Part("query norm", norm, norm.scaled(2.0)),
         Part("sub-key scoring", scoring, sparse_back),
@@ -274,7 +290,7 @@ def block_parts(kind: BlockKind, sizes: BlockSizes, work: Workload, element_byte
                 attention_pairs: AttentionPairs = "causal") -> list[Part]:
     """Every part of one block of `kind` for `work`, at `element_bytes` per activation / weight element.
 
-    Memory blocks add (per token unless noted; N = n²):
+    Memory blocks add (per token unless noted; N = n², nᵖ with p sub-spaces):
     * hml-hive: retrieval with H heads of width e; gather of k latent rows (w = L, table N);
       HIVE projection per head 2·L·e matmul FLOPs (H batched (M × L)·(L × e) products)
     * hml-per_head: retrieval as above; gather of k rows of width e from the head's table (table H·N)
@@ -283,7 +299,7 @@ def block_parts(kind: BlockKind, sizes: BlockSizes, work: Workload, element_byte
       width c; one bag per token of Hp·k rows of width d (table N)
     """
     s, m = element_bytes, work.rows
-    h, e, d, slots = sizes.n_heads, sizes.head_dim, sizes.d_model, sizes.n_subkeys**2
+    h, e, d, slots = sizes.n_heads, sizes.head_dim, sizes.d_model, sizes.n_subkeys**sizes.n_subspaces
     parts = attention_parts(sizes, work, s, kind == "transformer", attention_pairs)
     if kind == "transformer":
         return parts + ffn_parts(sizes, work, s)

@@ -28,9 +28,13 @@ from midus.model.memory_config import MemoryConfig
 TRUST_ENV = "MIDUS_TRUST_CHECKPOINTS"
 """Environment variable: ``1`` reads checkpoints with full unpickling (only for files you trust)."""
 
-MOVED_MODULES = {"midus.training.data_module": "midus.data.sources", "midus.data.text_data": "midus.data.sources"}
+MOVED_MODULES = {
+    "midus.training.data_module": "midus.data.sources",
+    "midus.data.text_data": "midus.data.sources",
+    "midus.probes.config": "midus.probes.validation",
+}
 """Modules whose classes older checkpoints pickled (the data module's hyperparameters hold an
-`EmbeddedCorpusConfig`) → where those classes live now."""
+`EmbeddedCorpusConfig`; the probes' `ProbeConfig` had a module of its own) → where those classes live now."""
 
 KIT_TYPE_NAMES = (
     "midus.model.config.ModelConfig",
@@ -41,7 +45,7 @@ KIT_TYPE_NAMES = (
     "midus.data.sources.FilesConfig",
     "midus.data.sources.HubConfig",
     "midus.data.sources.ShardsConfig",
-    "midus.probes.config.ProbeConfig",
+    "midus.probes.validation.ProbeConfig",
     "midus.training.config.OptimizerConfig",
     "midus.training.config.ScheduleConfig",
     "midus.training.config.MemoryOptimizerConfig",

@@ -202,6 +202,13 @@ class ModelConfig:
                 f"layers[{index}].branch={spec.branch!r} queries with the attention heads' outputs, which only a "
                 "memory block provides; use block: memory (or memory_layers) for it",
             )
+            if branch_class.is_product_key_memory:
+                # Each query splits into memory.n_subspaces equal parts: HML's queries are the heads, PKM's
+                # the learned projections.
+                width, width_field = ((self.head_dim, "head_dim") if branch_class.reads_attention_heads
+                                      else (self.memory.query_dim(self.d_model), "memory.pkm_query_dim"))
+                reason = self.memory.subspaces_error(width, width_field)
+                need(reason is None, f"layers[{index}].branch={spec.branch!r}: {reason}")
             if spec.block == "memory" and self.attention_width != self.d_model:
                 # Decoupled heads (Qwen3-0.6B): Attn' gives n_heads · head_dim channels, the residual
                 # stream has d_model. The branch must read the former and write the latter; the

@@ -23,10 +23,16 @@ class MemoryConfig:
 
     # Retrieval and values of every product-key branch.
     n_subkeys: int = 64
-    """[pkm, multihead_pkm, hml] Sub-keys per half-key table (n); every head's memory has n² slots."""
+    """[pkm, multihead_pkm, hml] Sub-keys per half-key table (n); every head's memory has n² slots
+    (n ** `n_subspaces` in general)."""
     topk: int = 16
     """[pkm, multihead_pkm, hml] Slots each query reads (k), also the per-half shortlist size;
     at most `n_subkeys`."""
+    n_subspaces: int = 2
+    """[pkm, multihead_pkm, hml] Sub-spaces p of the product keys (PEER's product keys over p ≥ 2 parts):
+    each query splits into p equal parts, each scored against its own table of `n_subkeys` sub-keys,
+    so every memory has N = n_subkeys ** n_subspaces slots. 2 is the original two halves (n² slots).
+    The query width (HML: head_dim; PKM: `pkm_query_dim`) must divide by p."""
     query_norm: Literal["none", "layernorm", "rmsnorm"] = "rmsnorm"
     """[pkm, multihead_pkm, hml] Normalisation of each query half before scoring it against the
     sub-keys. Per token, so it is causal; batch norm (original PKM) is deliberately not offered.
@@ -140,6 +146,7 @@ class MemoryConfig:
             self.query_dim(d_model) % 2 == 0,
             f"pkm_query_dim={self.query_dim(d_model)} cannot be split into two halves; use an even width",
         )
+        need(self.n_subspaces >= 2, f"n_subspaces must be at least 2 (the two halves of PKM), got {self.n_subspaces}")
         need(self.pkm_heads >= 0, f"pkm_heads must be 0 (= n_heads) or positive, got {self.pkm_heads}")
         need(
             self.values in ("hive", "per_head", "shared"), f"values={self.values!r}; expected hive, per_head or shared"
@@ -168,8 +175,16 @@ class MemoryConfig:
 
     @property
     def n_slots(self) -> int:
-        """Slots per product-key space (n²)."""
-        return self.n_subkeys**2
+        """Slots per product-key space (n ** p: n² by default)."""
+        return self.n_subkeys**self.n_subspaces
+
+    def subspaces_error(self, query_width: int, field: str) -> str | None:
+        """Why queries of `query_width` (named `field` in the message) cannot split into
+        `n_subspaces` equal parts; None when they can."""
+        if query_width % self.n_subspaces == 0:
+            return None
+        return (f"memory.n_subspaces={self.n_subspaces} does not split the queries ({field}={query_width}) into "
+                "equal parts; use a number of sub-spaces that divides it")
 
     def query_dim(self, d_model: int) -> int:
         """Resolved PKM query width."""

@@ -6,8 +6,7 @@ and slot usage (`midus.model.retrieval.slot_usage`). `Processes` is how they spl
 processes of a run and sum what they counted.
 """
 
-from midus.probes.config import ProbeConfig
 from midus.probes.processes import Processes
-from midus.probes.validation import ValidationProbes
+from midus.probes.validation import ProbeConfig, ValidationProbes
 
 __all__ = ["ProbeConfig", "Processes", "ValidationProbes"]

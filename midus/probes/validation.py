@@ -6,7 +6,7 @@ The LightningModule calls three methods, and nothing here reaches back into it::
     validation_step            ->  probes.observe(model, inputs, targets, loss, tokens)   (after val/loss's forward)
     on_validation_epoch_end    ->  probes.finish(model, questions, tokenizer, processes)  -> metrics
 
-What runs (``model.probes``, `midus.probes.ProbeConfig`), at every full validation:
+What runs (``model.probes``, `ProbeConfig`), at every full validation:
 
 * slot usage of the product-key memories over the validation text (`SlotUsageTracker`);
 * the memory-zeroed loss, batch by batch beside the intact one (`ZeroedMemoryLoss`), so it reads
@@ -22,6 +22,8 @@ own, built from its own config section, which the training loop calls without it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -29,10 +31,51 @@ from transformers import PreTrainedTokenizerBase
 from midus.data.recall_probe import TokenizedQuestion
 from midus.model.retrieval.slot_usage import SlotUsageTracker, product_key_modules
 from midus.probes import knowledge_bits
-from midus.probes.config import ProbeConfig
 from midus.probes.memory_zeroed import ZeroedMemoryLoss, zeroed_recall
 from midus.probes.processes import Processes
 from midus.probes.recall import recall_metrics
+
+
+@dataclass
+class ProbeConfig:
+    """The validation probes (`midus.probes.ValidationProbes`); each runs at every full validation.
+
+    Every probe reads what ``val/loss`` reads: the memory-zeroed loss the very batches
+    (``trainer.limit_val_batches`` included), the recall and knowledge probes the embedded corpus's
+    questions; in several processes each sums its counts over them as ``val/loss`` does.
+    """
+
+    recall_questions: int = 600
+    """Recall questions per prompt phrasing and population scored at each validation (0 turns the
+    probe off); logged as ``val/recall_acc`` (phrasing seen in training), ``val/recall_acc_heldout``
+    (held-out phrasing), ``val/recall_acc_replay[_heldout]`` (the replayed population), and per
+    attribute under ``…/<attribute>``. Embedded corpus only."""
+    knowledge_bits_people: int = 0
+    """People of each population whose every fact is scored against all values of its attribute, for
+    ``val/knowledge_bits`` (main population) and ``val/knowledge_bits_replay``: bits stored, scaled to
+    the whole population, per attribute under ``…/<attribute>`` (`midus.probes.knowledge_bits`); 0 turns
+    it off. experiments/README.md measures its cost and how well 16 people estimate all of them."""
+    memory_zeroed: bool = True
+    """For a model with memory branches, score every validation batch a second time with every memory
+    branch's output zeroed (one extra forward per batch for all memory blocks together), and the recall
+    probe once more: ``memory/zeroed/loss_delta`` (loss increase, nats; exactly 0 at insertion) and
+    ``memory/zeroed/<recall>_drop`` (recall lost). The run summary records the final values as
+    ``memory_zeroed_delta``."""
+    memory_zeroed_per_block: bool = False
+    """Also zero each memory block's branch alone, under ``memory/zeroed/<block>/…``: one more forward
+    per batch and recall pass per memory block (with a single memory block it is the same measurement,
+    reported under both names at no cost)."""
+    slot_usage: bool = True
+    """Count product-key slot reads over the validation text: ``memory/<block>[/<head>]/usage``,
+    ``kl_uniform`` and ``entropy`` (`midus.model.retrieval.slot_usage`)."""
+
+    def __post_init__(self) -> None:
+        if self.recall_questions < 0:
+            raise ValueError(f"model.probes.recall_questions must be >= 0, got {self.recall_questions}")
+        if self.knowledge_bits_people < 0:
+            raise ValueError(f"model.probes.knowledge_bits_people must be >= 0, got {self.knowledge_bits_people}")
+        if self.memory_zeroed_per_block and not self.memory_zeroed:
+            raise ValueError("model.probes.memory_zeroed_per_block needs model.probes.memory_zeroed: true")
 
 
 class ValidationProbes:

@@ -2,10 +2,9 @@
 
 `table` is the table of runs (one row per run from its ``summary.json``; `COLUMNS` says what it
 shows), `intervals` and `seed_table` give means over seeds with 95 % t-intervals and paired
-verdicts against a reference arm, `summary_files` writes an ablation's summary.md, summary.csv,
-summary_seeds.csv and ablation.json (the ablation runner calls it after its arms). `arms` reads a
-folder's event files and summaries, `seed_bands` and `plots` draw the PNGs, `build` writes report.md
-(the command).
+verdicts against a reference arm (the ablation runner writes them into an experiment folder
+after its arms: `midus.ablation.results`). `arms` reads a folder's event files and summaries,
+`seed_bands` and `plots` draw the PNGs, `build` writes report.md (the command).
 
 Never imports Lightning, datasets or transformers, nor the kit's higher layers: reporting needs only
 the run files (`midus.run_files`), and the ablation runner sits above it.

@@ -10,7 +10,7 @@ breaks here, with the kit's reason beside it.
                    `subcommand_config`, `cli_parser`
     loggers        `set_purge_step`
     Trainer        `attached_trainer`, `is_fitting`, `logs_this_step`, `validation_follows`,
-                   `keep_sanity_metrics`
+                   `put_callback_metrics`
     strategies     `fsdp_checkpoints_activations`
     ModelCheckpoint  `skips_saving`, `save_after_validation`, `save_now`
 """
@@ -167,12 +167,14 @@ def validation_follows(trainer: pl.Trainer) -> bool:
     return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
 
 
-def keep_sanity_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Put the sanity pass's `metrics` into ``trainer.callback_metrics`` for the callbacks that read them.
+def put_callback_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Put a validation's `metrics` into ``trainer.callback_metrics`` for the callbacks that read them.
 
-    Lightning 2.6.6 clears what the sanity check logged (``_run_sanity_check`` resets the logger
-    connector), and ``callback_metrics`` returns the connector's own dict, so updating it sticks. A
-    fit of 0 steps (an ablation's un-continued base) has no other validation to summarise.
+    Two validations Lightning 2.6.6 does not leave there: the sanity pass's (``_run_sanity_check``
+    resets the logger connector), which is all a fit of 0 steps (an ablation's un-continued base)
+    has to summarise; and the last validation of a run resumed from its final checkpoint, which
+    trains no step and so validates nothing (``callback_metrics`` is not checkpointed). It returns
+    the connector's own dict, so updating it sticks.
     """
     trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
 

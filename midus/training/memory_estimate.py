@@ -29,7 +29,8 @@ anew; 4-byte log-sum-exp and norm statistics):
     rotary tables      2·T·d_h·r, once per micro-batch
 
 A memory block's ``memory.internal_residual`` adds r·d and ``memory.output_gate`` c·d.
-(36·H·k: the kept sub-key indices, the chosen pair, the slots and the float32 retrieval weights.)
+(36·H·k: the kept sub-key indices, the chosen pair, the slots and the float32 retrieval weights;
+with p sub-spaces, ``memory.n_subspaces``, the p shortlists' indices make it (8p + 20)·H·k.)
 These are the tensors autograd keeps, counted on this kit's code with PyTorch 2.13 on CPU (the
 tests compare the estimate with PyTorch's own memory tracker); attention is a fused kernel
 (flash attention: O(T) memory). Under float32 with grouped-query attention (n_kv_heads <
@@ -154,19 +155,20 @@ def block_bytes_per_token(config: ModelConfig, index: int, r: int, c: int, math_
     mixed = c != r
     d, a, g, heads = config.d_model, config.attention_width, config.kv_heads * config.head_dim, config.n_heads
     normed = memory.query_norm != "none"
+    retrieval = (8 * memory.n_subspaces + 20) * memory.topk  # per query head: 36·k with two halves
     branch_linears = 0
     if spec.branch == "ffn":
         branch = 4 * c * config.ffn_width
         branch_linears = 2
     elif spec.branch == "hml":
         query_norm = (2 * r * a + (c * a if mixed else 0) + 8 * heads) if normed else 0
-        branch = query_norm + 36 * heads * memory.topk
+        branch = query_norm + retrieval * heads
         if memory.values == "hive":
             branch += c * heads * memory.latent_dim
     elif spec.branch in ("pkm", "multihead_pkm"):
         query_heads = 1 if spec.branch == "pkm" else memory.query_heads(config.n_heads)
         width = query_heads * memory.query_dim(d)
-        branch = c * width + (2 * r * width + 8 * query_heads if normed else 0) + 36 * query_heads * memory.topk
+        branch = c * width + (2 * r * width + 8 * query_heads if normed else 0) + retrieval * query_heads
         branch_linears = 1
     else:
         # A branch registered after this estimate was written: count it as an FFN-sized one.

@@ -5,7 +5,8 @@ The CLI adds it to every ``fit``. At the end of training it writes
 ``on_train_end``, while the model and the optimizer state are still where they trained (Lightning's
 teardown, before ``on_fit_end``, moves a CUDA model to the CPU, where peak memory and latency
 would be the CPU's); a fit that trained no step (resumed from its final checkpoint) writes it at
-``on_fit_end``.
+``on_fit_end``, with the metrics of the last validation before that checkpoint: they are
+callback state in every checkpoint, since a resumed fit with no step left validates nothing.
 
 A run resumed with ``--ckpt_path`` reports the whole run, not only the process that finished
 it: batches and tokens are `CausalLM`'s own checkpointed counters, and this callback's
@@ -28,7 +29,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from midus.run_files import RUNS_AT_A_TIME_ENV, SUMMARY_FILE, SUMMARY_SCHEMA_VERSION, SUMMARY_VAL_METRICS
-from midus.training.lightning_internals import keep_sanity_metrics
+from midus.training.lightning_internals import put_callback_metrics
 from midus.training.memory_health import memory_engaged, memory_usage, memory_zeroed_delta
 
 
@@ -59,13 +60,14 @@ class RunSummary(pl.Callback):
         self._interval_tokens = 0
         self._train_loss: float | None = None  # its mean over the last completed validation interval
         self._written = False  # this fit's summary.json is written (on_train_end, else on_fit_end)
+        self._last_validation: dict[str, float] = {}  # callback_metrics after the last validation
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "train_seconds": self._train_seconds, "best_val_loss": self._best_val_loss,
             "memory_engaged_step": self._memory_engaged_step,
             "wall_time_s": self._earlier_wall_s + time.perf_counter() - self._fit_started_at,
-            "train_loss": self._train_loss,
+            "train_loss": self._train_loss, "last_validation": self._last_validation,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -74,6 +76,7 @@ class RunSummary(pl.Callback):
         self._memory_engaged_step = state_dict.get("memory_engaged_step")  # absent before it existed
         self._earlier_wall_s = state_dict["wall_time_s"]
         self._train_loss = state_dict.get("train_loss")  # absent before it existed
+        self._last_validation = state_dict.get("last_validation", {})  # absent before it existed
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -114,6 +117,10 @@ class RunSummary(pl.Callback):
             self._best_val_loss = loss
         if self._memory_engaged_step is None and memory_engaged(trainer):
             self._memory_engaged_step = trainer.global_step
+        self._last_validation = {
+            name: float(value) for name, value in trainer.callback_metrics.items()
+            if isinstance(value, torch.Tensor) and value.numel() == 1
+        }
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, pl_module)
@@ -121,11 +128,15 @@ class RunSummary(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._written:  # training ran no loop (nothing left to train): Lightning skips on_train_end
             step0 = getattr(pl_module, "step0_metrics", {})
-            if trainer.global_step == 0 and step0 and _metric(trainer, "val/loss") is None:
-                # trainer.max_steps: 0, the model as it starts (an ablation's un-continued base): its
-                # validation is the full sanity pass, which Lightning keeps out of callback_metrics.
-                keep_sanity_metrics(trainer, step0)
-                self._best_val_loss = step0.get("val/loss")
+            if _metric(trainer, "val/loss") is None:
+                if trainer.global_step == 0 and step0:
+                    # trainer.max_steps: 0, the model as it starts (an ablation's un-continued base): its
+                    # validation is the full sanity pass, which Lightning keeps out of callback_metrics.
+                    put_callback_metrics(trainer, step0)
+                    self._best_val_loss = step0.get("val/loss")
+                elif trainer.global_step > 0:
+                    # Resumed from its final checkpoint: the run's last validation, as the checkpoint carried it.
+                    put_callback_metrics(trainer, self._last_validation)
             self._write(trainer, pl_module)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from midus.model.transformer import MidusLM, next_token_loss
-from midus.upscale.config import UpscaleConfig
-from midus.upscale.methods.registry import upscale_method
+from midus.upscale.config import UpscaleConfig, upscale_method
 
 SCORES = ("grad_x_act", "loss_increase")
 """Values of ``model.upscale.importance_score``."""

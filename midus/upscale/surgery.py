@@ -23,8 +23,7 @@ from torch import nn
 
 from midus.model.config import LayerSpec
 from midus.model.transformer import MidusLM
-from midus.upscale.config import UpscaleConfig
-from midus.upscale.methods.registry import NO_UPSCALING, upscale_method
+from midus.upscale.config import NO_UPSCALING, UpscaleConfig, upscale_method
 from midus.upscale.plan import Plan
 
 

@@ -11,6 +11,8 @@ space (no query projection). What the k retrieved slots return depends on `memor
     output = concat_h o_h                  (combine: concat, the paper's default)
            = Σ_h o_h with o_h of width d   (combine: sum; value rows / P_h then end in d)
 
+(n² slots per table with the default two sub-spaces; nᵖ with ``memory.n_subspaces`` = p.)
+
 Decoupled heads (n_heads · head_dim ≠ d_model, Qwen3-0.6B: 16 heads of 128 on d = 1024): the
 queries are still the heads a_h of width d_h, each in its own product-key space, but concat_h o_h
 would be H·d_h wide, not d. Such a model needs ``combine: sum``: each head's values return to d by
@@ -61,7 +63,7 @@ class HeadwiseMemory(MemoryBranch):
         head_topk = list(memory.head_topk[config.hml_memory_layers().index(layer_index)]) if memory.head_topk else None
         self.keys = ProductKeys(
             self.n_heads, self.head_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale,
-            memory.key_norm, head_topk,
+            memory.key_norm, memory.n_subspaces, head_topk,
         )
         if self.layout == "hive":
             self.values = MemoryValues(self.n_slots, memory.latent_dim, memory.zero_init_values)

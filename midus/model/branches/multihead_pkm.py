@@ -38,7 +38,7 @@ class MultiHeadProductKeyMemory(MemoryBranch):
         self.query_proj = nn.Linear(config.branch_input_width(layer_index), self.n_heads * query_dim, bias=False)
         self.keys = ProductKeys(
             self.n_heads, query_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale,
-            memory.key_norm,
+            memory.key_norm, memory.n_subspaces,
         )
         self.values = MemoryValues(memory.n_slots, config.d_model, memory.zero_init_values)
 

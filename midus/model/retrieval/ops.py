@@ -185,7 +185,9 @@ def _bag_weight_gradient_shape(table: torch.Tensor, slots: torch.Tensor, grad_ou
 def kept_subkey_scores(
     scores: torch.Tensor, halves: torch.Tensor, subkeys: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (..., H, 2, n) of halves against subkeys → their top k and its indices, (..., H, 2, k).
+    """scores (..., H, p, n) of halves against subkeys → their top k and its indices, (..., H, p, k).
+
+    p = 2 halves, or p query parts of `ProductKeys` with ``n_subspaces`` = p.
 
     Differentiable in `halves` and `subkeys` (the scores are taken as their function, not as
     an input of their own: pass them without grad, as `top_subkey_scores` does).
@@ -210,19 +212,19 @@ def _save_scoring_inputs(ctx, inputs: tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def _kept_subkey_scores_backward(ctx, grad_top: torch.Tensor, _grad_index: torch.Tensor | None):
     # Every (head h, half p) has its own n sub-keys; the k kept scores of a query half are
-    # ⟨q, K_hp[i]⟩ for its shortlist i. Stacking the 2H tables gives one table and one bag
-    # per query half:
+    # ⟨q, K_hp[i]⟩ for its shortlist i. Stacking the P·H tables (P halves or parts per head,
+    # 2 by default) gives one table and one bag per query half:
     #
-    #   subkeys (H, 2, n, c) ─ reshape ─ table (2H·n, c)        row (h·2 + p)·n + i = K_hp[i]
-    #   index   (…, H, 2, k) + (h·2 + p)·n ─ rows (Q, k)        Q = every (token, h, p)
+    #   subkeys (H, P, n, c) ─ reshape ─ table (P·H·n, c)       row (h·P + p)·n + i = K_hp[i]
+    #   index   (…, H, P, k) + (h·P + p)·n ─ rows (Q, k)        Q = every (token, h, p)
     #   d q_Q   = Σ_j g[Q, j] · table[rows[Q, j]]               embedding_bag: (Q, c)
     #   d table = bag_table_gradient(table, rows, g, q)          reads grouped by sub-key row
     halves, subkeys, index = ctx.saved_tensors
-    heads, _, n, width = subkeys.shape
+    heads, parts, n, width = subkeys.shape
     k = index.shape[-1]
-    # Sub-key tables of every (head, half) stacked into one table of heads·2·n rows.
-    table = subkeys.reshape(heads * 2 * n, width)
-    first_row = torch.arange(heads * 2, device=index.device).view(heads, 2, 1) * n
+    # Sub-key tables of every (head, half) stacked into one table of heads·parts·n rows.
+    table = subkeys.reshape(heads * parts * n, width)
+    first_row = torch.arange(heads * parts, device=index.device).view(heads, parts, 1) * n
     rows = (index + first_row).reshape(-1, k)
     weights = grad_top.reshape(-1, k).to(table.dtype)
     grad_halves = grad_subkeys = None

@@ -1,6 +1,9 @@
-"""Up-scaling methods, selectable by name as ``model.upscale.method`` (see `registry`), one file each."""
+"""Up-scaling methods, one file each, selectable by name as ``model.upscale.method``.
 
-from midus.upscale.methods.registry import (
+The registry and the decorator live with the settings they serve, in `midus.upscale.config`.
+"""
+
+from midus.upscale.config import (
     NO_UPSCALING,
     UpscaleMethod,
     check_method_name,

@@ -10,8 +10,7 @@ function and its copies train from there.
 from __future__ import annotations
 
 from midus.model.transformer import MidusLM
-from midus.upscale.config import UpscaleConfig
-from midus.upscale.methods.registry import register_upscale
+from midus.upscale.config import UpscaleConfig, register_upscale
 from midus.upscale.plan import Plan, added, insertion_points, interleaved
 
 

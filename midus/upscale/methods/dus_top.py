@@ -9,8 +9,7 @@ With zeroed copies (the default) the deeper model starts as the base's function.
 from __future__ import annotations
 
 from midus.model.transformer import MidusLM
-from midus.upscale.config import UpscaleConfig
-from midus.upscale.methods.registry import register_upscale
+from midus.upscale.config import UpscaleConfig, register_upscale
 from midus.upscale.plan import Plan
 
 

@@ -116,7 +116,9 @@ def test_every_experiment_yaml_parses_and_instantiates(path: Path, tiny_cache: P
             merged = ablation.arm_config(arm)
             trainer = {key: value for key, value in (merged.get("trainer") or {}).items() if key != "logger"}
             setup = yaml.safe_dump({"data": merged.get("data"), "trainer": trainer}, sort_keys=True)
-            setup += str(((merged.get("model") or {}).get("upscale") or {}).get("method"))  # how the model is made
+            upscale = (merged.get("model") or {}).get("upscale") or {}
+            # How the model is made; head_importance allocation reads the linked data too.
+            setup += f"{upscale.get('method')} {upscale.get('memory_allocation')}"
             if setup in setups:
                 continue
             setups.add(setup)

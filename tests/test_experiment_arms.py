@@ -22,6 +22,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -159,13 +160,21 @@ class Retrieval:
     query_norm: str = "none"
     key_norm: str = "none"
     score_scale: float = 1.0
+    per_head: bool = False
+    """``memory.head_topk``: per-head k, each 1..n_subkeys, summing to H · topk (False: every head reads topk)."""
 
 
 def check_product_keys(keys, spaces: int, query_width: int, n_subkeys: int, retrieval: Retrieval,
                        subspaces: int = 2) -> None:
     """A `ProductKeys`: a key space per query, k slots read, query/key normalisation and score scale."""
     half = query_width // subspaces
-    assert keys.subkeys.shape == (spaces, subspaces, n_subkeys, half) and keys.topk == retrieval.topk
+    if retrieval.per_head:  # each head keeps its first k_h of max k_h sorted reads; same reads in total
+        ks = keys.head_keep.sum(-1)
+        assert keys.head_keep.shape == (spaces, keys.topk) and keys.topk == int(ks.max())
+        assert int(ks.sum()) == spaces * retrieval.topk and int(ks.min()) >= 1 and keys.topk <= n_subkeys
+    else:
+        assert keys.head_keep is None and keys.topk == retrieval.topk
+    assert keys.subkeys.shape == (spaces, subspaces, n_subkeys, half)
     assert keys.n_subspaces == subspaces and keys.n_slots == n_subkeys**subspaces
     assert keys.score_scale == retrieval.score_scale  # the softmax's inverse temperature
     if retrieval.query_norm == "none":
@@ -525,6 +534,15 @@ EXPECTED.update({
        for arm in ("base", "dus_interleave_frozen", "midus_hml_hive_frozen")},
     **{("sparse_memory_x100_d128", f"sparse_t{t}"): EXPECTED[("regime_x100_d128", "midus_hml_hive_frozen")]
        for t in (64, 256)},
+    # head_alloc_x100_d128: regime_x100_d128's frozen HML+HIVE, uniform and importance-weighted reads,
+    # "both memory arms add 147,968 parameters".
+    ("head_alloc_x100_d128", "base"): EXPECTED[("dus_vs_midus", "base")],
+    ("head_alloc_x100_d128", "midus_uniform_frozen"): EXPECTED[("regime_x100_d128", "midus_hml_hive_frozen")],
+    ("head_alloc_x100_d128", "midus_head_importance_frozen"): frozen(midus(
+        "hml", HIVE_32,
+        hml_layout("hive", 32, zero_values=True, retrieval=dataclasses.replace(INSERTED_KEYS, per_head=True)),
+        {"added": 147_968},
+    )),
 })
 
 # ---------------------------------------------------------------------------------------------
@@ -603,7 +621,11 @@ def build(parsed) -> CausalLM:
     upscale = UpscaleConfig(**arguments.pop("upscale"))
     groups = {name: group(**arguments.pop(name)) for name, group in GROUPS.items()}  # as jsonargparse builds them
     torch.manual_seed(0)
-    return CausalLM(config=config, upscale=upscale, **groups, **arguments).eval()
+    # What the link data -> model.allocation_data gives memory_allocation: head_importance: training
+    # blocks (random ones here, no corpus prepared) and the batch size.
+    blocks = torch.randint(0, config.vocab_size, (8, 33), generator=torch.Generator().manual_seed(2))
+    data = SimpleNamespace(train_blocks=[{"input_ids": row} for row in blocks], settings={"batch_size": 4})
+    return CausalLM(config=config, upscale=upscale, **groups, **arguments, allocation_data=data).eval()
 
 
 def input_ids(vocab_size: int = V) -> torch.Tensor:

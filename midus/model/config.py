@@ -225,6 +225,16 @@ class ModelConfig:
                     f"{self.d_model} (decoupled heads), which layers[{index}].branch={spec.branch!r} cannot read "
                     f"as set: {reason}",
                 )
+        hml_blocks = self.hml_memory_layers()
+        need(
+            not self.memory.head_topk or len(self.memory.head_topk) == len(hml_blocks),
+            f"memory.head_topk has {len(self.memory.head_topk)} rows; expected one per HML memory block "
+            f"({len(hml_blocks)}: layers {hml_blocks}), or none for every head at memory.topk",
+        )
+
+    def hml_memory_layers(self) -> list[int]:
+        """Indices of the memory blocks carrying ``hml``: the rows of ``memory.head_topk``, in order."""
+        return [index for index, spec in enumerate(self.stack) if spec.block == "memory" and spec.branch == "hml"]
 
     def require_vocab(self) -> None:
         """Building a model needs a vocabulary; the CLI links it from the tokenizer."""

@@ -8,7 +8,7 @@ decide it instead of the code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -68,6 +68,13 @@ class MemoryConfig:
     latent_dim: int = 32
     """[hml] HIVE latent width d_l: rows of the shared bank, before each head's projection
     (``values: hive`` only)."""
+    head_topk: list[list[int]] = field(default_factory=list)
+    """[hml] Per-head slot reads: one row per HML memory block (in stack order), one k_h per head,
+    each 1..`n_subkeys`, each row summing to n_heads · `topk` (the uniform allocation's total, so
+    reads and parameters stay those of uniform `topk`). Empty (the default): every head reads
+    `topk`. Each head retrieves the max k_h best slots and keeps its own k_h best (the others get
+    weight zero, outside the softmax). ``model.upscale.memory_allocation: head_importance`` fills
+    it from the base's attention-head importance (docs/memory.md)."""
     combine: Literal["concat", "sum"] = "concat"
     """[hml] How the heads form the output: ``concat`` head-wise outputs of head_dim (the paper's
     default), or ``sum`` of outputs projected to d_model. A model whose heads are decoupled
@@ -132,6 +139,7 @@ class MemoryConfig:
             "output_gate with memory.zero_init_values=true starts the gate and the values at zero, so neither "
             "ever gets a gradient; set memory.zero_init_values: false (the gate alone keeps the identity)",
         )
+        self._validate_head_topk(n_heads)
         need(self.latent_dim > 0, f"latent_dim must be positive, got {self.latent_dim}")
         need(self.pkm_query_dim >= 0, f"pkm_query_dim must be 0 (= d_model) or positive, got {self.pkm_query_dim}")
         need(
@@ -148,6 +156,22 @@ class MemoryConfig:
             self.query_norm in ("none", "layernorm", "rmsnorm"),
             f"query_norm={self.query_norm!r}; expected none, layernorm or rmsnorm",
         )
+
+    def _validate_head_topk(self, n_heads: int) -> None:
+        for row, ks in enumerate(self.head_topk):
+            where = f"model config: memory.head_topk[{row}]={list(ks)}"
+            if len(ks) != n_heads:
+                raise ValueError(f"{where} has {len(ks)} entries; expected one per head ({n_heads})")
+            if any(not 1 <= k <= self.n_subkeys for k in ks):
+                raise ValueError(
+                    f"{where}: every head's k must be between 1 and memory.n_subkeys={self.n_subkeys} (each "
+                    "half-key shortlist keeps the largest k of n_subkeys scores)"
+                )
+            if sum(ks) != n_heads * self.topk:
+                raise ValueError(
+                    f"{where} sums to {sum(ks)}; expected n_heads · memory.topk = {n_heads} · {self.topk} = "
+                    f"{n_heads * self.topk}, the reads of the uniform allocation"
+                )
 
     @property
     def n_slots(self) -> int:

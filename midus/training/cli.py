@@ -59,6 +59,8 @@ class MidusCLI(CheckpointHookCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        # The prepared data itself, for model.upscale.memory_allocation: head_importance (not a hyperparameter).
+        parser.link_arguments("data", "model.allocation_data", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self._args = args  # parsed again without defaults by _given_model_values

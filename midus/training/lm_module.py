@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
 from midus.checkpoint.kit import PROGRESS_KEY, SPARSE_MEMORY_KEY
+from midus.data.text_data import TextData
 from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
 from midus.model.transformer import next_token_loss
@@ -60,6 +61,8 @@ class CausalLM(pl.LightningModule):
         generation: tokens and temperature of ``predict`` (`GenerationConfig`).
         sparse_memory: train only the value rows the new text reads more than the background, a fixed
             number per memory block (Lin et al. 2025; `SparseMemoryConfig`, off by default).
+        allocation_data: the data, linked by the CLI (not a setting): ``model.upscale.memory_allocation:
+            head_importance`` scores the base on its first training batches.
 
     Under the CLI the saved hyperparameters are the parsed config, plain data (a checkpoint's
     ``hyper_parameters`` rebuild the same module); this class reads its settings from the groups
@@ -78,10 +81,12 @@ class CausalLM(pl.LightningModule):
         compute: ComputeConfig = ComputeConfig(),
         generation: GenerationConfig = GenerationConfig(),
         sparse_memory: SparseMemoryConfig = SparseMemoryConfig(),
+        allocation_data: TextData | None = None,
     ) -> None:
         super().__init__()
         # The config object carries the linked vocab size, so saved hparams rebuild the same model.
-        self.save_hyperparameters()
+        # allocation_data is the prepared data itself, not a setting: never a hyperparameter.
+        self.save_hyperparameters(ignore=["allocation_data"])
         # Each group checked its own values when it was built (`midus.training.config`).
         self.optimizer_config = optimizer
         self.schedule_config = schedule
@@ -89,7 +94,7 @@ class CausalLM(pl.LightningModule):
         self.compute_config = compute
         self.generation_config = generation
         self.sparse_memory_config = sparse_memory
-        source = build_model(config, pretrained, upscale)
+        source = build_model(config, pretrained, upscale, allocation_data)
         self.model = source.model
         self.model.activation_checkpointing = compute.activation_checkpointing  # training forwards only (MidusLM)
         self.base_parameters = source.base_parameters

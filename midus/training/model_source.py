@@ -9,10 +9,15 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+import torch
+from torch.utils.data import DataLoader
+
 from midus.checkpoint import load_base, load_hf_checkpoint
 from midus.checkpoint.kit import MODEL_CONFIG_KEY, stored_model_source
+from midus.data.text_data import TextData
 from midus.model import MidusLM, ModelConfig
 from midus.upscale import UpscaleConfig, apply_trainable, upscale
+from midus.upscale.head_allocation import importance_allocation
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +75,15 @@ class ModelSource:
     """Parameters of the base before up-scaling (0 when there is no base)."""
 
 
-def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -> ModelSource:
+def build_model(
+    config: ModelConfig, pretrained: str, settings: UpscaleConfig, data: TextData | None = None
+) -> ModelSource:
     """Resolve ``model.config`` / ``model.pretrained`` / ``model.upscale`` into the model to train
-    (inside `building_from_checkpoint`: the checkpoint's model, after the same checks of the three)."""
+    (inside `building_from_checkpoint`: the checkpoint's model, after the same checks of the three).
+
+    `data` is read only by ``model.upscale.memory_allocation: head_importance``, which scores the
+    base's heads on its first training batches before the surgery.
+    """
     if pretrained and settings.enabled:
         raise ValueError(
             "model.pretrained and model.upscale.base_checkpoint both name a starting model; "
@@ -93,6 +104,8 @@ def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -
     base = load_base(settings.base_checkpoint, settings.base_made_by)
     _check_vocab(base, config.vocab_size, f"model.upscale.base_checkpoint={settings.base_checkpoint!r}")
     base_parameters = base.num_parameters()
+    if settings.memory_allocation == "head_importance":
+        settings = _allocated_by_importance(base, settings, data)
     model, inserted = upscale(base, settings)
     apply_trainable(model, inserted, settings.trainable)
     log.info(
@@ -101,6 +114,36 @@ def build_model(config: ModelConfig, pretrained: str, settings: UpscaleConfig) -
         model.num_parameters(), model.num_parameters(trainable_only=True),
     )
     return ModelSource(model, base_parameters)
+
+
+def _allocated_by_importance(base: MidusLM, settings: UpscaleConfig, data: TextData | None) -> UpscaleConfig:
+    """`settings` with ``memory.head_topk`` from the base's head importance on the first training batches."""
+    if data is None:
+        raise ValueError(
+            "model.upscale.memory_allocation=head_importance scores the base on training batches, but the model "
+            "was built without data (the CLI links it: model.allocation_data)"
+        )
+    device = base.embed.weight.device
+    allocated, importance = importance_allocation(
+        base, settings, _first_training_batches(data, settings.importance_batches, device)
+    )
+    log.info(
+        "model.upscale.memory_allocation=head_importance (%s over the first %d training batches): memory.head_topk "
+        "= %s; importance by base block: %s", settings.importance_score, settings.importance_batches,
+        allocated.memory.head_topk,
+        {index: [round(float(value), 6) for value in scores] for index, scores in importance.items()},
+    )
+    return allocated
+
+
+def _first_training_batches(data: TextData, count: int, device: torch.device):
+    """(inputs, targets) of the first `count` training batches in the stored order (no shuffle)."""
+    loader = DataLoader(data.train_blocks, batch_size=data.settings["batch_size"])
+    for index, batch in enumerate(loader):
+        if index >= count:
+            break
+        ids = batch["input_ids"].to(device)
+        yield ids[:, :-1], ids[:, 1:]
 
 
 def _stored(stored: StoredModel, data_vocab: int) -> ModelSource:

@@ -125,6 +125,21 @@ class UpscaleConfig:
     """``midus``: product-key memory settings of the inserted blocks (values start at zero by default)."""
     attn_init: Literal["copy", "random"] = "copy"
     """``midus``: start a memory block's attention (and its norm) as a copy of the block it follows, or random."""
+    memory_allocation: Literal["uniform", "head_importance"] = "uniform"
+    """``midus`` with ``branch: hml``: how each memory block shares its reads among heads. ``uniform``:
+    `memory.topk` per head (or `memory.head_topk` as given); ``head_importance``: before the surgery,
+    each base block's attention heads are scored (`importance_score`) on the first
+    `importance_batches` training batches, and each memory block's head h, a copy of head h of the
+    block it follows (``attn_init: copy``), reads k_h ∝ that score, 1..n_subkeys, Σ k_h = n_heads ·
+    topk: the same parameters and reads as uniform (`midus.upscale.head_allocation`; written into
+    `memory.head_topk` of the model config, logged and stored in the checkpoint)."""
+    importance_score: Literal["grad_x_act", "loss_increase"] = "grad_x_act"
+    """``memory_allocation: head_importance``: ``grad_x_act``, |d loss / d head gate| (Michel et al. 2019;
+    one forward and backward pass per batch), or ``loss_increase``, the loss with the head's output
+    removed minus the baseline (one forward pass per head, block and batch; negative counts as 0)."""
+    importance_batches: int = 4
+    """``memory_allocation: head_importance``: training batches (the first ones, in the stored order, not
+    the shuffled one; the validation split stays unseen) the base is scored on."""
     allow_adjacent_memory: bool = False
     """Permit two memory blocks in a row (the paper never places them so)."""
     trainable: Literal["all", "new", "new_and_norms"] = "all"
@@ -134,6 +149,8 @@ class UpscaleConfig:
         check_method_name(self.method)  # the table is full: see the module docstring
         if isinstance(self.memory, dict):
             self.memory = MemoryConfig(**self.memory)
+        if self.importance_batches < 1:
+            raise ValueError(f"model.upscale.importance_batches must be positive, got {self.importance_batches}")
 
     @property
     def enabled(self) -> bool:

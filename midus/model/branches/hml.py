@@ -59,9 +59,11 @@ class HeadwiseMemory(MemoryBranch):
         self.layout, self.combine = memory.values, memory.combine
         self.n_slots = memory.n_slots
         out_width = self.head_dim if self.combine == "concat" else config.d_model
+        # memory.head_topk: this block's row (rows follow the HML memory blocks in stack order).
+        head_topk = list(memory.head_topk[config.hml_memory_layers().index(layer_index)]) if memory.head_topk else None
         self.keys = ProductKeys(
             self.n_heads, self.head_dim, memory.n_subkeys, memory.topk, memory.query_norm, memory.score_scale,
-            memory.key_norm, memory.n_subspaces,
+            memory.key_norm, memory.n_subspaces, head_topk,
         )
         if self.layout == "hive":
             self.values = MemoryValues(self.n_slots, memory.latent_dim, memory.zero_init_values)

@@ -104,17 +104,25 @@ class ProductKeys(nn.Module):
         score_scale: factor on the k best scores before their softmax (inverse temperature).
         key_norm: ``none``, ``layernorm`` or ``rmsnorm`` of every sub-key row (no gain).
         n_subspaces: p ≥ 2 query parts and sub-key tables per head (2: the original halves).
+        head_topk: per-head k_h (``memory.head_topk``), or None for `topk` in every head. Every head
+            then retrieves max k_h slots, sorted best first, and keeps its own k_h best: the rest get
+            weight exactly zero (outside the softmax), so shapes stay (..., H, max k_h). Exact per
+            head: the shortlists and candidate tuples for max k_h contain those for any k_h ≤ max k_h.
     """
 
     def __init__(
         self, n_heads: int, query_dim: int, n_subkeys: int, topk: int, query_norm: str = "none",
-        score_scale: float = 1.0, key_norm: str = "none", n_subspaces: int = 2,
+        score_scale: float = 1.0, key_norm: str = "none", n_subspaces: int = 2, head_topk: list[int] | None = None,
     ) -> None:
         super().__init__()
         if n_subspaces < 2:
             raise ValueError(f"product keys: n_subspaces={n_subspaces} must be at least 2")
         if query_dim % n_subspaces:
             raise ValueError(f"product keys: query width {query_dim} cannot be split into {n_subspaces} equal parts")
+        if head_topk is not None:
+            if len(head_topk) != n_heads or not all(0 < k <= n_subkeys for k in head_topk):
+                raise ValueError(f"product keys: head_topk={head_topk} needs {n_heads} values in 1..{n_subkeys}")
+            topk = max(head_topk)
         if not 0 < topk <= n_subkeys:
             raise ValueError(f"product keys: topk={topk} must be between 1 and n_subkeys={n_subkeys}")
         self.n_heads, self.n_subkeys, self.topk = n_heads, n_subkeys, topk
@@ -126,6 +134,10 @@ class ProductKeys(nn.Module):
         self.query_norm = QueryNorm(query_norm, n_heads, half, n_subspaces) if query_norm != "none" else None
         # candidates[j] is the shortlist position in part j of every candidate tuple (pair_i, pair_j when p = 2).
         self.register_buffer("candidates", sorted_tuple_candidates(topk, n_subspaces), persistent=False)
+        # (H, topk) True at the first k_h sorted positions of head h; None: every head keeps all topk.
+        self.head_keep: torch.Tensor | None
+        keep = None if head_topk is None else torch.arange(topk) < torch.tensor(head_topk)[:, None]
+        self.register_buffer("head_keep", keep, persistent=False)
 
     @property
     def n_slots(self) -> int:
@@ -156,13 +168,17 @@ class ProductKeys(nn.Module):
         tuple_scores = shortlists[0].index_select(-1, self.candidates[0])
         for part in range(1, self.n_subspaces):
             tuple_scores = tuple_scores + shortlists[part].index_select(-1, self.candidates[part])  # (..., H, P)
-        best, pick = tuple_scores.topk(self.topk, dim=-1, sorted=False)  # a bag's order is irrelevant
+        # A bag's order is irrelevant, unless each head keeps only its first k_h (head_keep).
+        best, pick = tuple_scores.topk(self.topk, dim=-1, sorted=self.head_keep is not None)
         # Mixed radix: slot = (…(a_1·n + a_2)·n + …)·n + a_p, a_j the row of K_j of each kept tuple.
         slots = sub_index[..., 0, :].gather(-1, self.candidates[0][pick])
         for part in range(1, self.n_subspaces):
             slots = slots * self.n_subkeys + sub_index[..., part, :].gather(-1, self.candidates[part][pick])
         # Softmax in float32: under bf16 the k scores are often close enough to round together.
-        return torch.softmax(best.float() * self.score_scale, dim=-1), slots
+        scores = best.float() * self.score_scale
+        if self.head_keep is not None:  # slots past k_h: weight exactly 0, no gradient
+            scores = scores.masked_fill(~self.head_keep, float("-inf"))
+        return torch.softmax(scores, dim=-1), slots
 
 
 def brute_force_retrieval(keys: ProductKeys, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,10 +31,13 @@ class SlotUsage:
         self.queries = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def record(self, slots: torch.Tensor, weights: torch.Tensor) -> None:
-        """slots, weights: (..., heads, k) from one retrieval."""
+    def record(self, slots: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """slots, weights: (..., heads, k) from one retrieval; keep (heads, k): the reads that count
+        (`ProductKeys.head_keep` under ``memory.head_topk``), None for all."""
         heads = torch.arange(self.n_heads, device=slots.device)[:, None]
-        self.counts += torch.bincount((slots + heads * self.n_slots).flatten(), minlength=self.counts.numel())
+        read = (slots + heads * self.n_slots).flatten()
+        counted = None if keep is None else keep.expand_as(slots).flatten().long()
+        self.counts += torch.bincount(read, counted, minlength=self.counts.numel()).long()
         weights = weights.float()
         entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1)  # (..., heads)
         self.entropy_sum += entropy.reshape(-1, self.n_heads).sum(0).double()
@@ -133,6 +136,6 @@ class SlotUsageTracker:
 def _recorder(usage: SlotUsage):
     def record(module: nn.Module, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
         weights, slots = output
-        usage.record(slots, weights)
+        usage.record(slots, weights, module.head_keep)  # a slot past a head's own k_h is no read
 
     return record

@@ -182,6 +182,20 @@ def test_importance_allocation_writes_each_blocks_row_from_the_block_it_follows(
         assert keep.sum(-1).tolist() == allocated.memory.head_topk[row]
 
 
+def test_the_memory_estimate_counts_the_largest_per_head_k_every_head_retrieves() -> None:
+    # Every head scores its largest k's candidates and keeps k_h of them: the saved activations grow
+    # with the largest k, so the estimate must not read the uniform topk.
+    from midus.training.memory_estimate import block_bytes_per_token
+
+    uniform = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, memory_layers=[1],
+                          memory=MemoryConfig(**MEMORY))
+    skewed = dataclasses.replace(uniform, memory=MemoryConfig(**MEMORY, head_topk=[[1, 1, 6, 8]]))
+    assert skewed.memory.retrieved_topk == 8 and uniform.memory.retrieved_topk == MEMORY["topk"] == 4
+    index = 1
+    grown = block_bytes_per_token(skewed, index, 4, 4) - block_bytes_per_token(uniform, index, 4, 4)
+    assert grown == 4 * (8 * skewed.memory.n_subspaces + 20) * (8 - 4)  # per query head and retrieved slot
+
+
 def test_random_values_with_per_head_k_train_away_from_uniform() -> None:
     # With values that read, per-head k changes the function (the zero-weight reads really are dropped).
     base = base_model()

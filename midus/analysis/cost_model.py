@@ -122,8 +122,8 @@ class BlockSizes:
         memory = config.memory
         return cls(
             config.d_model, config.n_heads, config.kv_heads, config.head_dim, config.ffn_width, memory.n_subkeys,
-            memory.topk, memory.latent_dim, memory.query_heads(config.n_heads), memory.query_dim(config.d_model),
-            memory.n_subspaces,
+            memory.retrieved_topk, memory.latent_dim, memory.query_heads(config.n_heads),
+            memory.query_dim(config.d_model), memory.n_subspaces,
         )
 
     @property

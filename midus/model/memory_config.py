@@ -174,6 +174,12 @@ class MemoryConfig:
                 )
 
     @property
+    def retrieved_topk(self) -> int:
+        """Slots every head retrieves (and scores) per query: `topk`, or with `head_topk` its largest k
+        (the heads with a smaller k weight the rest 0), which is what retrieval costs."""
+        return max((k for row in self.head_topk for k in row), default=self.topk)
+
+    @property
     def n_slots(self) -> int:
         """Slots per product-key space (n ** p: n² by default)."""
         return self.n_subkeys**self.n_subspaces

@@ -155,7 +155,7 @@ def block_bytes_per_token(config: ModelConfig, index: int, r: int, c: int, math_
     mixed = c != r
     d, a, g, heads = config.d_model, config.attention_width, config.kv_heads * config.head_dim, config.n_heads
     normed = memory.query_norm != "none"
-    retrieval = (8 * memory.n_subspaces + 20) * memory.topk  # per query head: 36·k with two halves
+    retrieval = (8 * memory.n_subspaces + 20) * memory.retrieved_topk  # per query head: 36·k with two halves
     branch_linears = 0
     if spec.branch == "ffn":
         branch = 4 * c * config.ffn_width

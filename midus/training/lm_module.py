@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from midus.checkpoint import checkpoint_tokenizer, kit_entries
-from midus.checkpoint.kit import PROGRESS_KEY, SPARSE_MEMORY_KEY
+from midus.checkpoint.kit import PROGRESS_KEY, SPARSE_MEMORY_KEY, frozen_parameter_names
 from midus.data.text_data import TextData
 from midus.data.tokenizers import same_vocabulary
 from midus.model import ModelConfig
@@ -126,10 +126,10 @@ class CausalLM(pl.LightningModule):
         # validate/test/predict/resume rebuild the model without its base) and the tokenizer
         # (evaluation needs only the file), as plain data: `midus.checkpoint.kit`.
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        checkpoint.update(kit_entries(
-            self.model.config, tokenizer, saved_frozen_parameter_names(self.model), self.base_parameters
-        ))
-        rows = sparse_rows(self.model)
+        sparse = self.sparse_memory_config.enabled  # (a plain fit never reads the sparse-memory code)
+        frozen = saved_frozen_parameter_names(self.model) if sparse else frozen_parameter_names(self.model)
+        checkpoint.update(kit_entries(self.model.config, tokenizer, frozen, self.base_parameters))
+        rows = sparse_rows(self.model) if sparse else {}
         if rows:
             checkpoint[SPARSE_MEMORY_KEY] = rows
         # Training progress counted since step 0, so a resumed run's train/tokens continue (and

@@ -147,3 +147,17 @@ def test_resumed_run_with_gradient_accumulation_has_the_uninterrupted_losses(dat
     assert len(whole.micro_batch_losses) == 10
     assert first.micro_batch_losses + second.micro_batch_losses == whole.micro_batch_losses
     assert summary.summary(trainer, trainer.lightning_module)["train"]["batches"] == 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_before", [3, 7], ids=["first-epoch", "second-epoch"])
+def test_a_run_bounded_by_epochs_resumes_mid_epoch_to_the_uninterrupted_losses(data, tmp_path, stop_before) -> None:
+    # max_epochs without max_steps: the schedule's length comes from Lightning's estimated_stepping_batches,
+    # which builds the train loader before the checkpoint is restored (Lightning issue #20550). Before the
+    # kit worked around it, the resumed run restarted the interrupted epoch's batch order from its start.
+    whole, _, _, first, second, _, _, trainer, _ = _interrupted_and_resumed(
+        data, tmp_path, -1, stop_before, max_epochs=3
+    )
+    assert sorted(second.losses) == list(range(stop_before, 15))  # 3 epochs of 5 batches
+    assert {**first.losses, **second.losses} == whole.losses
+    assert trainer.current_epoch == 3

@@ -10,7 +10,7 @@ breaks here, with the kit's reason beside it.
                    `subcommand_config`, `cli_parser`
     loggers        `set_purge_step`
     Trainer        `attached_trainer`, `is_fitting`, `logs_this_step`, `validation_follows`,
-                   `put_callback_metrics`
+                   `estimated_stepping_batches`, `put_callback_metrics`
     strategies     `fsdp_checkpoints_activations`
     ModelCheckpoint  `skips_saving`, `save_after_validation`, `save_now`
 """
@@ -165,6 +165,27 @@ def validation_follows(trainer: pl.Trainer) -> bool:
     """
     loop = trainer.fit_loop
     return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
+def estimated_stepping_batches(trainer: pl.Trainer) -> int:
+    """``trainer.estimated_stepping_batches``, without costing a resumed run its place in the data.
+
+    With ``max_epochs`` bounding the run, Lightning 2.6.6 builds the train loader to count its batches
+    (``fit_loop.setup_data``). Asked from ``configure_optimizers``, that happens before the checkpoint
+    is restored, and the fit loop then keeps this loader without loading the checkpoint's loader state
+    (``fit_loop._load_combined_loader_states`` runs only inside ``setup_data``'s building; Lightning
+    issue #20550): a run resumed mid-epoch would restart that epoch's batch order from its start.
+    Dropping the counted loader makes the fit loop build it again after the restore, as it does for a
+    run bounded by ``max_steps``. The loader only counted: its batches were never iterated.
+    """
+    loop = trainer.fit_loop
+    built_before = loop._combined_loader is not None
+    steps = trainer.estimated_stepping_batches
+    if not built_before and loop._combined_loader is not None:
+        if loop._data_fetcher is not None:
+            loop._data_fetcher.teardown()
+        loop._combined_loader, loop._data_fetcher = None, None
+    return int(steps)
 
 
 def put_callback_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

@@ -32,7 +32,7 @@ from midus.training.config import (
     SparseMemoryConfig,
 )
 from midus.training.divergence import check_finite_loss
-from midus.training.lightning_internals import attached_trainer, is_fitting, logs_this_step
+from midus.training.lightning_internals import attached_trainer, estimated_stepping_batches, is_fitting, logs_this_step
 from midus.training.memory_estimate import MemoryReport
 from midus.training.model_setup import setup_model
 from midus.training.model_source import build_model
@@ -312,7 +312,7 @@ class CausalLM(pl.LightningModule):
         return generated[:, prompt.shape[1] :].tolist()
 
     def configure_optimizers(self):
-        return self.optimizer_and_schedule(int(self.trainer.estimated_stepping_batches))
+        return self.optimizer_and_schedule(estimated_stepping_batches(self.trainer))
 
     def optimizer_and_schedule(self, total_steps: int) -> dict:
         """AdamW over the parameter groups and the per-step warmup-cosine schedule over `total_steps`,

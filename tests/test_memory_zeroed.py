@@ -96,6 +96,27 @@ def test_validation_reports_what_zeroing_costs_in_total_and_per_block(tiny_data)
     )
 
 
+def test_entropy_over_log_k_reads_each_head_against_its_own_k(tiny_data) -> None:
+    # Under memory.head_topk a head reading k_h slots has entropy at most log k_h: dividing the
+    # block's mean entropy by log of the largest k would understate how flat the skewed heads are.
+    torch.manual_seed(0)
+    config = _config(tiny_data.vocab_size, [1])
+    config = ModelConfig(**{**vars(config), "memory": MemoryConfig(
+        n_subkeys=16, topk=4, latent_dim=8, zero_init_values=False, head_topk=[[1, 3, 8, 4]],
+    )})
+    module = CausalLM(config, probes=ProbeConfig(recall_questions=0))
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=tiny_data)
+    metrics = trainer.callback_metrics
+    heads = [float(metrics[f"memory/1/{head}/entropy"]) for head in range(4)]
+    assert heads[0] == 0  # one slot read: no spread
+    expected = (0 + heads[1] / math.log(3) + heads[2] / math.log(8) + heads[3] / math.log(4)) / 4
+    stats = memory_usage(trainer, module.model)["blocks"]["1"]
+    assert stats["entropy_over_log_k"] == pytest.approx(expected)
+    assert stats["entropy_over_log_k"] != pytest.approx(float(metrics["memory/1/entropy"]) / math.log(8))
+    assert all(entropy <= math.log(k) + 1e-6 for entropy, k in zip(heads[1:], (3, 8, 4)))
+
+
 def test_a_model_without_memory_records_none(tiny_data) -> None:
     module = CausalLM(ModelConfig(vocab_size=tiny_data.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2),
                       probes=ProbeConfig(recall_questions=0))

@@ -4,7 +4,8 @@ Read at the end of a fit from the final validation's metrics (`CausalLM` logs th
 
 * ``memory_usage``: the slot diagnostics of `midus.model.retrieval.slot_usage` (``usage``,
   ``kl_uniform``, ``entropy``) averaged over memory blocks, plus ``entropy_over_log_k``
-  (1 = flat retrieval weights, what an unused memory shows) and the same per block;
+  (1 = flat retrieval weights, what an unused memory shows; each head against its own k under
+  ``memory.head_topk``) and the same per block;
 * ``memory_zeroed_delta``: what zeroing the memory branches costs (`midus.training.memory_zeroed`);
 * ``memory_engaged_step``: the first validation step at which zeroing every memory branch costs
   at least `ENGAGED_LOSS_NATS` of validation loss or `ENGAGED_RECALL_DROP` of recall — for an
@@ -51,12 +52,25 @@ def memory_usage(trainer: pl.Trainer, model: nn.Module) -> dict[str, Any] | None
         if any(value is None for value in stats.values()):
             continue
         block = {stat: float(value) for stat, value in stats.items()}
-        block["entropy_over_log_k"] = block["entropy"] / math.log(keys.topk) if keys.topk > 1 else 0.0
+        block["entropy_over_log_k"] = _entropy_over_log_k(trainer, layer, keys, block["entropy"])
         blocks[layer] = block
     if not blocks:
         return None
     means = {stat: sum(block[stat] for block in blocks.values()) / len(blocks) for stat in next(iter(blocks.values()))}
     return {**means, "blocks": blocks}
+
+
+def _entropy_over_log_k(trainer: pl.Trainer, layer: str, keys: nn.Module, entropy: float) -> float:
+    """The block's retrieval-weight entropy over its maximum, log k; under per-head k
+    (``memory.head_topk``) the mean over heads of each head's entropy over log k_h, since a head
+    reading k_h slots cannot exceed log k_h (a head with k_h = 1 counts 0)."""
+    if keys.head_keep is None:
+        return entropy / math.log(keys.topk) if keys.topk > 1 else 0.0
+    ratios = []
+    for head, head_k in enumerate(keys.head_keep.sum(-1).tolist()):
+        head_entropy = trainer.callback_metrics[f"memory/{layer}/{head}/entropy"]
+        ratios.append(float(head_entropy) / math.log(head_k) if head_k > 1 else 0.0)
+    return sum(ratios) / len(ratios)
 
 
 def memory_engaged(trainer: pl.Trainer) -> bool:

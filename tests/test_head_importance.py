@@ -1,4 +1,4 @@
-"""``python -m midus head-importance`` and the per-head gate hooks (`midus.analysis.head_gate`) it relies on."""
+"""``python -m midus head-importance`` and the per-head gate hooks (`midus.model.head_gates`) it relies on."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from midus.analysis.checkpoint_run import analysis_parser, load_checkpoint_run
-from midus.analysis.head_gate import gated_heads
 from midus.analysis.memory_report import validation_batches
 from midus.checkpoint.kit import MODEL_CONFIG_KEY, model_from_checkpoint, read_kit_checkpoint
 from midus.cli import main
 from midus.model import MidusLM, ModelConfig
+from midus.model.head_gates import gated_memory_heads
 
 ZEROED_HEAD = 2
 HEAD_PROJ = "model.blocks.1.branch.head_proj"
@@ -48,7 +48,7 @@ def test_head_gate_leaves_the_default_path_and_state_dict_unchanged(tiny_memory_
     names = set(model.state_dict())
     with torch.no_grad():
         ungated = model(ids)
-        with gated_heads({"1": keys}) as gate:
+        with gated_memory_heads({"1": keys}) as gate:
             gate["1"] = torch.ones(keys.n_heads)
             assert torch.equal(model(ids), ungated)  # × 1 is exact
             assert set(model.state_dict()) == names  # the gate is no parameter or buffer
@@ -67,7 +67,7 @@ def test_gating_a_head_equals_zeroing_its_values(tiny_memory_run: Path) -> None:
         full = model(ids)
         gate = torch.ones(branch.keys.n_heads)
         gate[ZEROED_HEAD] = 0.0
-        with gated_heads({"1": branch.keys}) as gates:
+        with gated_memory_heads({"1": branch.keys}) as gates:
             gates["1"] = gate
             gated = model(ids)
         branch.head_proj[ZEROED_HEAD] = 0.0
@@ -89,7 +89,7 @@ def test_a_zero_gate_removes_exactly_that_heads_read(branch: str, memory: dict) 
     heads = torch.randn(2, 6, 32)
 
     def output(gate: list[float]) -> torch.Tensor:
-        with gated_heads({"1": module.keys}) as gates:
+        with gated_memory_heads({"1": module.keys}) as gates:
             gates["1"] = torch.tensor(gate)
             return module(heads)
 
@@ -131,7 +131,7 @@ def test_head_importance_ranks_a_silenced_head_last(zeroed_head_run: Path, tmp_p
 
     def mean_loss(removed: int | None) -> float:
         total, count = 0.0, 0
-        with torch.no_grad(), gated_heads({"1": keys}) as gates:
+        with torch.no_grad(), gated_memory_heads({"1": keys}) as gates:
             gates["1"] = None if removed is None else (torch.arange(keys.n_heads) != removed).float()
             for inputs, targets in validation_batches(run.data, 2, torch.device("cpu")):
                 logits = run.model(inputs).double()

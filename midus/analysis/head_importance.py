@@ -1,9 +1,9 @@
 """``python -m midus head-importance``: how much the model relies on each memory head.
 
 A per-head gate on the retrieval weights of every `ProductKeys` module, attached by forward
-hooks only while the analysis runs (`midus.analysis.head_gate`), zeroes (gate 0) or keeps
-(gate 1) that head's memory read in every value layout. Two measures per memory block
-and head, over the same validation batches:
+hooks only while the analysis runs (`midus.model.head_gates`, which also takes the measures),
+zeroes (gate 0) or keeps (gate 1) that head's memory read in every value layout. Two measures
+per memory block and head, over the same validation batches:
 
 * ablation: mean validation loss with the head's gate at 0 minus the loss with every gate
   at 1 (token-weighted mean cross entropy; one forward pass per head and batch);
@@ -28,10 +28,9 @@ from torch import nn
 
 from midus.analysis.checkpoint_run import analysis_parser, fail_cleanly, load_checkpoint_run
 from midus.analysis.figures import decimal_format, draw_heatmap, new_figure, write_figure
-from midus.analysis.head_gate import gated_heads
 from midus.analysis.memory_report import memory_keys_of, validation_batches, write_csv
+from midus.model.head_gates import gated_head_losses, gated_memory_heads
 from midus.model.retrieval.product_keys import ProductKeys
-from midus.model.transformer import next_token_loss
 
 DESCRIPTION = """Importance of every memory head of a checkpoint, measured two ways on the validation split.
 
@@ -87,11 +86,6 @@ class HeadImportance:
         ]
 
 
-def _summed_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    return next_token_loss(logits, targets, reduction="sum")
-
-
 def head_importance(
     model: nn.Module, keys: dict[str, ProductKeys], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> HeadImportance:
@@ -99,45 +93,15 @@ def head_importance(
 
     Gates are hooked onto `keys` only while this runs; parameters are left without gradients.
     """
-    requires_grad = [parameter.requires_grad for parameter in model.parameters()]
-    model.requires_grad_(False)  # only the gates need gradients: no parameter .grad, less memory
-    baseline = 0.0
-    ablated = {label: torch.zeros(module.n_heads, dtype=torch.float64) for label, module in keys.items()}
-    grad_x_act = {label: torch.zeros(module.n_heads, dtype=torch.float64) for label, module in keys.items()}
-    tokens = 0
-    try:
-        with gated_heads(keys) as hooked:
-            for inputs, targets in batches:
-                ones = {label: torch.ones(module.n_heads, device=inputs.device) for label, module in keys.items()}
-                with torch.no_grad():
-                    # The baseline goes through the gates too (× 1 is exact), so a head whose output
-                    # is already zero has an ablated loss equal to it bit for bit.
-                    hooked.update(ones)
-                    baseline += float(_summed_loss(model, inputs, targets))
-                    for label, module in keys.items():
-                        for head in range(module.n_heads):
-                            ablated_gate = ones[label].clone()
-                            ablated_gate[head] = 0.0
-                            hooked[label] = ablated_gate
-                            ablated[label][head] += float(_summed_loss(model, inputs, targets))
-                        hooked[label] = ones[label]
-                gates = {label: ones_gate.clone().requires_grad_(True) for label, ones_gate in ones.items()}
-                hooked.update(gates)
-                loss = _summed_loss(model, inputs, targets)
-                gradients = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
-                for label, gradient in zip(gates, gradients):
-                    if gradient is not None:  # None: no path from this gate to the loss, importance 0
-                        grad_x_act[label] += gradient.abs().double().cpu()
-                tokens += targets.numel()
-    finally:
-        for parameter, flag in zip(model.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
-    if tokens == 0:
+    with gated_memory_heads(keys) as gates:
+        sums = gated_head_losses(model, gates, {label: module.n_heads for label, module in keys.items()}, batches)
+    if sums.tokens == 0:
         raise ValueError("data: the validation split has no batches to analyse")
+    tokens = sums.tokens
     return HeadImportance(
-        baseline / tokens,
-        {label: losses / tokens for label, losses in ablated.items()},
-        {label: values / tokens for label, values in grad_x_act.items()},
+        sums.baseline / tokens,
+        {label: losses / tokens for label, losses in sums.ablated.items()},
+        {label: values / tokens for label, values in sums.grad_x_act.items()},
         tokens,
     )
 

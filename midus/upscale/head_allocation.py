@@ -5,11 +5,10 @@ importance of the base's attention heads, measured before the surgery.
     deeper       T0 T1 M1 T2 T3 M3      M_i's head h is a copy of T_i's head h (attn_init: copy)
     allocation   k_h of M_i ∝ s_ih, each 1..n_subkeys, Σ_h k_h = n_heads · topk
 
-The scores are those of `midus.analysis.head_importance` (ablation loss increase; gradient ×
-activation after Michel et al., 2019), taken on the base's attention heads instead of memory
-heads: a gate on each head's output a_h before W_O, hooked onto ``o_proj`` only while the
-measurement runs. They live here rather than in `midus.analysis` because the up-scaling layer may
-import only `midus.model` (docs/layout.md); the data arrive as plain batches.
+The scores are those of `python -m midus head-importance` (ablation loss increase; gradient ×
+activation after Michel et al., 2019), taken by `midus.model.head_gates` on the base's attention
+heads instead of memory heads: a gate on each head's output a_h before W_O, hooked onto ``o_proj``
+only while the measurement runs. The data arrive as plain batches.
 
 Per-head k keeps both totals of the uniform allocation: the parameters (k sets no shape) and the
 reads (Σ_h k_h = H·k), so the two allocations compare at equal memory parameters and reads.
@@ -18,48 +17,16 @@ reads (Σ_h k_h = H·k), so the two allocations compare at equal memory paramete
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import torch
-from torch import nn
 
-from midus.model.transformer import MidusLM, next_token_loss
+from midus.model.head_gates import gated_attention_heads, gated_head_losses
+from midus.model.transformer import MidusLM
 from midus.upscale.config import UpscaleConfig, upscale_method
 
 SCORES = ("grad_x_act", "loss_increase")
 """Values of ``model.upscale.importance_score``."""
-
-
-@contextmanager
-def gated_attention_heads(model: MidusLM, blocks: list[int]) -> Iterator[dict[int, torch.Tensor | None]]:
-    """A gate (n_heads,) on the attention heads' outputs of each block in `blocks`, before W_O.
-
-    Yields the gates by block index, all None (ungated) at first; set ``gates[i] = gate`` to scale
-    head h of block i by gate[h] from the next forward on. Gate 1 is exact (× 1).
-    """
-    gates: dict[int, torch.Tensor | None] = dict.fromkeys(blocks)
-    handles = []
-    for index in blocks:
-        attn = model.blocks[index].attn
-        handles.append(attn.o_proj.register_forward_pre_hook(_gate_hook(gates, index, attn.n_heads)))
-    try:
-        yield gates
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _gate_hook(gates: dict[int, torch.Tensor | None], index: int, n_heads: int):
-    def gate_heads(module: nn.Module, inputs: tuple[torch.Tensor]):
-        gate = gates[index]
-        if gate is None:
-            return None
-        merged = inputs[0]  # (batch, time, H·d_h), head-major
-        heads = merged.unflatten(-1, (n_heads, -1)) * gate.to(merged)[:, None]
-        return (heads.flatten(-2),)
-
-    return gate_heads
 
 
 def attention_head_importance(
@@ -73,47 +40,16 @@ def attention_head_importance(
     """
     if score not in SCORES:
         raise ValueError(f"model.upscale.importance_score={score!r}; expected one of {', '.join(SCORES)}")
-    for index in blocks:
-        if model.blocks[index].attn.o_proj is None:
-            raise ValueError(f"block {index} has no attention output projection to gate (a memory block)")
-    n_heads = model.config.n_heads
-    totals = {index: torch.zeros(n_heads, dtype=torch.float64) for index in blocks}
-    baseline, tokens = 0.0, 0
-    requires_grad = [parameter.requires_grad for parameter in model.parameters()]
-    was_training = model.training
-    model.eval()
-    model.requires_grad_(False)
-    try:
-        with gated_attention_heads(model, blocks) as gates:
-            for inputs, targets in batches:
-                ones = torch.ones(n_heads, device=inputs.device)
-                if score == "grad_x_act":
-                    for index in blocks:
-                        gates[index] = ones.clone().requires_grad_(True)
-                    loss = next_token_loss(model(inputs), targets, reduction="sum")
-                    gradients = torch.autograd.grad(loss, [gates[index] for index in blocks])
-                    for index, gradient in zip(blocks, gradients):
-                        totals[index] += gradient.abs().double().cpu()
-                else:
-                    with torch.no_grad():
-                        baseline += float(next_token_loss(model(inputs), targets, reduction="sum"))
-                        for index in blocks:
-                            for head in range(n_heads):
-                                gate = ones.clone()
-                                gate[head] = 0.0
-                                gates[index] = gate
-                                totals[index][head] += float(next_token_loss(model(inputs), targets, reduction="sum"))
-                            gates[index] = None
-                tokens += targets.numel()
-    finally:
-        for parameter, flag in zip(model.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
-        model.train(was_training)
-    if tokens == 0:
+    with gated_attention_heads(model, blocks) as gates:
+        sums = gated_head_losses(
+            model, gates, dict.fromkeys(blocks, model.config.n_heads), batches,
+            ablation=score == "loss_increase", gradients=score == "grad_x_act",
+        )
+    if sums.tokens == 0:
         raise ValueError("model.upscale.memory_allocation=head_importance: the training split gave no batches")
     if score == "grad_x_act":
-        return {index: total / tokens for index, total in totals.items()}
-    return {index: (total - baseline) / tokens for index, total in totals.items()}
+        return {index: total / sums.tokens for index, total in sums.grad_x_act.items()}
+    return {index: (total - sums.baseline) / sums.tokens for index, total in sums.ablated.items()}
 
 
 def allocate_topk(importance: torch.Tensor, topk: int, n_subkeys: int) -> list[int]:

@@ -160,7 +160,7 @@ class ProductKeys(nn.Module):
         """queries (..., H, c) → (weights (..., H, k) summing to 1, slots (..., H, k) in [0, nᵖ)).
 
         The k slots of a query come in no particular order. Analyses observe or steer this
-        output through forward hooks (`slot_usage`, `midus.analysis.head_gate`), never here.
+        output through forward hooks (`slot_usage`, `midus.model.head_gates`), never here.
         """
         top, sub_index = top_subkey_scores(self.query_halves(queries), self.scored_subkeys(), self.topk)
         shortlists = top.unbind(-2)  # s1 … sp, each sorted best first

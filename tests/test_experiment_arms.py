@@ -545,6 +545,33 @@ EXPECTED.update({
     )),
 })
 
+# pretrain_base's memory arm: the MIDUS shape (T T M T T M) with dus_vs_midus's memory blocks, trained from
+# scratch (random values), "the same total as midus_hml_hive"; sparse_memory_pretrained_x100_d128 continues it
+# as it is (every block a copy of its own, nothing added).
+PRETRAINED_MEMORY = memory_layer("hml", HIVE_32, hml_layout("hive", 32, zero_values=False, retrieval=INSERTED_KEYS))
+PRETRAINED_MEMORY_LAYERS = [ffn_layer(), ffn_layer(), PRETRAINED_MEMORY, ffn_layer(), ffn_layer(), PRETRAINED_MEMORY]
+EXPECTED.update({
+    ("pretrain_base", "memory"): Expected(
+        PRETRAINED_MEMORY_LAYERS, memory=2 * HIVE_32, quoted={"total": 1_066_624, "memory": 82_176},
+        optimizer={"memory_optimizer.learning_rate": 0.03, "memory_optimizer.subkeys": True},
+    ),
+    **{("sparse_memory_pretrained_x100_d128", arm): Expected(
+        # Trained weights: the layout's initial values do not hold; each block is checked as a copy of its own.
+        [dataclasses.replace(layer, source=("copy", index), layout=None)
+         for index, layer in enumerate(PRETRAINED_MEMORY_LAYERS)],
+        memory=2 * HIVE_32, added=0, identity=True, quoted={"total": 1_066_624, "added": 0, "memory": 82_176},
+    ) for arm in ("base", "full_finetune", "values_t1024", "values_t256", "values_t64")},
+    # Issue 29's arms in the flagship's cell: head-importance reads (both protocols), sparse rows of
+    # midus_hml_hive_frozen's model, and PKM over 64² or 16³ = 4096 slots (queries of 96), trainable.
+    ("dus_vs_midus", "midus_head_importance"): dataclasses.replace(
+        EXPECTED[("head_alloc_x100_d128", "midus_head_importance_frozen")], trainable=None),
+    ("dus_vs_midus", "midus_head_importance_frozen"): EXPECTED[("head_alloc_x100_d128",
+                                                                "midus_head_importance_frozen")],
+    **{("dus_vs_midus", f"sparse_t{t}"): EXPECTED[("dus_vs_midus", "midus_hml_hive_frozen")] for t in (64, 256)},
+    **{("dus_vs_midus", f"midus_pkm_p{p}"): dataclasses.replace(
+        EXPECTED[("subspaces_x100_d128", f"midus_p{p}_frozen")], trainable=None) for p in (2, 3)},
+})
+
 # ---------------------------------------------------------------------------------------------
 # Resolving and building arms the way the kit does.
 
@@ -638,9 +665,11 @@ class Base:
     module: CausalLM
     deep: Base | None = None
     """The 6-block base (pretrain_base's deep arm), read by arms whose base_checkpoint is that run's."""
+    memory: Base | None = None
+    """The pretrained memory model (pretrain_base's memory arm), likewise."""
 
 
-def random_base(arm: str, directory: Path, deep: Base | None = None) -> Base:
+def random_base(arm: str, directory: Path, deep: Base | None = None, memory: Base | None = None) -> Base:
     """A random-weight pretrain_base.yaml model, saved as `CausalLM.on_save_checkpoint` saves it."""
     module = build(parse_arm("pretrain_base", arm))
     with torch.no_grad():  # norms start at one: give every weight a value, so copies are checkable
@@ -648,20 +677,25 @@ def random_base(arm: str, directory: Path, deep: Base | None = None) -> Base:
             parameter.add_(torch.randn_like(parameter) * 0.05)
     path = directory / "last.ckpt"
     torch.save({"state_dict": module.state_dict(), MODEL_CONFIG_KEY: dataclasses.asdict(module.model.config)}, path)
-    return Base(path, module, deep)
+    return Base(path, module, deep, memory)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
-    """The 4-block base, and its 6-block counterpart as `Base.deep`."""
+    """The 4-block base, its 6-block counterpart as `Base.deep` and the pretrained memory model as `Base.memory`."""
     deep = random_base("deep", tmp_path_factory.mktemp("pretrain_deep"))
-    return random_base("base", tmp_path_factory.mktemp("pretrain_base"), deep)
+    memory = random_base("memory", tmp_path_factory.mktemp("pretrain_memory"))
+    return random_base("base", tmp_path_factory.mktemp("pretrain_base"), deep, memory)
 
 
 def base_of(stem: str, arm: str | None, base: Base) -> Base:
-    """The random base an arm reads: the deep one when its base_checkpoint is pretrain_base's deep run."""
-    upscale = (merged_config(stem, arm).get("model") or {}).get("upscale") or {}
-    return base.deep if "/pretrain_base/deep/" in str(upscale.get("base_checkpoint")) else base
+    """The random base an arm reads: the deep one or the memory one when its base_checkpoint is
+    pretrain_base's deep or memory run."""
+    checkpoint = str(((merged_config(stem, arm).get("model") or {}).get("upscale") or {}).get("base_checkpoint"))
+    for arm_name in ("deep", "memory"):
+        if f"/pretrain_base/{arm_name}/" in checkpoint:
+            return getattr(base, arm_name)
+    return base
 
 
 def build_arm(stem: str, arm: str | None, base: Base | None) -> CausalLM:
@@ -837,7 +871,9 @@ def test_dus_vs_midus_reads_what_pretrain_base_writes() -> None:
         parsed = parse_arm("dus_vs_midus", arm)
         base_arm = "deep" if arm == "scratch_deep" else "base"
         assert Path(parsed.model.upscale.base_checkpoint) == written_checkpoint(base_arm), arm
-        assert parsed.model.upscale.trainable == ("new" if arm.endswith("_frozen") else "all"), arm
+        # The sparse arms vary midus_hml_hive_frozen (their value rows alone train: freeze_rest).
+        frozen_protocol = arm.endswith("_frozen") or arm.startswith("sparse_t")
+        assert parsed.model.upscale.trainable == ("new" if frozen_protocol else "all"), arm
         assert (parsed.data.tokenizer, Path(parsed.data.tokenizer_path)) == ("hf", cached), arm
         embedded = parsed.data.embedded
         assert (embedded.seed, embedded.num_people, embedded.docs_per_person) == (1, 600, 16), arm
@@ -931,6 +967,37 @@ def test_sparse_memory_arms_are_regime_x100_d128s_frozen_cell_with_t_rows_per_bl
         if arm != "base":
             assert (parsed.model.optimizer, parsed.model.memory_optimizer, parsed.model.schedule) == (
                 regime.model.optimizer, regime.model.memory_optimizer, regime.model.schedule), arm
+
+
+def test_the_pretrained_memory_cell_continues_pretrain_base_memory_on_regime_x100_d128s_data() -> None:
+    """sparse_memory_pretrained_x100_d128.yaml: "Every arm loads that model (no up-scaling) and continues on
+    regime_x100_d128's new people"; full_finetune at midus_hml_hive's tuned rates, the value arms at
+    midus_hml_hive_frozen's, t rows per block of the 1,024, everything else fixed."""
+    ablation = load_ablation(EXPERIMENTS / "sparse_memory_pretrained_x100_d128.yaml")
+    assert ablation.references == ["values_t1024", "full_finetune"]
+    assert set(ablation.control) == set(ablation.arms) and set(ablation.control.values()) == {"base"}
+    regime = parse_arm("regime_x100_d128", "midus_hml_hive_frozen")
+    pretrained = parse_arm("pretrain_base", "memory")
+    assert pretrained.model.config.memory == regime.model.upscale.memory.__class__(
+        **{**regime.model.upscale.memory.as_dict(), "zero_init_values": False})  # the flagship's memory, trained
+    for arm in ablation.arms:
+        parsed = parse_arm("sparse_memory_pretrained_x100_d128", arm)
+        assert parsed.data == regime.data, arm
+        assert Path(parsed.model.upscale.base_checkpoint) == written_checkpoint("memory"), arm
+        assert (parsed.model.upscale.method, parsed.model.upscale.trainable) == ("none", "all"), arm
+        sparse = parsed.model.sparse_memory
+        if arm.startswith("values_t"):
+            t = int(arm.removeprefix("values_t"))
+            assert (sparse.trainable_slots, sparse.ranking, sparse.count_batch_size, sparse.freeze_rest) == (
+                t, "tfidf", 1, True), arm
+            assert (parsed.model.memory_optimizer, parsed.model.schedule) == (
+                regime.model.memory_optimizer, regime.model.schedule), arm
+        else:
+            assert sparse.trainable_slots == 0, arm
+    full = parse_arm("sparse_memory_pretrained_x100_d128", "full_finetune").model
+    tuned = parse_arm("regime_x100_d128", "midus_hml_hive").model
+    assert (full.optimizer, full.memory_optimizer, full.schedule) == (
+        tuned.optimizer, tuned.memory_optimizer, tuned.schedule)
 
 
 def test_absorption_populations_see_each_fact_100_times_and_hold_the_quoted_bits() -> None:
